@@ -1,0 +1,126 @@
+"""The run context passed to every stage and command (no global mutable state).
+
+A :class:`RunContext` carries the console, the cache directory and the output mode. Stages report
+through it so that human output (rich start/finish lines, progress bars) and machine output
+(``--json``) stay consistent.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+
+def default_cache_dir() -> Path:
+    """The user cache directory (``$MEDLITE_CACHE`` overrides it)."""
+    env = os.environ.get("MEDLITE_CACHE")
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("medlite"))
+
+
+@dataclass
+class StageRecord:
+    """One finished stage: its name, the one-line summary and how long it took."""
+
+    name: str
+    detail: str
+    seconds: float
+    ok: bool = True
+
+
+@dataclass
+class RunContext:
+    """Everything a command or stage needs besides its inputs.
+
+    ``console`` writes to stderr so stdout stays clean for ``--json`` and for streamed answers.
+    """
+
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    json_mode: bool = False
+    quiet: bool = False
+    seed: int = 0
+    console: Any = None
+    stages: list[StageRecord] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.console is None:
+            from rich.console import Console
+
+            self.console = Console(stderr=True, highlight=False, quiet=self.quiet or self.json_mode)
+
+    # -- messages -------------------------------------------------------------------------
+    def info(self, msg: str) -> None:
+        """A plain line for humans (suppressed in --json and --quiet mode)."""
+        self.console.print(msg)
+
+    def warn(self, msg: str) -> None:
+        """A loud warning: numerics changed silently, a fallback was taken, etc.
+
+        Warnings are also kept in ``self.warnings`` so they reach reports and manifests, and are
+        always printed to stderr, even in --json mode.
+        """
+        self.warnings.append(msg)
+        from rich.console import Console
+
+        Console(stderr=True, highlight=False).print(f"[bold yellow]WARNING[/] {msg}")
+
+    # -- stages ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[dict]:
+        """Time a stage and print its finish line: ``✓ name  detail  1.2 s``.
+
+        The body sets ``info["detail"]`` to the one-line summary. An exception prints ``✗``.
+        """
+        info: dict = {"detail": ""}
+        self.console.print(f"[dim]… {name}[/]")
+        t0 = time.perf_counter()
+        try:
+            yield info
+        except BaseException:
+            dt = time.perf_counter() - t0
+            self.stages.append(StageRecord(name, info.get("detail", ""), dt, ok=False))
+            self.console.print(f"[bold red]✗[/] {name:<10}{info.get('detail', '')}  {dt:.1f} s")
+            raise
+        dt = time.perf_counter() - t0
+        self.stages.append(StageRecord(name, info["detail"], dt))
+        self.console.print(f"[bold green]✓[/] {name:<10}{info['detail']}  [dim]{dt:.1f} s[/]")
+
+    def progress(self, description: str, total: int | None):
+        """A rich progress bar (a no-op display in --json/--quiet mode).
+
+        Usage::
+
+            with ctx.progress("calibrate", total=n) as advance:
+                for x in items: ...; advance()
+        """
+        return _Progress(self, description, total)
+
+
+class _Progress:
+    def __init__(self, ctx: RunContext, description: str, total: int | None):
+        self.ctx, self.description, self.total = ctx, description, total
+        self._p = None
+
+    def __enter__(self):
+        if self.ctx.json_mode or self.ctx.quiet or not sys.stderr.isatty():
+            return lambda n=1: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._p = Progress(TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(),
+                           TimeElapsedColumn(), console=self.ctx.console, transient=True)
+        self._p.__enter__()
+        task = self._p.add_task(self.description, total=self.total)
+        return lambda n=1: self._p.advance(task, n)
+
+    def __exit__(self, *exc):
+        if self._p is not None:
+            self._p.__exit__(*exc)
+        return False
