@@ -319,3 +319,17 @@ def test_errors_name_the_path(tmp_path):
 def test_modality_vocabulary():
     assert [normalize_modality(c) for c in ("CT", "MR", "DX", "X-Ray", "MRI", "OP", "SM", "PT", "XYZ", None)] == [
         "CT", "MR", "CR", "CR", "MR", "fundus", "pathology", "NM", "unknown", "unknown"]
+
+
+def test_data_modules_stay_torch_free():
+    """The on-device runtime imports these with numpy + Pillow + pydicom only."""
+    import subprocess
+    import sys
+
+    code = ("import sys, medlite.calibration as c\n"
+            "import medlite.calibration.images, medlite.calibration.builtin, medlite.calibration.vqa\n"
+            "import medlite.calibration.scoring, medlite.calibration.calibset\n"
+            "assert callable(c.load_image) and callable(c.score)\n"
+            "heavy = [m for m in ('torch', 'transformers', 'skimage', 'nibabel') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
