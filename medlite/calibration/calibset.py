@@ -326,3 +326,23 @@ def build_calibration_set(samples: Sequence[VqaSample], n: int, *, seed: int = 0
                                                 "heldout": [s.qid for s in held]})
         _write_atomic(root / "index" / f"{key}.json", {"content_hash": digest})
     return cs
+
+
+def exclude_calibration_images(eval_samples: Sequence[VqaSample], calib: CalibrationSet, *, ctx,
+                               what: str = "evaluation") -> list[VqaSample]:
+    """``eval_samples`` without any question about an image used for calibration.
+
+    Needed because the official splits are *not* image-disjoint: 202 of the 203 VQA-RAD test
+    images also appear in its train questions, and SLAKE reuses images across splits (xmlab1 is in
+    train (en) and test (zh)). Dropped questions are reported through ``ctx.warn``.
+    """
+    used = {s.image_id for s in calib.samples}
+    kept = [s for s in eval_samples if s.image_id not in used]
+    dropped = len(eval_samples) - len(kept)
+    if dropped:
+        n_img = len({s.image_id for s in eval_samples if s.image_id in used})
+        ctx.warn(f"{what}: dropped {dropped} of {len(eval_samples)} questions about {n_img} images "
+                 f"that are in the calibration set (accuracy must be measured on unseen images)")
+    if not kept:
+        raise DataError(f"{what}: every question is about a calibration image; use another split or data set")
+    return kept

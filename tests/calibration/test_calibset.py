@@ -170,3 +170,17 @@ def test_region_fallback_without_modalities(ctx):
     assert len(cs.samples) == 9 and set(Counter(s.region for s in cs.samples)) == {"head", "chest", "abdomen"}
     pairs = list(cs.pairs())
     assert len(pairs) == 9 and pairs[0][0].size == (8, 8) and pairs[0][1] == "q"
+
+
+def test_exclude_calibration_images_from_evaluation(ctx):
+    from medlite.calibration.calibset import exclude_calibration_images
+
+    samples = make_samples()
+    cs = build_calibration_set(samples, 10, heldout_fraction=0.0, ctx=ctx, cache=False)
+    used = {s.image_id for s in cs.samples}
+    kept = exclude_calibration_images(samples, cs, ctx=ctx)
+    assert not {s.image_id for s in kept} & used
+    assert len(kept) == len([s for s in samples if s.image_id not in used]) < len(samples)
+    assert len(ctx.warnings) == 1 and "dropped" in ctx.warnings[0]
+    with pytest.raises(DataError, match="every question is about a calibration image"):
+        exclude_calibration_images(cs.samples, cs, ctx=ctx)
