@@ -385,15 +385,18 @@ def validate_data(data: dict, source: str, overrides: list[str] | None = None,
     sem_errors, warnings = semantic_checks(data)
     pairs += sem_errors
 
-    def where(loc: Loc) -> str:
+    def where(loc: Loc) -> tuple[str, float]:
         for n in range(len(loc), 0, -1):
             if loc[:n] in set_paths:
-                return f" (from override '{set_paths[loc[:n]]}')"
+                return f" (from override '{set_paths[loc[:n]]}')", float("inf")
             if loc[:n] in line_index:
-                return f" (line {line_index[loc[:n]]})"
-        return ""
+                return f" (line {line_index[loc[:n]]})", line_index[loc[:n]]
+        return "", float("inf")
 
-    messages = errors + [(f"{format_path(loc)}: {msg}" if loc else msg) + where(loc) for loc, msg in pairs]
+    # In file order (overrides and whole-recipe findings last), as an editor would walk them.
+    located = [((f"{format_path(loc)}: {msg}" if loc else msg),) + where(loc) for loc, msg in pairs]
+    located = sorted(enumerate(located), key=lambda t: (t[1][2], t[0]))
+    messages = errors + [text + suffix for _, (text, suffix, _line) in located]
     if messages or recipe is None:
         raise RecipeError(source, messages or ["invalid recipe"])
     return ResolvedRecipe(recipe=recipe, source=source, overrides=overrides, warnings=warnings)
