@@ -1,0 +1,167 @@
+"""``export_onnx``: a loaded model → ``vision.onnx``, ``embed.onnx``, ``decoder.onnx``, runtime config, tokenizer."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import onnx
+
+from medlite.errors import ExportError
+from medlite.export.files import (EMBED_TABLE_FILE, EMBED_TABLE_NAME, check_onnx_file, sha256_file,
+                                  tie_lm_head_to_table, write_onnx)
+from medlite.export.graph_passes import op_counts
+from medlite.export.graphs import (decoder_onnx_from_model, embed_onnx_from_model, text_dims,
+                                   vision_onnx_from_model)
+from medlite.export.precision import check_fp32_islands, model_for_precision
+from medlite.export.runtime_config import graph_spec_from_onnx, runtime_config_from_loaded
+from medlite.export.trt_ops import trt_check_from_onnx
+from medlite.runtime.config import CONFIG_FILE, GRAPHS
+
+MIN_OPSET, MAX_OPSET = 14, 17   # 17: TensorRT 8.5's maximum; 14: oldest the TorchScript exporter handles here
+_OWN_FILES = [f"{g}.onnx" for g in GRAPHS] + [f"{g}.onnx.data" for g in GRAPHS] + [
+    EMBED_TABLE_FILE, CONFIG_FILE, "tokenizer.json"]
+
+
+@dataclass
+class ExportResult:
+    """What an export wrote and what the checks found."""
+
+    out_dir: str
+    precision: str
+    opset: int
+    files: dict[str, dict] = field(default_factory=dict)       # name -> {"bytes", "sha256"}
+    ops: dict[str, dict[str, int]] = field(default_factory=dict)
+    trt_check: dict[str, dict] = field(default_factory=dict)    # graph -> TrtCheck.to_dict()
+    fp32_ops: dict[str, dict] = field(default_factory=dict)     # fp16 only: graph -> island counts
+    tied_embeddings: bool = False
+    seconds: dict[str, float] = field(default_factory=dict)
+    trace_notes: list[str] = field(default_factory=list)
+
+    @property
+    def trt_ok(self) -> bool:
+        return all(c["ok"] for c in self.trt_check.values())
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["trt_ok"] = self.trt_ok
+        return d
+
+
+def _is_tied(model) -> bool:
+    emb = model.model.language_model.get_input_embeddings().weight
+    head = model.lm_head.weight
+    return emb is head or (emb.data_ptr() == head.data_ptr() and emb.shape == head.shape)
+
+
+def _rename_table(proto: onnx.ModelProto) -> None:
+    """Name the embed graph's Gather table ``embed_tokens.weight`` (it goes to ``embed_tokens.bin``)."""
+    gather = next((n for n in proto.graph.node if n.op_type == "Gather"), None)
+    if gather is None:
+        raise ExportError("embed.onnx: the traced graph has no Gather")
+    old = gather.input[0]
+    for t in proto.graph.initializer:
+        if t.name == old:
+            t.name = EMBED_TABLE_NAME
+    for n in proto.graph.node:
+        for i, name in enumerate(n.input):
+            if name == old:
+                n.input[i] = EMBED_TABLE_NAME
+
+
+def export_onnx(loaded, out_dir, *, ctx, precision: str = "fp32", opset: int = 17,
+                components: Sequence[str] = GRAPHS, allow_trt_issues: bool = False) -> ExportResult:
+    """Export ``loaded`` (a ``LoadedModel``) to ONNX graphs plus ``medlite_runtime.json`` and ``tokenizer.json``.
+
+    Every graph is checked with ``onnx.checker`` and against TensorRT 8.5's operator table; a graph
+    TensorRT 8.5 would reject raises :class:`ExportError` unless ``allow_trt_issues`` (then it is a
+    loud warning). fp16 graphs must keep normalisation and softmax in fp32 (checked).
+    Output bytes depend only on the model and the arguments (two exports give identical files).
+    """
+    if not MIN_OPSET <= int(opset) <= MAX_OPSET:
+        raise ExportError(f"opset {opset} is not supported: use {MIN_OPSET}..{MAX_OPSET} "
+                          "(TensorRT 8.5 on Xavier parses at most opset 17)")
+    components = list(dict.fromkeys(components))
+    unknown = [c for c in components if c not in GRAPHS]
+    if unknown or not components:
+        raise ExportError(f"components {unknown or components!r}: choose from {', '.join(GRAPHS)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in _OWN_FILES:          # stale files of an earlier export would mix with this one
+        (out / name).unlink(missing_ok=True)
+
+    vcfg = loaded.model.config.vision_config
+    if "vision" in components and int(vcfg.image_size) != int(loaded.image_spec.size):
+        raise ExportError(f"image_spec.size {loaded.image_spec.size} differs from the vision tower's image_size "
+                          f"{vcfg.image_size}")
+    model = model_for_precision(loaded, precision, ctx=ctx)
+    dims = text_dims(model)
+    tied = _is_tied(model)
+    table = model.model.language_model.get_input_embeddings().weight.detach().cpu().numpy()
+    res = ExportResult(out_dir=str(out), precision=precision, opset=int(opset), tied_embeddings=tied)
+    tmp_root = out / ".medlite-export-tmp"
+    specs, trt_summary, uses_table = {}, {}, False
+
+    for name in components:
+        t0 = time.perf_counter()
+        with ctx.stage(name) as info:
+            meta = {"medlite.graph": name, "medlite.precision": precision, "medlite.model": loaded.name}
+            common = dict(opset=int(opset), metadata=meta, tmp_root=tmp_root, trace_notes=res.trace_notes)
+            shared: list[str] = []
+            if name == "vision":
+                proto = vision_onnx_from_model(model, image_size=int(vcfg.image_size), **common)
+            elif name == "embed":
+                proto = embed_onnx_from_model(model, **common)
+                _rename_table(proto)
+                shared = [EMBED_TABLE_NAME]
+            else:
+                proto = decoder_onnx_from_model(model, **common)
+                if tied:
+                    if not tie_lm_head_to_table(proto, table):
+                        raise ExportError("decoder.onnx: lm_head is tied to the embeddings but its weight was "
+                                          "not found in the traced graph")
+                    shared = [EMBED_TABLE_NAME]
+            uses_table = uses_table or bool(shared)
+            written = write_onnx(proto, out / f"{name}.onnx", shared=shared)
+            del proto
+            path = written[0]
+            check_onnx_file(path)
+            skeleton = onnx.load(str(path), load_external_data=False)
+            res.ops[name] = op_counts(skeleton)
+            trt = trt_check_from_onnx(skeleton)
+            res.trt_check[name] = trt.to_dict()
+            trt_summary[name] = {"ok": trt.ok, "target": trt.target, "issues": len(trt.issues),
+                                 "int64_tensors": trt.int64_tensors}
+            if precision == "fp16":
+                res.fp32_ops[name] = check_fp32_islands(skeleton, name)
+            specs[name] = graph_spec_from_onnx(skeleton, path.name, [p.name for p in written[1:]])
+            size = sum(p.stat().st_size for p in written)
+            info["detail"] = (f"→ {path.name} {size / 1e6:.1f} MB, {sum(res.ops[name].values())} nodes, "
+                              f"TensorRT 8.5 {'ok' if trt.ok else f'{len(trt.issues)} issue(s)'}")
+            if not trt.ok:
+                msg = f"{path.name} would not parse on TensorRT 8.5:\n{trt.summary()}"
+                if not allow_trt_issues:
+                    raise ExportError(msg)
+                ctx.warn(msg)
+        res.seconds[name] = round(time.perf_counter() - t0, 2)
+    if tmp_root.exists():
+        tmp_root.rmdir()
+
+    loaded.tokenizer.save(str(out / "tokenizer.json"))
+    table_info = None
+    if uses_table:
+        table_info = {"dtype": table.dtype.name, "shape": list(table.shape), "tied_lm_head": tied}
+    cfg = runtime_config_from_loaded(loaded, precision=precision, opset=int(opset), graphs=specs, dims=dims,
+                                     table=table_info, fp32_ops=res.fp32_ops, trt_check=trt_summary)
+    (out / CONFIG_FILE).write_text(cfg.to_json(), encoding="utf-8")
+    for name in _OWN_FILES:
+        p = out / name
+        if p.is_file():
+            res.files[name] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+    if model is not loaded.model:
+        del model
+    return res
+
+
+__all__ = ["ExportResult", "export_onnx"]

@@ -1,0 +1,135 @@
+"""Writing exported graphs: external data, the shared embedding table, deterministic bytes.
+
+Layout written into an export folder:
+
+* ``<graph>.onnx`` holds the graph and, when its weights total less than
+  :data:`EXTERNAL_THRESHOLD`, the weights too. Larger graphs (the fp32 decoder of a 1.1 B LLM is
+  4.4 GB; protobuf stops at 2 GB) keep every initializer of at least 1 KiB in ``<graph>.onnx.data``,
+  written in initializer order with no padding, so the bytes are the same on every export.
+* ``embed_tokens.bin`` holds the token embedding table as raw little-endian ``[vocab, hidden]``
+  (offset 0). ``embed.onnx`` reads it as external data; a runtime can also memory-map it directly
+  (the runtime config records its dtype and shape). When ``lm_head`` is tied to the embeddings,
+  ``decoder.onnx`` references the same file through a ``Transpose`` instead of storing a second copy.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+EXTERNAL_THRESHOLD = 1536 * 1024 * 1024   # bytes of weights above which a graph uses external data
+MIN_EXTERNAL_TENSOR = 1024               # smaller tensors stay inside the .onnx file
+EMBED_TABLE_NAME = "embed_tokens.weight"
+EMBED_TABLE_FILE = "embed_tokens.bin"
+
+
+def _tensor_bytes(t: TensorProto) -> bytes:
+    if t.HasField("raw_data"):
+        return t.raw_data
+    arr = numpy_helper.to_array(t)
+    return arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
+def _make_external(t: TensorProto, location: str, offset: int, length: int) -> None:
+    ext = TensorProto(name=t.name, data_type=t.data_type, dims=list(t.dims))
+    ext.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        ext.external_data.append(onnx.StringStringEntryProto(key=k, value=v))
+    t.CopyFrom(ext)
+
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of all initializers held in the proto (external ones excluded)."""
+    return sum(len(_tensor_bytes(t)) for t in model.graph.initializer if t.data_location != TensorProto.EXTERNAL)
+
+
+def write_onnx(model: onnx.ModelProto, path: Path, *, shared: Iterable[str] = (),
+               external_threshold: int = EXTERNAL_THRESHOLD) -> list[Path]:
+    """Write ``model`` to ``path``; return every file written (the graph first).
+
+    Initializers named in ``shared`` (only :data:`EMBED_TABLE_NAME` today) go to
+    :data:`EMBED_TABLE_FILE` in the same folder. The proto's weights are moved out of memory as they
+    are written, so do not use ``model`` afterwards.
+    """
+    path = Path(path)
+    folder = path.parent
+    written = [path]
+    shared = set(shared)
+    for t in model.graph.initializer:
+        if t.name in shared:
+            data = _tensor_bytes(t)
+            table = folder / EMBED_TABLE_FILE
+            table.write_bytes(data)
+            _make_external(t, EMBED_TABLE_FILE, 0, len(data))
+            written.append(table)
+    if weight_bytes(model) > external_threshold:
+        data_name = f"{path.name}.data"
+        offset = 0
+        with open(folder / data_name, "wb") as f:
+            for t in model.graph.initializer:
+                if t.data_location == TensorProto.EXTERNAL:
+                    continue
+                data = _tensor_bytes(t)
+                if len(data) < MIN_EXTERNAL_TENSOR:
+                    continue
+                f.write(data)
+                _make_external(t, data_name, offset, len(data))
+                offset += len(data)
+        written.append(folder / data_name)
+    with open(path, "wb") as f:
+        f.write(model.SerializeToString(deterministic=True))
+    return written
+
+
+def check_onnx_file(path: Path) -> None:
+    """``onnx.checker`` on a written graph (by path, so external data and > 2 GB graphs work)."""
+    from medlite.errors import ExportError
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file named
+        raise ExportError(f"{path}: onnx.checker rejected the graph: {e}") from e
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 16 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tie_lm_head_to_table(model: onnx.ModelProto, table: np.ndarray) -> bool:
+    """Make the decoder read ``lm_head`` from the shared embedding table (tied weights).
+
+    The exporter stores ``lm_head`` as an initializer holding ``table.T`` (the transpose is folded).
+    That initializer is replaced by ``Transpose(embed_tokens.weight)`` so the table is stored once
+    (in :data:`EMBED_TABLE_FILE`); TensorRT and ONNX Runtime fold the Transpose when they build/load.
+    Returns False when no initializer equal to ``table.T`` is found.
+    """
+    g = model.graph
+    want_dims = [table.shape[1], table.shape[0]]
+    target = None
+    for t in g.initializer:
+        if list(t.dims) == want_dims and t.data_type == numpy_helper.from_array(table[:1, :1]).data_type:
+            if np.array_equal(numpy_helper.to_array(t), table.T):
+                target = t
+                break
+    if target is None:
+        return False
+    old = target.name
+    g.initializer.remove(target)
+    g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(table), name=EMBED_TABLE_NAME))
+    new_out = "lm_head.weight_transposed"
+    for node in g.node:
+        for i, n in enumerate(node.input):
+            if n == old:
+                node.input[i] = new_out
+    g.node.insert(0, onnx.helper.make_node("Transpose", [EMBED_TABLE_NAME], [new_out], perm=[1, 0],
+                                           name="/lm_head/TiedTranspose"))
+    return True

@@ -1,0 +1,57 @@
+"""Trace a torch module to an in-memory ONNX model with the TorchScript exporter.
+
+Why the TorchScript exporter (``dynamo=False``): the dynamo exporter always emits opset 18 for the
+language model and cannot be downgraded (measured with torch 2.13: ``axes_input_to_attribute``
+fails), and TensorRT 8.5 stops at opset 17.
+
+Large graphs (> 2 GB) are written by the exporter as external data into a temporary folder; the
+graph passes run on the model without its weights (shape inference needs no weight bytes), and the
+weights are read back afterwards, so no step serialises more than 2 GB of protobuf.
+"""
+from __future__ import annotations
+
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence
+
+import onnx
+import torch
+
+from medlite.errors import ExportError
+from medlite.export.graph_passes import folded_onnx_from_onnx, stable_onnx_from_onnx
+
+
+def onnx_from_module(module: torch.nn.Module, args: Sequence[torch.Tensor], *, input_names: list[str],
+                     output_names: list[str], dynamic_axes: dict[str, dict[int, str]], opset: int,
+                     graph_name: str, metadata: dict[str, str], tmp_root: Optional[Path] = None,
+                     trace_notes: Optional[list[str]] = None) -> onnx.ModelProto:
+    """Export ``module(*args)`` at ``opset``, fold constant shape arithmetic, strip unstable fields.
+
+    Tracer warnings (a Python branch on a tensor value may have been frozen into the trace) are
+    collected into ``trace_notes`` instead of being printed; the tests that compare the graphs at
+    shapes other than the traced ones are what guards against them.
+    """
+    if tmp_root is not None:
+        Path(tmp_root).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"medlite-{graph_name}-", dir=tmp_root) as tmp:
+        path = Path(tmp) / f"{graph_name}.onnx"
+        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                torch.onnx.export(module, tuple(args), str(path), input_names=input_names,
+                                  output_names=output_names, dynamic_axes=dynamic_axes, opset_version=opset,
+                                  dynamo=False, do_constant_folding=True)
+            except Exception as e:  # noqa: BLE001 - re-raised with the graph named
+                raise ExportError(f"exporting {graph_name}.onnx at opset {opset} failed: {type(e).__name__}: {e}") from e
+        if trace_notes is not None:
+            for w in caught:
+                if issubclass(w.category, (torch.jit.TracerWarning, UserWarning)):
+                    msg = f"{graph_name}: {str(w.message).splitlines()[0][:200]}"
+                    if msg not in trace_notes:
+                        trace_notes.append(msg)
+        model = onnx.load(str(path), load_external_data=False)
+        model = folded_onnx_from_onnx(model)
+        onnx.external_data_helper.load_external_data_for_model(model, tmp)
+    return stable_onnx_from_onnx(model, graph_name=graph_name, metadata=metadata)
+

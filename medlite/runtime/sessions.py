@@ -1,0 +1,67 @@
+"""ONNX Runtime sessions, and a check of the execution providers actually in use.
+
+``onnxruntime-gpu`` on a host without the CUDA libraries logs a load failure and silently runs
+everything on the CPU. :func:`open_session` compares ``session.get_providers()`` with what was asked
+for and reports every provider that is not in use.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+from medlite.errors import DataError
+
+Provider = Union[str, tuple]
+
+
+def _name(p: Provider) -> str:
+    return p[0] if isinstance(p, tuple) else str(p)
+
+
+def default_providers() -> list[str]:
+    """CUDA then CPU when this onnxruntime build offers CUDA, else CPU (TensorRT EP is never implied)."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def report(msg: str, ctx=None, sink: Optional[list] = None) -> None:
+    """A loud warning through ``ctx.warn`` (or stderr when there is no run context)."""
+    if sink is not None:
+        sink.append(msg)
+    if ctx is not None:
+        ctx.warn(msg)
+    else:
+        print(f"WARNING: {msg}", file=sys.stderr)
+
+
+def open_session(path: Path, providers: Optional[Sequence[Provider]] = None, *, ctx=None,
+                 warnings: Optional[list] = None):
+    """An ``InferenceSession`` for ``path``; returns ``(session, providers actually in use)``.
+
+    Every requested provider that ONNX Runtime did not take is reported loudly (CPU fallback
+    changes speed, and for fp16 graphs also numerics: the CPU runs many fp16 ops in fp32).
+    """
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: graph file not found")
+    requested = list(providers) if providers else default_providers()
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # ORT's own fallback messages are replaced by the report below
+    try:
+        sess = ort.InferenceSession(str(path), sess_options=opts, providers=requested)
+    except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
+        raise DataError(f"{path}: ONNX Runtime could not load the graph: {e}") from e
+    actual = list(sess.get_providers())
+    missing = [_name(p) for p in requested if _name(p) not in actual]
+    if missing:
+        report(f"{path.name}: requested execution provider(s) {', '.join(missing)} are NOT in use; ONNX Runtime "
+               f"runs it on {', '.join(actual)} (e.g. onnxruntime-gpu without CUDA/cuDNN libraries falls back "
+               "to CPU silently)", ctx, warnings)
+    return sess, actual

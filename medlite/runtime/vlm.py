@@ -1,0 +1,187 @@
+"""``OnnxVlm``: answer questions about images with the exported graphs on ONNX Runtime (no torch).
+
+Pipeline per question: preprocess (``medlite.preprocess``, the same code as the PyTorch path) →
+``vision.onnx`` → token embeddings (``embed.onnx``, or the raw ``embed_tokens.bin`` table) with the
+image embeddings spliced in at the expanded ``<image>`` positions → ``decoder.onnx`` with the KV
+cache → greedy decoding that never emits the image token and stops at EOS or a template stop string.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from medlite.errors import DataError
+from medlite.preprocess import preprocess
+from medlite.prompting import clean_answer, encode_prompt, expand_image_tokens
+from medlite.runtime.config import RuntimeConfig
+from medlite.runtime.decoding import greedy_generate, prefill_inputs
+from medlite.runtime.sessions import open_session
+
+
+def load_input_image(image, ctx=None):
+    """A PIL image as is; a path through medlite's DICOM-aware loader (PIL if it is unavailable)."""
+    if hasattr(image, "convert"):
+        return image
+    path = Path(image)
+    if not path.is_file():
+        raise DataError(f"{path}: image not found")
+    try:
+        from medlite.calibration.images import load_image
+    except ImportError:  # a runtime-only install without the calibration package
+        from PIL import Image
+
+        return Image.open(path).convert("RGB")
+    return load_image(path, ctx=ctx)
+
+
+class OnnxVlm:
+    """A loaded ONNX export. Use :meth:`open`."""
+
+    def __init__(self, folder: Path, config: RuntimeConfig, tokenizer, sessions: dict, providers: dict,
+                 *, table: Optional[np.ndarray], ctx=None, warnings: Optional[list] = None):
+        self.folder, self.config, self.tokenizer = folder, config, tokenizer
+        self.sessions, self.providers, self.ctx = sessions, providers, ctx
+        self.table = table
+        self.warnings = warnings if warnings is not None else []
+        dec = config.graphs["decoder"]
+        self._embed_dtype = np.dtype(dec.input("inputs_embeds").dtype)
+        self._kv_dtype = np.dtype(config.kv_cache["dtype"])
+        self._past_names = [config.past_name(i, k) for i in range(config.model["num_layers"]) for k in ("key", "value")]
+        self._present_names = [config.present_name(i, k) for i in range(config.model["num_layers"])
+                               for k in ("key", "value")]
+
+    # -- opening --------------------------------------------------------------------------
+    @classmethod
+    def open(cls, folder, providers: Optional[Sequence] = None, *, ctx=None, embed_source: str = "onnx") -> "OnnxVlm":
+        """Read ``medlite_runtime.json`` + ``tokenizer.json`` and create the sessions.
+
+        ``providers``: ONNX Runtime execution providers (default: CUDA when this build has it, then
+        CPU). Providers that were asked for but are not in use are reported loudly; see
+        :attr:`providers` for what each graph really runs on. ``embed_source`` is ``"onnx"``
+        (``embed.onnx``) or ``"table"`` (memory-mapped ``embed_tokens.bin``, no session).
+        """
+        from tokenizers import Tokenizer
+
+        folder = Path(folder)
+        cfg = RuntimeConfig.load(folder)
+        tok_path = folder / cfg.tokenizer_file
+        if not tok_path.is_file():
+            raise DataError(f"{tok_path}: tokenizer file named in medlite_runtime.json is missing")
+        tokenizer = Tokenizer.from_file(str(tok_path))
+        if embed_source not in ("onnx", "table"):
+            raise DataError(f"embed_source {embed_source!r}: use 'onnx' or 'table'")
+        needed = ["vision", "decoder"] + (["embed"] if embed_source == "onnx" else [])
+        missing = [g for g in needed if g not in cfg.graphs]
+        if missing:
+            raise DataError(f"{folder / 'medlite_runtime.json'}: graphs {missing} are not in this export")
+        warnings: list[str] = []
+        sessions, used = {}, {}
+        for name in needed:
+            sessions[name], used[name] = open_session(folder / cfg.graphs[name].file, providers, ctx=ctx,
+                                                      warnings=warnings)
+        table = None
+        if embed_source == "table":
+            t = cfg.embedding_table
+            if not t.get("file"):
+                raise DataError(f"{folder / 'medlite_runtime.json'}: embedding_table has no file")
+            table = np.memmap(folder / t["file"], dtype=np.dtype(t["dtype"]), mode="r",
+                              offset=int(t.get("offset", 0)), shape=tuple(t["shape"]))
+        return cls(folder, cfg, tokenizer, sessions, used, table=table, ctx=ctx, warnings=warnings)
+
+    # -- graph calls ----------------------------------------------------------------------
+    def _vision(self, images: list) -> np.ndarray:
+        pixels = preprocess([load_input_image(im, self.ctx) for im in images], self.config.image_spec)
+        dtype = np.dtype(self.config.graphs["vision"].input("pixel_values").dtype)
+        (emb,) = self.sessions["vision"].run(["image_embeds"], {"pixel_values": pixels.astype(dtype)})
+        return emb
+
+    def _embed(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int32)
+        if self.table is not None:
+            return np.asarray(self.table[ids], dtype=self._embed_dtype)
+        (out,) = self.sessions["embed"].run(["inputs_embeds"], {"input_ids": ids})
+        return out.astype(self._embed_dtype, copy=False)
+
+    def _decoder(self, x, mask, pos, past):
+        feed = {"inputs_embeds": x.astype(self._embed_dtype, copy=False), "attention_mask": mask,
+                "position_ids": pos}
+        feed.update({n: p.astype(self._kv_dtype, copy=False) for n, p in zip(self._past_names, past)})
+        outs = self.sessions["decoder"].run(["logits", *self._present_names], feed)
+        return outs[0], list(outs[1:])
+
+    # -- prompts --------------------------------------------------------------------------
+    def prompt_ids(self, question: str) -> list[int]:
+        """Token ids of the rendered prompt, ``<image>`` expanded to one id per image embedding."""
+        c = self.config
+        ids = encode_prompt(self.tokenizer, c.template.render(question), image_token_id=c.image_token_id,
+                            bos_token_id=c.bos_token_id)
+        return expand_image_tokens(ids, c.image_token_id, c.num_image_tokens)
+
+    def _prompt_embeds(self, ids: list[int], image_emb: np.ndarray) -> np.ndarray:
+        arr = np.asarray(ids, dtype=np.int32)
+        emb = self._embed(arr[None])[0].copy()
+        where = np.flatnonzero(arr == self.config.image_token_id)
+        if len(where) != image_emb.shape[0]:
+            raise DataError(f"prompt has {len(where)} image positions but the vision graph gave "
+                            f"{image_emb.shape[0]} embeddings")
+        emb[where] = image_emb.astype(emb.dtype)
+        return emb
+
+    def _first(self, images: list, questions: list[str]):
+        if len(images) != len(questions):
+            raise DataError(f"{len(images)} images but {len(questions)} questions")
+        vis = self._vision(images)
+        rows = [self._prompt_embeds(self.prompt_ids(q), vis[i]) for i, q in enumerate(questions)]
+        m = self.config.model
+        return prefill_inputs(rows, num_layers=m["num_layers"], num_kv_heads=m["num_kv_heads"],
+                              head_dim=m["head_dim"], dtype=self._kv_dtype,
+                              prefill_slots=int(self.config.kv_cache["prefill_past_slots"]))
+
+    # -- public API -----------------------------------------------------------------------
+    def image_embeddings(self, image) -> np.ndarray:
+        """``[num_image_tokens, hidden]`` float32 embeddings after the projector."""
+        return self._vision([image])[0].astype(np.float32)
+
+    def first_token_logits(self, image, question: str) -> np.ndarray:
+        """``[vocab]`` float32 logits of the first answer token (nothing suppressed)."""
+        x, pos, state = self._first([image], [question])
+        logits, _ = self._decoder(x, state.mask, pos, state.past)
+        return logits[0, -1].astype(np.float32)
+
+    def _text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def answer_batch(self, images: Sequence, questions: Sequence[str], *, max_new_tokens: int = 32,
+                     on_step: Optional[Callable] = None) -> list[str]:
+        """Greedy answers for several (image, question) pairs in one left-padded batch."""
+        c = self.config
+        stops = tuple(s for s in c.template.stop if s)
+
+        def is_stopped(_row: int, ids: list[int]) -> bool:
+            text = self._text(ids)
+            return any(s in text for s in stops)
+
+        gen = greedy_generate(self._decoder, self._embed, self._first(list(images), list(questions)),
+                              max_new_tokens=max_new_tokens, stop_ids=set(c.eos_token_ids),
+                              suppress_ids=list(c.suppress_token_ids), is_stopped=is_stopped, on_step=on_step)
+        return [clean_answer(self._text(ids), stops) for ids in gen]
+
+    def answer(self, image, question: str, *, max_new_tokens: int = 32,
+               on_token: Optional[Callable[[str], None]] = None) -> str:
+        """Greedy answer to one question; ``on_token(text_piece)`` streams the answer as it grows."""
+        stops = tuple(s for s in self.config.template.stop if s)
+        shown = [""]
+
+        def on_step(out: list[list[int]]) -> None:
+            text = clean_answer(self._text(out[0]), stops) if out[0] else ""
+            if text.startswith(shown[0]) and len(text) > len(shown[0]):
+                on_token(text[len(shown[0]):])
+                shown[0] = text
+
+        (ans,) = self.answer_batch([image], [question], max_new_tokens=max_new_tokens,
+                                   on_step=on_step if on_token else None)
+        if on_token and ans.startswith(shown[0]) and len(ans) > len(shown[0]):
+            on_token(ans[len(shown[0]):])
+        return ans

@@ -1,0 +1,77 @@
+"""A tiny LoadedModel built directly with transformers (no checkpoint files).
+
+Shapes: SigLIP 28 px / patch 14 → 4 image tokens (hidden 32, 2 layers) with the mlp2x_gelu
+projector, Llama hidden 64, 2 layers, 4 heads / 2 KV heads, vocabulary 120 whose last id is
+``<image>`` (its lm_head row is zero, as the canonical model's). The tokenizer is a WordLevel
+``tokenizers.Tokenizer`` over the words of the vicuna template plus a few answers.
+"""
+from __future__ import annotations
+
+import torch
+
+from medlite.checkpoints.model import LoadedModel, SourceInfo
+from medlite.preprocess import ImageSpec
+from medlite.prompting import TEMPLATES
+
+VOCAB = 120
+IMAGE_ID = VOCAB - 1
+SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
+WORDS = ("A chat between a curious user and an artificial intelligence assistant . The assistant gives "
+         "helpful , detailed , and polite answers to the user's questions USER ASSISTANT : ? yes no left right "
+         "is there a lesion in the image which organ lung liver brain heart kidney ct mri x-ray normal "
+         "abnormal what modality shows this fracture mass effusion pneumonia").split()
+
+
+def tiny_tokenizer():
+    """WordLevel tokenizer: specials 0-3, template/answer words, fillers, ``<image>`` = 119."""
+    from tokenizers import AddedToken, Tokenizer, pre_tokenizers
+    from tokenizers.models import WordLevel
+
+    vocab = {t: i for i, t in enumerate(SPECIALS)}
+    for w in WORDS:
+        vocab.setdefault(w, len(vocab))
+    i = 0
+    while len(vocab) < IMAGE_ID:
+        vocab[f"w{i}"] = len(vocab)
+        i += 1
+    vocab["<image>"] = IMAGE_ID
+    tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([AddedToken(t, special=True) for t in SPECIALS[:3] + ["<image>"]])
+    return tok
+
+
+def tiny_llava(*, tie: bool = False, feature_layer: int = -1, strategy: str = "full", seed: int = 0):
+    """A random tiny ``LlavaForConditionalGeneration`` in eval mode (fp32)."""
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
+
+    torch.manual_seed(seed)
+    vc = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                            image_size=28, patch_size=14)
+    tc = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=VOCAB, tie_word_embeddings=tie, max_position_embeddings=256,
+                     bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_index=IMAGE_ID, projector_hidden_act="gelu",
+                      vision_feature_layer=feature_layer, vision_feature_select_strategy=strategy,
+                      tie_word_embeddings=tie)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        # Random init gives tiny logits; scale up so greedy decoding is far from ties.
+        for p in model.model.language_model.parameters():
+            p.mul_(4.0)
+        if not tie:
+            model.lm_head.weight.mul_(4.0)
+            model.lm_head.weight[IMAGE_ID].zero_()
+    return model
+
+
+def tiny_loaded(**kw) -> LoadedModel:
+    """The tiny model wrapped as a LoadedModel (SigLIP-style preprocessing, vicuna_v1 template)."""
+    model = tiny_llava(**kw)
+    n_img = 4 - (1 if kw.get("strategy") == "default" else 0)
+    return LoadedModel(
+        model=model, tokenizer=tiny_tokenizer(),
+        image_spec=ImageSpec(size=28, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), pad_to_square=True),
+        template=TEMPLATES["vicuna_v1"], image_token_id=IMAGE_ID, num_image_tokens=n_img, eos_token_ids=[2],
+        bos_token_id=1, pad_token_id=3,
+        source=SourceInfo(format="hf", path="tiny", name="tiny", notes=["built in tests/export/tiny.py"]))
