@@ -80,7 +80,7 @@ def _dicom_frame(ds, path: Path, frame: int) -> np.ndarray:
                         f"if this is a JPEG/JPEG-LS/JPEG 2000 file, {JPEG_EXTRA_HINT}") from None
 
 
-def _dicom_grey(arr: np.ndarray, ds, frame: int, window: str, notes: list, warns: list) -> np.ndarray:
+def _dicom_grey(arr: np.ndarray, ds, frame: int, window, notes: list, warns: list) -> np.ndarray:
     """Modality LUT → VOI → inversion for one greyscale frame; returns [0, 1] floats."""
     from pydicom.pixels import apply_modality_lut, apply_voi
 
@@ -121,21 +121,25 @@ def _dicom_grey(arr: np.ndarray, ds, frame: int, window: str, notes: list, warns
             else:
                 notes.append(desc)
         elif window == "file":
-            raise DataError("no VOI LUT or window centre/width in the file (window='file')")
+            raise DataError("no usable VOI LUT or window centre/width in the file (window='file')")
     if out is None:
         out, desc = percentile_window(values)
         notes.append(desc)
 
-    inverted = str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1"
-    if str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE":
-        inverted = not inverted
-    if inverted:
+    # DX/MG require Presentation LUT Shape INVERSE *with* MONOCHROME1 (PS3.3 C.8.11.6): it names the
+    # same inversion, so the two are OR-ed, never applied twice.
+    mono1 = str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1"
+    if mono1 or str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE":
         notes.append("inverted (MONOCHROME1 / INVERSE presentation)")
         out = 1.0 - out
     return out
 
 
-def decode_dicom(path: Path, frame: Optional[int], window: str) -> DecodedImage:
+def decode_dicom(path: Path, frame: Optional[int], window="auto") -> DecodedImage:
+    """Decode one frame of a DICOM file to 8-bit RGB (``frame=None``: the middle frame).
+
+    ``window`` is "auto", "file", "percentile" or a (centre, width) tuple; see the module docstring.
+    """
     import pydicom
     from pydicom.errors import InvalidDicomError
 

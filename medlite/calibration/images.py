@@ -7,7 +7,7 @@ Display rules (documented in docs/data.md):
 
 * DICOM greyscale: stored values → Modality LUT (LUT sequence or rescale slope/intercept, also from
   enhanced multi-frame functional groups) → VOI (VOI LUT sequence, else the first window
-  centre/width with its VOI LUT function) → MONOCHROME1 / Presentation LUT INVERSE inversion.
+  centre/width with its VOI LUT function) → inversion for MONOCHROME1 or Presentation LUT INVERSE.
   A file window that is *useless* (under 2 % of the pixels fall inside it, or 98 % of the pixels land
   in less than a fifth of the grey range) is replaced by a 0.5–99.5 % percentile window and reported
   as a warning; a missing window gets the percentile window and an informational note.

@@ -98,6 +98,28 @@ def test_monochrome1_is_the_inverse_of_monochrome2(tmp_path):
     assert grey(d.image)[0, 0] == 255  # stored 0 (most attenuation in MONOCHROME1) is white
 
 
+def test_presentation_lut_inverse_inverts_once(tmp_path):
+    kw = dict(WindowCenter=512, WindowWidth=1024)
+    m2 = grey(load_image(make_dicom(tmp_path / "m2.dcm", ct_ramp(), **kw)))
+    dx = make_dicom(tmp_path / "dx.dcm", ct_ramp(), photometric="MONOCHROME1", modality="DX",
+                    PresentationLUTShape="INVERSE", **kw)  # as DX requires for MONOCHROME1
+    assert np.array_equal(grey(load_image(dx)), 255 - m2)
+    inv2 = make_dicom(tmp_path / "inv2.dcm", ct_ramp(), PresentationLUTShape="INVERSE", **kw)
+    assert np.array_equal(grey(load_image(inv2)), 255 - m2)
+
+
+def test_voi_lut_sequence(tmp_path):
+    from pydicom.sequence import Sequence
+
+    item = Dataset()
+    item.add_new(0x00283002, "US", [256, 0, 8])                      # LUT Descriptor
+    item.add_new(0x00283006, "US", [255 - i for i in range(256)])    # LUT Data: reverses 0..255
+    pix = np.arange(16 * 16, dtype=np.uint16).reshape(16, 16)
+    p = make_dicom(tmp_path / "voi.dcm", pix, VOILUTSequence=Sequence([item]), WindowCenter=0, WindowWidth=2)
+    d = decode_image(p)
+    assert np.array_equal(grey(d.image), 255 - pix) and d.notes[0] == "VOI LUT sequence (8-bit)"
+
+
 def test_missing_window_uses_percentile_window(tmp_path):
     pix = np.zeros((40, 50), np.uint16)
     pix[:, 25:] = 1000
@@ -141,7 +163,7 @@ def test_explicit_window_and_bad_window_argument(tmp_path):
     assert np.array_equal(out, np.rint(np.clip((hu + 600.5) / 200 + 0.5, 0, 1) * 255))
     with pytest.raises(DataError, match="window"):
         load_image(p, window="bone")
-    with pytest.raises(DataError, match="no VOI LUT or window"):
+    with pytest.raises(DataError, match="no usable VOI LUT or window"):
         load_image(p, window="file")
 
 
