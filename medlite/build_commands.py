@@ -1,0 +1,223 @@
+"""Handlers of ``medlite validate | plan | build | verify | recipes ls | recipes cp``.
+
+Each handler is ``cmd_x(args, ctx) -> int`` (exit code); ``medlite/cli.py`` wires argparse. The
+arguments each one reads from ``args``:
+
+* ``validate RECIPE [KEY=VALUE ...] [--json]``: ``recipe``, ``overrides``, ``json``
+* ``plan RECIPE [KEY=VALUE ...] [--model PATH] [--json]``: + ``model``, ``base``, ``vision_tower``,
+  ``vision_weights``
+* ``build RECIPE [KEY=VALUE ...] [--model PATH] [--out DIR] [--force] [--json]``: + ``out``, ``force``
+* ``verify ARTIFACT [--json] [--skip-checks] [--model PATH]``: ``artifact``, ``json``, ``skip_checks``,
+  optional model options (default: the source recorded in the manifest)
+* ``recipes ls``; ``recipes cp NAME DEST``: ``name``, ``dest``
+
+Exit codes: 0 success; 1 a gate failed or an artifact does not verify; 2 (raised MedliteError,
+printed by the CLI) invalid recipe, missing files and other user errors. ``--json`` prints exactly
+one JSON object on stdout; human output goes to stderr through ``ctx``.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from medlite.errors import MedliteError, RecipeError
+
+
+def _emit(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def _load(args, ctx):
+    from medlite.recipes import load_recipe
+
+    return load_recipe(args.recipe, list(getattr(args, "overrides", None) or []))
+
+
+# -- validate -------------------------------------------------------------------------------------
+def cmd_validate(args, ctx) -> int:
+    """Validate a recipe: every error at once with its YAML path; exit 2 when invalid."""
+    try:
+        resolved = _load(args, ctx)
+    except RecipeError as e:
+        if ctx.json_mode:
+            _emit({"valid": False, "source": e.source, "errors": e.errors})
+            return 2
+        raise
+    r = resolved.recipe
+    for w in resolved.warnings:
+        ctx.warn(w)
+    if ctx.json_mode:
+        _emit({"valid": True, "source": resolved.source, "errors": [], "warnings": resolved.warnings,
+               "recipe": r.to_dict()})
+    else:
+        chain = " → ".join(s.name for s in r.stages)
+        ctx.console.print(f"[bold green]✓[/] {resolved.source}: valid — {r.name} {r.version} for {r.target} "
+                          f"({chain})")
+    return 0
+
+
+# -- plan -----------------------------------------------------------------------------------------
+def cmd_plan(args, ctx) -> int:
+    """Show the stages, the files they write and estimated sizes, without running anything."""
+    from medlite.engines.targets import TARGETS
+    from medlite.pipeline import ModelChoice
+    from medlite.recipes.registry import STAGES
+    from medlite.stages import plan
+
+    resolved = _load(args, ctx)
+    r = resolved.recipe
+    target = TARGETS[r.target]
+    choice = ModelChoice.from_args(args, r, resolved.source)
+    if choice.path is None:
+        from medlite.calibration.demo_model import ensure_demo_model
+
+        folder = ensure_demo_model(ctx)
+    else:
+        folder = Path(choice.path).expanduser()
+    sizes = plan.sizes_from_headers(folder) if folder.is_dir() and choice.base is None else None
+    if sizes is None:
+        from medlite.checkpoints import load_model
+
+        sizes = plan.sizes_from_model(load_model(folder, ctx=ctx, base=choice.base, vision_tower=choice.vision_tower,
+                                                 vision_weights=choice.vision_weights))
+    files: dict[str, int] = {}
+    steps = []
+    for i, entry in enumerate(r.stages):
+        o = entry.options
+        step = {"stage": entry.name, "path": f"stages[{i}].{entry.name}", "does": STAGES[entry.name].summary}
+        if entry.name == "export":
+            est = plan.estimate_files(sizes, o.precision, o.components)
+            files.update(est)
+            step["writes"] = est
+            step["does"] += f" ({o.precision}, opset {o.opset})"
+        elif entry.name == "check":
+            step["does"] += f" ({r.evaluation.dataset} split {r.evaluation.split})"
+        elif entry.name == "engines":
+            step["writes"] = {"engines/build_engines.sh": None, "engines/engines.json": None}
+            kv = plan.kv_cache_bytes(sizes.kv, o.max_prompt_tokens + o.max_new_tokens + 1024, o.max_batch,
+                                     plan.BYTES.get(o.precision, 2))
+            step["kv_cache_bytes"] = kv
+        steps.append(step)
+    weights = sum(files.values())
+    out = {"recipe": r.name, "version": r.version, "target": target.name, "model": str(folder),
+           "count_method": sizes.method, "params": sizes.params, "stages": steps, "files": files,
+           "estimated_bytes": weights, "usable_memory_bytes": int(target.usable_memory_gb * 1e9),
+           "warnings": resolved.warnings}
+    if ctx.json_mode:
+        _emit(out)
+        return 0
+    for w in resolved.warnings:
+        ctx.warn(w)
+    c = ctx.console
+    c.print(f"[bold]{r.name} {r.version}[/] → {target.description} ({target.name}); model {folder}")
+    c.print(f"  parameters ({sizes.method}): " + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in sizes.params.items()))
+    for s in steps:
+        c.print(f"  {s['path']:<22} {s['does']}")
+        for name, size in (s.get("writes") or {}).items():
+            c.print(f"      {name:<28} " + (f"~{size / 1e6:,.1f} MB" if size is not None else ""))
+    c.print(f"  estimated weights {weights / 1e9:.3f} GB of {target.usable_memory_gb} GB usable on {target.name}")
+    return 0
+
+
+# -- build ----------------------------------------------------------------------------------------
+def cmd_build(args, ctx) -> int:
+    """Run a recipe; exit 1 with one line per failed gate when a gate fails."""
+    from medlite.pipeline import ModelChoice, build
+
+    resolved = _load(args, ctx)
+    if not ctx.json_mode:
+        ctx.console.print(f"[dim]# resolved recipe ({resolved.source})\n{resolved.to_yaml().rstrip()}[/]")
+    choice = ModelChoice.from_args(args, resolved.recipe, resolved.source)
+    result = build(resolved, choice, Path(getattr(args, "out", None) or "artifacts"), ctx,
+                   force=bool(getattr(args, "force", False)))
+    lines = result.failed_gate_lines
+    if ctx.json_mode:
+        out = result.to_json()
+        out["recipe"] = resolved.recipe.to_dict()
+        _emit(out)
+    else:
+        ctx.console.print(f"artifact    {result.path}  ({'report.md'})"
+                          + ("" if result.status == "passed" else "  [bold red]FAILED[/]"))
+    for line in lines:
+        print(line, file=sys.stderr)
+    return 0 if result.status == "passed" else 1
+
+
+# -- verify ---------------------------------------------------------------------------------------
+def cmd_verify(args, ctx) -> int:
+    """Re-hash an artifact's files and (unless --skip-checks) re-run its gates; exit 1 on a mismatch."""
+    from medlite import artifacts as af
+    from medlite.stages.check import rerun_checks
+
+    path = af.resolve_artifact_path(Path(args.artifact))
+    if not path.is_dir():
+        raise MedliteError(f"{path}: no such artifact folder")
+    manifest = af.read_manifest(path)
+    problems = af.verify_files(path, manifest)
+    out = {"artifact": str(path), "version": manifest.get("version"), "status": manifest.get("status"),
+           "files_ok": not problems, "file_problems": problems, "checks": None}
+    if problems:
+        for p in problems:
+            print(f"✗ {p}", file=sys.stderr)
+    elif not getattr(args, "skip_checks", False):
+        out["checks"] = rerun_checks(path, manifest, args, ctx)
+    ok = not problems and (out["checks"] is None or out["checks"]["ok"])
+    out["ok"] = ok
+    if ctx.json_mode:
+        _emit(out)
+    else:
+        n = len(manifest["files"])
+        if not problems:
+            ctx.console.print(f"[bold green]✓[/] files     {n} files match manifest.json")
+        else:
+            ctx.console.print(f"[bold red]✗[/] files     {len(problems)} problem(s) in {n} files: {path}")
+        if out["checks"] is not None:
+            c = out["checks"]
+            mark = "[bold green]✓[/]" if c["ok"] else "[bold red]✗[/]"
+            ctx.console.print(f"{mark} checks    " + ("recorded metrics and gate results reproduced" if c["ok"]
+                                                    else "; ".join(c["differences"])))
+    return 0 if ok else 1
+
+
+# -- recipes ls / cp ------------------------------------------------------------------------------
+def cmd_recipes_ls(args, ctx) -> int:
+    """List the shipped recipes (name, version, target, stages, description)."""
+    from medlite.recipes import builtin_recipes, load_recipe
+
+    rows = []
+    for name, path in builtin_recipes().items():
+        r = load_recipe(path).recipe
+        rows.append({"name": name, "version": r.version, "target": r.target,
+                     "stages": [s.name for s in r.stages], "description": r.description, "path": str(path)})
+    if getattr(args, "json", False):
+        _emit({"recipes": rows})
+        return 0
+    for row in rows:
+        print(f"{row['name']:<24} {row['version']:<8} {row['target']:<24} {' → '.join(row['stages'])}")
+        if row["description"]:
+            print(f"{'':<24} {row['description']}")
+    return 0
+
+
+def cmd_recipes_cp(args, ctx) -> int:
+    """Copy a shipped recipe to DEST (a file, or a folder to put NAME.yaml in); never overwrites."""
+    from medlite.recipes import builtin_recipes
+    from medlite.recipes.loader import _suggest
+
+    shipped = builtin_recipes()
+    name = args.name[:-5] if args.name.endswith(".yaml") else args.name
+    if name not in shipped:
+        raise MedliteError(f"no shipped recipe '{args.name}'{_suggest(name, shipped)}; "
+                           f"shipped: {', '.join(shipped)}")
+    dest = Path(args.dest)
+    if dest.is_dir():
+        dest = dest / f"{name}.yaml"
+    if dest.exists():
+        raise MedliteError(f"{dest} already exists; choose another destination (nothing was overwritten)")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(shipped[name], dest)
+    print(f"{dest}  (copy of {name}; edit it, then `medlite validate {dest}`)")
+    return 0

@@ -1,0 +1,262 @@
+"""Accuracy gates: an artifact (through ``medlite.runtime.OnnxVlm``) against its uncompressed source.
+
+Metrics, on the held-out evaluation split (never the calibration images):
+
+* ``source_closed_acc`` / ``artifact_closed_acc`` and ``closed_acc_drop`` (points = percent of the
+  closed questions), scored with :func:`medlite.calibration.scoring.score`;
+* ``agreement``: fraction of questions whose normalised answers are identical;
+* ``mean_kl``: mean KL(source ‖ artifact) of the first answer token's distribution, in nats;
+* ``vision_cosine``: mean over images of the mean per-token cosine of the projected image embeddings.
+
+The math is plain numpy (:func:`kl_divergence`, :func:`mean_cosine`, :func:`agreement`) so it can be
+tested against hand values; :func:`compare` runs any two objects with the ``answer`` /
+``first_token_logits`` / ``image_embeddings`` methods of the runtime.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+# name -> (metric key, "max" | "min", display unit, recipe option)
+GATES = {
+    "closed_acc_drop": ("closed_acc_drop", "max", "points", "max_closed_acc_drop"),
+    "agreement": ("agreement", "min", "%", "min_agreement"),
+    "mean_kl": ("mean_kl", "max", "nats", "max_mean_kl"),
+    "vision_cosine": ("vision_cosine", "min", "", "min_vision_cosine"),
+}
+
+
+# -- math -----------------------------------------------------------------------------------------
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Numerically stable log-softmax over the last axis, in float64 (``-inf`` logits allowed)."""
+    x = np.asarray(logits, dtype=np.float64)
+    m = np.max(x, axis=-1, keepdims=True)
+    z = x - m
+    return z - np.log(np.sum(np.exp(z), axis=-1, keepdims=True))
+
+
+def kl_divergence(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
+    """KL(P ‖ Q) in nats for logits of the same vocabulary (P = reference, Q = candidate).
+
+    Tokens with zero probability under P contribute nothing (suppressed tokens at ``-inf`` in both);
+    a token P allows but Q suppresses makes the divergence infinite.
+    """
+    p, q = np.asarray(p_logits), np.asarray(q_logits)
+    if p.shape != q.shape:
+        raise ValueError(f"logit shapes differ: {p.shape} vs {q.shape}")
+    lp, lq = log_softmax(p), log_softmax(q)
+    pp = np.exp(lp)
+    mask = pp > 0
+    with np.errstate(invalid="ignore"):
+        terms = np.where(mask, pp * (lp - lq), 0.0)
+    return float(max(np.sum(terms), 0.0))   # tiny negative rounding → 0
+
+
+def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean cosine similarity of corresponding rows (tokens) of two ``[tokens, hidden]`` arrays.
+
+    Two zero rows count as identical (1.0); one zero row against a non-zero row as 0.0.
+    """
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if x.shape != y.shape:
+        raise ValueError(f"embedding shapes differ: {x.shape} vs {y.shape}")
+    x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+    nx, ny = np.linalg.norm(x, axis=1), np.linalg.norm(y, axis=1)
+    dot = np.sum(x * y, axis=1)
+    both_zero = (nx == 0) & (ny == 0)
+    denom = np.where((nx == 0) | (ny == 0), 1.0, nx * ny)
+    cos = np.where(both_zero, 1.0, dot / denom)
+    return float(np.mean(cos))
+
+
+def agreement(a: Sequence[str], b: Sequence[str]) -> float:
+    """Fraction of pairs whose normalised answers are identical (scoring's normalisation)."""
+    from medlite.calibration.scoring import normalize
+
+    if len(a) != len(b):
+        raise ValueError(f"{len(a)} vs {len(b)} answers")
+    if not a:
+        return float("nan")
+    return sum(normalize(x) == normalize(y) for x, y in zip(a, b)) / len(a)
+
+
+def sig(x: Optional[float], digits: int = 6) -> Optional[float]:
+    """Round to ``digits`` significant digits: recorded metrics stay stable across runs whose last
+    float bits differ (thread counts), and manifests stay byte-identical."""
+    if x is None or not math.isfinite(x):
+        return x
+    return float(f"{x:.{digits}g}")
+
+
+# -- gates ----------------------------------------------------------------------------------------
+@dataclass
+class Gate:
+    """One threshold applied to one metric. ``passed`` is None for an un-gated (null) threshold."""
+
+    name: str
+    value: Optional[float]
+    threshold: Optional[float]
+    kind: str            # "max": value must be ≤ threshold; "min": value must be ≥ threshold
+    unit: str
+    passed: Optional[bool]
+
+    def _pair(self) -> tuple[str, str]:
+        scale = 100.0 if self.unit == "%" else 1.0
+        v = self.value * scale
+        t = self.threshold * scale if self.threshold is not None else v
+        # Fixed decimals for percentages/points, significant digits for KL and cosine; add digits
+        # until a failing pair never prints as equal numbers ("99.5 % < 99.5 %").
+        fmts = ([f".{d}f" for d in (1, 2, 3, 4, 6)] if self.unit in ("%", "points")
+                else [f".{d}g" for d in (4, 6, 8, 10)])
+        for f in fmts:
+            vs, ts = format(v, f), format(t, f)
+            if vs != ts or v == t:
+                break
+        u = f" {self.unit}" if self.unit in ("%", "points") else ""
+        return vs + u, ts + u
+
+    def describe(self) -> str:
+        """``agreement 99.6 % ≥ 99.5 %`` (passed) / ``agreement 97.1 % < 99.5 %`` (failed)."""
+        if self.value is None or (isinstance(self.value, float) and math.isnan(self.value)):
+            return f"{self.name}: not measurable on this evaluation split"
+        if self.threshold is None:
+            return f"{self.name} {self._pair()[0]} (not gated)"
+        vs, ts = self._pair()
+        if self.kind == "max":
+            op = "≤" if self.passed else ">"
+        else:
+            op = "≥" if self.passed else "<"
+        return f"{self.name} {vs} {op} {ts}"
+
+    def line(self) -> str:
+        """The one-line failure reason: ``gate agreement: 97.1 % < 99.5 %``."""
+        d = self.describe()
+        return f"gate {d}" if d.startswith(f"{self.name}:") else f"gate {self.name}: {d[len(self.name) + 1:]}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluate_gates(metrics: dict, options: Any) -> list[Gate]:
+    """Apply the check stage's thresholds (``CheckOptions`` or any object with the same attributes)."""
+    gates = []
+    for name, (key, kind, unit, opt) in GATES.items():
+        value, threshold = metrics.get(key), getattr(options, opt)
+        measurable = value is not None and not (isinstance(value, float) and math.isnan(value))
+        if threshold is None:
+            passed = None
+        elif not measurable:
+            passed = False      # a gate that cannot be measured must not pass silently
+        else:
+            passed = value <= threshold if kind == "max" else value >= threshold
+        gates.append(Gate(name, value if measurable else None, threshold, kind, unit, passed))
+    return gates
+
+
+def failed(gates: list[Gate]) -> list[Gate]:
+    """The gates that failed."""
+    return [g for g in gates if g.passed is False]
+
+
+# -- running the comparison -----------------------------------------------------------------------
+class TorchReference:
+    """The uncompressed source model behind the runtime's method names (``medlite.checkpoints.generate``)."""
+
+    def __init__(self, loaded):
+        self.loaded = loaded
+
+    def answer(self, image, question: str, max_new_tokens: int = 32) -> str:
+        from medlite.checkpoints import generate
+
+        return generate.answer(self.loaded, image, question, max_new_tokens=max_new_tokens)
+
+    def first_token_logits(self, image, question: str) -> np.ndarray:
+        from medlite.checkpoints import generate
+
+        return generate.first_token_logits(self.loaded, image, question)
+
+    def image_embeddings(self, image) -> np.ndarray:
+        from medlite.checkpoints import generate
+
+        return generate.image_embeddings(self.loaded, image)
+
+
+@dataclass
+class CheckResult:
+    """Metrics, per-question rows (for the report) and the evaluated gates."""
+
+    metrics: dict
+    rows: list[dict]
+    gates: list[Gate]
+
+    @property
+    def passed(self) -> bool:
+        return not failed(self.gates)
+
+
+def select_samples(samples: list, max_samples: Optional[int]) -> list:
+    """At most ``max_samples`` samples, evenly spread over the list (keeps modality mix; deterministic)."""
+    if not max_samples or len(samples) <= max_samples:
+        return list(samples)
+    idx = sorted({int(round(i)) for i in np.linspace(0, len(samples) - 1, max_samples)})
+    return [samples[i] for i in idx]
+
+
+def compare(reference, candidate, samples: list, options: Any, ctx) -> CheckResult:
+    """Run ``reference`` and ``candidate`` on every sample and apply the gates in ``options``."""
+    from medlite.calibration.scoring import score
+
+    ref_answers, cand_answers, kls, rows = [], [], [], []
+    cosines: dict[str, float] = {}
+    with ctx.progress("check", total=len(samples)) as advance:
+        for s in samples:
+            image = s.load_image()
+            ra = reference.answer(image, s.question, max_new_tokens=options.max_new_tokens)
+            ca = candidate.answer(image, s.question, max_new_tokens=options.max_new_tokens)
+            kl = kl_divergence(reference.first_token_logits(image, s.question),
+                               candidate.first_token_logits(image, s.question))
+            if s.image_id not in cosines:
+                cosines[s.image_id] = mean_cosine(reference.image_embeddings(image),
+                                                  candidate.image_embeddings(image))
+            ref_answers.append(ra)
+            cand_answers.append(ca)
+            kls.append(kl)
+            rows.append({"qid": str(s.qid), "image_id": s.image_id, "modality": s.modality,
+                         "answer_type": s.answer_type, "question": s.question, "reference": str(s.answer),
+                         "source": ra, "artifact": ca, "kl": sig(kl)})
+            advance()
+    src, art = score(ref_answers, samples), score(cand_answers, samples)
+    sa, aa = src["closed_accuracy"], art["closed_accuracy"]
+    metrics = {
+        "n": len(samples), "n_closed": src["n_closed"], "n_images": len(cosines),
+        "source_closed_acc": sig(sa), "artifact_closed_acc": sig(aa),
+        "closed_acc_drop": sig((sa - aa) * 100.0) if sa is not None and aa is not None else None,
+        "source_open_recall": sig(src["open_recall"]), "artifact_open_recall": sig(art["open_recall"]),
+        "agreement": sig(agreement(ref_answers, cand_answers)),
+        "mean_kl": sig(float(np.mean(kls))) if kls else None,
+        "max_kl": sig(float(np.max(kls))) if kls else None,
+        "vision_cosine": sig(float(np.mean(list(cosines.values())))) if cosines else None,
+        "min_vision_cosine": sig(float(np.min(list(cosines.values())))) if cosines else None,
+    }
+    for r in rows:
+        from medlite.calibration.scoring import normalize
+
+        r["agree"] = normalize(r["source"]) == normalize(r["artifact"])
+    return CheckResult(metrics=metrics, rows=rows, gates=evaluate_gates(metrics, options))
+
+
+def compare_metrics(recorded: dict, now: dict, *, rel: float = 1e-3, abs_: float = 1e-4) -> list[str]:
+    """Differences between recorded and re-measured metrics beyond float noise (for ``verify``)."""
+    diffs = []
+    for k in sorted(set(recorded) | set(now)):
+        a, b = recorded.get(k), now.get(k)
+        if a is None or b is None or isinstance(a, (str, bool)) or isinstance(b, (str, bool)):
+            if a != b:
+                diffs.append(f"{k}: recorded {a}, now {b}")
+            continue
+        if not math.isclose(float(a), float(b), rel_tol=rel, abs_tol=abs_):
+            diffs.append(f"{k}: recorded {a}, now {b}")
+    return diffs

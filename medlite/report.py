@@ -1,0 +1,96 @@
+"""``report.md`` and ``report.json`` of an artifact: status, gates, metrics, files, disagreements.
+
+Both are written before the manifest and hashed by it, so they contain nothing volatile (no dates,
+timings or temporary paths); timings live in ``build-info.json``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+REPORT_MD, REPORT_JSON = "report.md", "report.json"
+MAX_ROWS = 500          # per-question rows kept in report.json
+MAX_MD_DISAGREEMENTS = 20
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def _files(folder: Path) -> dict[str, int]:
+    return {p.relative_to(folder).as_posix(): p.stat().st_size
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def report_json(manifest: dict, rows: list[dict], files: dict[str, int]) -> dict:
+    """The machine-readable report."""
+    return {
+        "status": manifest["status"], "version": manifest["version"], "model": manifest["model"],
+        "recipe": manifest["recipe"], "target": manifest["target"]["name"],
+        "stages": manifest["stages"], "metrics": manifest["metrics"], "gates": manifest["gates"],
+        "files": files, "sections": manifest.get("sections", {}), "warnings": manifest.get("warnings", []),
+        "questions": rows[:MAX_ROWS], "questions_truncated": max(0, len(rows) - MAX_ROWS),
+    }
+
+
+def report_md(manifest: dict, rows: list[dict], files: dict[str, int]) -> str:
+    """The human-readable report (Markdown)."""
+    from medlite.checks import Gate
+
+    m, t = manifest, manifest["target"]
+    mark = "PASSED" if m["status"] == "passed" else "FAILED"
+    out = [f"# {m['model']} · {m['recipe']['name']} {m['version']} — {mark}", ""]
+    out += [f"- target: **{t['name']}** ({t['description']}, {t['arch']}, TensorRT {t['tensorrt']}, "
+            f"opset ≤ {t['max_opset']}, {t['usable_memory_gb']} GB usable of {t['memory_gb']} GB, "
+            f"{t['bandwidth_gbs']} GB/s)",
+            f"- source: {m['source'].get('format')} checkpoint `{m['source'].get('path')}` "
+            f"({len(m['source'].get('files', {}))} files hashed)",
+            f"- medlite {m['medlite_version']}; recipe sha256 `{m['recipe']['sha256'][:12]}`"
+            + (f"; overrides: {', '.join(m['recipe']['overrides'])}" if m['recipe'].get('overrides') else ""),
+            ""]
+    out += ["## Stages", ""] + [f"- **{s['name']}**: {s['detail']}" for s in m["stages"]] + [""]
+    if m["gates"]:
+        out += ["## Gates", "", "| gate | result |", "|---|---|"]
+        for g in m["gates"]:
+            gate = Gate(**g)
+            state = {True: "pass", False: "**FAIL**", None: "reported"}[gate.passed]
+            out.append(f"| {gate.name} | {state}: {gate.describe()} |")
+        out.append("")
+    if m["metrics"]:
+        out += ["## Metrics", "", "| metric | value |", "|---|---|"]
+        out += [f"| {k} | {v} |" for k, v in m["metrics"].items()] + [""]
+    dis = [r for r in rows if not r.get("agree", True)]
+    if rows:
+        out += [f"## Disagreements ({len(dis)} of {len(rows)} questions)", ""]
+        if dis:
+            out += ["| qid | modality | question | source | artifact | KL |", "|---|---|---|---|---|---|"]
+            for r in dis[:MAX_MD_DISAGREEMENTS]:
+                cells = [str(r[k]).replace("|", "\\|").replace("\n", " ")
+                         for k in ("qid", "modality", "question", "source", "artifact", "kl")]
+                out.append("| " + " | ".join(cells) + " |")
+            if len(dis) > MAX_MD_DISAGREEMENTS:
+                out.append(f"\n… {len(dis) - MAX_MD_DISAGREEMENTS} more in report.json")
+        else:
+            out.append("Every answer of the artifact equals the source model's (after normalisation).")
+        out.append("")
+    out += ["## Files", "", "| file | size |", "|---|---|"]
+    out += [f"| {name} | {_fmt_bytes(size)} |" for name, size in files.items()]
+    out += ["", f"Every file's sha256 is in `manifest.json`; `medlite verify {m['model']}/{m['recipe']['name']}/"
+                f"{m['version']}` re-checks them and re-runs the gates.", ""]
+    if m.get("warnings"):
+        out += ["## Warnings", ""] + [f"- {w}" for w in m["warnings"]] + [""]
+    pk = ", ".join(f"{k} {v}" for k, v in m["packages"].items() if v)
+    out += ["## Environment", "", pk, ""]
+    return "\n".join(out)
+
+
+def write_reports(folder: Path, manifest: dict, rows: list[dict]) -> None:
+    """Write ``report.json`` and ``report.md`` into the artifact folder (before the manifest hashes it)."""
+    folder = Path(folder)
+    files = _files(folder)
+    (folder / REPORT_JSON).write_text(json.dumps(report_json(manifest, rows, files), indent=2, sort_keys=True,
+                                                 ensure_ascii=False) + "\n", encoding="utf-8")
+    (folder / REPORT_MD).write_text(report_md(manifest, rows, files), encoding="utf-8")
