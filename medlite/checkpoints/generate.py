@@ -1,0 +1,136 @@
+"""PyTorch reference generation on the canonical model — what every later stage is compared against.
+
+Prompt: ``template.render(question)`` → :func:`medlite.prompting.encode_prompt` (one ``<image>`` id) →
+:func:`medlite.prompting.expand_image_tokens` (``num_image_tokens`` copies). Pixels:
+:func:`medlite.preprocess.preprocess`. Decoding: greedy with a KV cache; the image token id is
+never generated; stops at the eos ids or a template stop string.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from medlite.preprocess import preprocess
+from medlite.prompting import clean_answer, encode_prompt, expand_image_tokens
+
+
+def prompt_ids(loaded, question: str) -> list[int]:
+    """Token ids of the generation prompt with the image token expanded."""
+    text = loaded.template.render(question)
+    ids = encode_prompt(loaded.tokenizer, text, image_token_id=loaded.image_token_id, bos_token_id=loaded.bos_token_id)
+    return expand_image_tokens(ids, loaded.image_token_id, loaded.num_image_tokens)
+
+
+def pixel_values(loaded, images):
+    """``preprocess`` output as a tensor in the model's dtype."""
+    import torch
+
+    dtype = next(loaded.model.parameters()).dtype
+    return torch.from_numpy(preprocess(images, loaded.image_spec)).to(dtype)
+
+
+def _forward(loaded, ids, pixels, *, mask=None, positions=None, past=None):
+    import torch
+
+    with torch.inference_mode():
+        return loaded.model(input_ids=ids, pixel_values=pixels, attention_mask=mask, position_ids=positions,
+                            past_key_values=past, use_cache=True, return_dict=True)
+
+
+def first_token_logits(loaded, image, question: str) -> np.ndarray:
+    """float32 logits ``[vocab]`` for the first answer token (raw: the image token is not masked)."""
+    import torch
+
+    ids = torch.tensor([prompt_ids(loaded, question)])
+    out = _forward(loaded, ids, pixel_values(loaded, image))
+    return out.logits[0, -1].float().numpy()
+
+
+def image_embeddings(loaded, image) -> np.ndarray:
+    """Projected image features ``[num_image_tokens, hidden]`` (what is spliced into the prompt)."""
+    import torch
+
+    m = loaded.model
+    with torch.inference_mode():
+        feats = m.model.get_image_features(pixel_values=pixel_values(loaded, image),
+                                           vision_feature_layer=m.config.vision_feature_layer,
+                                           vision_feature_select_strategy=m.config.vision_feature_select_strategy)
+    feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats
+    out = feats[0] if isinstance(feats, (list, tuple)) else feats[0]
+    return out.float().numpy()
+
+
+def _pick(logits, image_token_id: int):
+    logits = logits.float().clone()
+    logits[..., image_token_id] = float("-inf")
+    return logits.argmax(dim=-1)
+
+
+def _stop_hit(loaded, text: str) -> bool:
+    return any(s and s in text for s in loaded.template.stop)
+
+
+def answer(loaded, image, question: str, *, max_new_tokens: int = 32,
+           on_text: Optional[Callable[[str], None]] = None) -> str:
+    """Greedy answer. ``on_text`` receives the new decoded text as it grows (for streaming)."""
+    import torch
+
+    ids = torch.tensor([prompt_ids(loaded, question)])
+    out = _forward(loaded, ids, pixel_values(loaded, image))
+    eos = set(loaded.eos_token_ids)
+    gen: list[int] = []
+    shown = ""
+    for _ in range(max_new_tokens):
+        nxt = int(_pick(out.logits[0, -1], loaded.image_token_id))
+        if nxt in eos:
+            break
+        gen.append(nxt)
+        text = loaded.tokenizer.decode(gen, skip_special_tokens=True)
+        if on_text is not None:
+            visible = clean_answer(text, loaded.template.stop) if _stop_hit(loaded, text) else text
+            if visible.startswith(shown) and len(visible) > len(shown):
+                on_text(visible[len(shown):])
+                shown = visible
+        if _stop_hit(loaded, text):
+            break
+        out = _forward(loaded, torch.tensor([[nxt]]), None, past=out.past_key_values)
+    return clean_answer(loaded.tokenizer.decode(gen, skip_special_tokens=True), loaded.template.stop)
+
+
+def answer_batch(loaded, images: Sequence, questions: Sequence[str], *, max_new_tokens: int = 32) -> list[str]:
+    """Greedy answers for a batch (left padding, per-row positions); equal to :func:`answer` row by row."""
+    import torch
+
+    if len(images) != len(questions):
+        raise ValueError(f"{len(images)} images but {len(questions)} questions")
+    if not questions:
+        return []
+    rows = [prompt_ids(loaded, q) for q in questions]
+    width = max(len(r) for r in rows)
+    pad = loaded.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = _forward(loaded, ids, pixel_values(loaded, list(images)), mask=mask, positions=pos)
+    eos = set(loaded.eos_token_ids)
+    gens: list[list[int]] = [[] for _ in rows]
+    done = [False] * len(rows)
+    last_pos = pos[:, -1]
+    for _ in range(max_new_tokens):
+        nxt = _pick(out.logits[:, -1], loaded.image_token_id)
+        for i, t in enumerate(nxt.tolist()):
+            if done[i]:
+                continue
+            if t in eos:
+                done[i] = True
+                continue
+            gens[i].append(t)
+            if _stop_hit(loaded, loaded.tokenizer.decode(gens[i], skip_special_tokens=True)):
+                done[i] = True
+        if all(done):
+            break
+        mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype)], dim=1)
+        last_pos = last_pos + 1
+        out = _forward(loaded, nxt[:, None], None, mask=mask, positions=last_pos[:, None], past=out.past_key_values)
+    return [clean_answer(loaded.tokenizer.decode(g, skip_special_tokens=True), loaded.template.stop) for g in gens]
