@@ -62,12 +62,33 @@ def sha256_json(obj: Any) -> str:
     return hashlib.sha256(canonical_json(obj).encode("utf-8")).hexdigest()
 
 
-def compute_version(recipe_version: str, *, source_files: dict[str, str], recipe: dict,
+def compute_version(recipe_version: str, *, source: dict, recipe: dict,
                     calibration_sha256: Optional[str], medlite_version: str) -> str:
-    """``<recipe_version>+<short hash>`` of everything that determines the artifact's content."""
-    payload = {"source_files": dict(sorted(source_files.items())), "recipe": recipe,
-               "calibration": calibration_sha256, "medlite": medlite_version}
+    """``<recipe_version>+<short hash>`` of everything that determines the artifact's content.
+
+    ``source`` is the checkpoint's identity (:func:`source_identity`): file hashes, never paths.
+    """
+    payload = {"source": source, "recipe": recipe, "calibration": calibration_sha256, "medlite": medlite_version}
     return f"{recipe_version}+{sha256_json(payload)[:7]}"
+
+
+def _without_paths(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _without_paths(v) for k, v in sorted(obj.items())
+                if not (k == "path" or k.endswith("_path"))}
+    if isinstance(obj, (list, tuple)):
+        return [_without_paths(v) for v in obj]
+    return obj
+
+
+def source_identity(source_info: dict, template_name: Optional[str] = None) -> dict:
+    """What identifies a model's content: every recorded file hash (checkpoint, adapter and base,
+    separate vision tower), which vision weights won, and the chat template — without any path, so
+    moving a checkpoint keeps the version and changing a byte of it does not."""
+    keep = ("format", "files", "adapter", "vision_tower", "vision_weights", "dtype", "text_backbone")
+    ident = _without_paths({k: source_info.get(k) for k in keep})
+    ident["template"] = template_name
+    return ident
 
 
 def hash_files(folder: Path) -> dict[str, dict]:

@@ -71,18 +71,18 @@ def cmd_plan(args, ctx) -> int:
     r = resolved.recipe
     target = TARGETS[r.target]
     choice = ModelChoice.from_args(args, r, resolved.source)
+    from medlite.checkpoints import inspect_checkpoint
+
     if choice.path is None:
         from medlite.calibration.demo_model import ensure_demo_model
 
         folder = ensure_demo_model(ctx)
     else:
         folder = Path(choice.path).expanduser()
-    sizes = plan.sizes_from_headers(folder) if folder.is_dir() and choice.base is None else None
-    if sizes is None:
-        from medlite.checkpoints import load_model
-
-        sizes = plan.sizes_from_model(load_model(folder, ctx=ctx, base=choice.base, vision_tower=choice.vision_tower,
-                                                 vision_weights=choice.vision_weights))
+    if choice.base is not None:     # a LoRA adapter: sizes are the base model's
+        folder = Path(choice.base).expanduser()
+    sizes = plan.sizes_from_model(inspect_checkpoint(folder, ctx=ctx, vision_tower=choice.vision_tower,
+                                                     vision_weights=choice.vision_weights))
     files: dict[str, int] = {}
     steps = []
     for i, entry in enumerate(r.stages):
@@ -117,8 +117,8 @@ def cmd_plan(args, ctx) -> int:
     for s in steps:
         c.print(f"  {s['path']:<22} {s['does']}")
         for name, size in (s.get("writes") or {}).items():
-            c.print(f"      {name:<28} " + (f"~{size / 1e6:,.1f} MB" if size is not None else ""))
-    c.print(f"  estimated weights {weights / 1e9:.3f} GB of {target.usable_memory_gb} GB usable on {target.name}")
+            c.print(f"      {name:<28} " + (f"~{plan.human_bytes(size)}" if size is not None else ""))
+    c.print(f"  estimated weights {plan.human_bytes(weights)} of {target.usable_memory_gb} GB usable on {target.name}")
     return 0
 
 
@@ -177,8 +177,8 @@ def cmd_verify(args, ctx) -> int:
         if out["checks"] is not None:
             c = out["checks"]
             mark = "[bold green]✓[/]" if c["ok"] else "[bold red]✗[/]"
-            ctx.console.print(f"{mark} checks    " + ("recorded metrics and gate results reproduced" if c["ok"]
-                                                    else "; ".join(c["differences"])))
+            ok_text = c.get("note") or "recorded metrics and gate results reproduced"
+            ctx.console.print(f"{mark} checks    " + (ok_text if c["ok"] else "; ".join(c["differences"])))
     return 0 if ok else 1
 
 

@@ -32,6 +32,7 @@ class ModelChoice:
     base: Optional[str] = None
     vision_tower: Optional[str] = None
     vision_weights: Optional[str] = None
+    template: Optional[str] = None
 
     @classmethod
     def from_args(cls, args, recipe=None, recipe_source: Optional[str] = None) -> "ModelChoice":
@@ -42,8 +43,13 @@ class ModelChoice:
             if not p.is_absolute() and recipe_source:
                 p = Path(recipe_source).parent / p
             path = str(p)
-        return cls(path, getattr(args, "base", None), getattr(args, "vision_tower", None),
-                   getattr(args, "vision_weights", None))
+        def absolute(p):
+            # One spelling per folder: loader notes and the runtime config quote these paths, and the
+            # same checkpoint given as "ckpt" or "/abs/ckpt" must give byte-identical artifacts.
+            return str(Path(p).expanduser().resolve()) if p else None
+
+        return cls(absolute(path), absolute(getattr(args, "base", None)), absolute(getattr(args, "vision_tower", None)),
+                   getattr(args, "vision_weights", None), getattr(args, "template", None))
 
 
 @dataclass
@@ -81,9 +87,9 @@ def load_source(choice: ModelChoice, ctx) -> tuple[Any, str]:
 
         path, label = ensure_demo_model(ctx), DEMO_SOURCE
     else:
-        path, label = Path(choice.path).expanduser(), str(Path(choice.path).expanduser().resolve())
+        path, label = Path(choice.path), choice.path
     loaded = load_model(path, ctx=ctx, base=choice.base, vision_tower=choice.vision_tower,
-                        vision_weights=choice.vision_weights)
+                        vision_weights=choice.vision_weights, template=choice.template)
     return loaded, label
 
 
@@ -146,7 +152,8 @@ def build(resolved, choice: ModelChoice, out_root: Path, ctx, *, force: bool = F
             calibration, cal_hash, info["detail"] = load_calibration(recipe, ctx)
     eval_samples = load_evaluation(recipe, calibration, ctx) if recipe.stage("check") is not None else []
 
-    version = af.compute_version(recipe.version, source_files=loaded.source.files, recipe=recipe.hashed_dict(),
+    identity = af.source_identity(loaded.source.to_dict(), getattr(loaded.template, "name", None))
+    version = af.compute_version(recipe.version, source=identity, recipe=recipe.hashed_dict(),
                                  calibration_sha256=cal_hash, medlite_version=medlite.__version__)
     parent = af.recipe_dir(out_root, loaded.name, recipe.name)
     final = parent / version

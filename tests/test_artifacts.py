@@ -13,10 +13,12 @@ import pytest
 from medlite import artifacts as af
 
 SRC = {"model.safetensors": "ab" * 32, "config.json": "cd" * 32}
+INFO = {"format": "legacy", "path": "/data/ckpt", "files": SRC, "adapter": None, "vision_tower": None,
+        "vision_weights": None, "dtype": "float16", "text_backbone": "llama", "name": "m", "notes": ["x"]}
 
 
 def version(**kw):
-    args = dict(source_files=SRC, recipe={"name": "r", "stages": [{"export": {"precision": "fp16"}}]},
+    args = dict(source=af.source_identity(INFO, "vicuna_v1"), recipe={"name": "r", "stages": [{"export": {"precision": "fp16"}}]},
                 calibration_sha256=None, medlite_version="0.1.0")
     args.update(kw)
     return af.compute_version("1.0.0", **args)
@@ -26,8 +28,14 @@ def test_version_is_content_derived():
     v = version()
     assert v.startswith("1.0.0+") and len(v.split("+")[1]) == 7
     assert version() == v
-    assert version(source_files=dict(reversed(list(SRC.items())))) == v          # order does not matter
-    assert version(source_files={**SRC, "config.json": "ee" * 32}) != v          # a changed file does
+    moved = {**INFO, "path": "/elsewhere/ckpt", "files": dict(reversed(list(SRC.items()))), "notes": []}
+    assert version(source=af.source_identity(moved, "vicuna_v1")) == v          # path, order, notes: no effect
+    changed = {**INFO, "files": {**SRC, "config.json": "ee" * 32}}
+    assert version(source=af.source_identity(changed, "vicuna_v1")) != v        # a changed file does
+    assert version(source=af.source_identity(INFO, "phi")) != v                 # so does another template
+    lora = {**INFO, "adapter": {"path": "/a", "files": {"adapter.safetensors": "11" * 32},
+                                "base_path": "/b", "merged": True}}
+    assert af.source_identity(lora)["adapter"] == {"files": {"adapter.safetensors": "11" * 32}, "merged": True}
     assert version(recipe={"name": "r", "stages": [{"export": {"precision": "fp32"}}]}) != v
     assert version(calibration_sha256="12" * 32) != v
     assert version(medlite_version="0.2.0") != v

@@ -58,7 +58,7 @@ def rerun_checks(path: Path, manifest: dict, args, ctx) -> dict:
     recipe = validate_data(data, str(path / af.RECIPE_FILE), [], index).recipe
     options = recipe.stage("check")
     if options is None:
-        return {"ok": True, "differences": [], "note": "the recipe has no check stage"}
+        return {"ok": True, "differences": [], "note": "the recipe has no check stage: nothing to re-run"}
     recorded_src = manifest.get("source", {})
     choice = ModelChoice.from_args(args)
     if choice.path is None and recorded_src.get("path") not in (None, DEMO_SOURCE):

@@ -1,0 +1,161 @@
+"""``medlite build / verify / plan`` end to end on a random tiny checkpoint (export-only recipes).
+
+The recipes here have no check stage: gates need the PyTorch reference generation and are covered
+by tests/test_build_demo.py on the demo model.
+"""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from medlite import artifacts as af
+from medlite.cli import main
+
+EXPORT_ONLY = """\
+name: exp-only
+version: 2.0.0
+target: jetson-xavier-nx-8gb
+stages:
+  - export: {precision: fp16, opset: 17}
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    from medlite.checkpoints.random_ckpt import write_random_checkpoint
+    from medlite.context import RunContext
+
+    root = tmp_path_factory.mktemp("ckpt")
+    write_random_checkpoint("tiny", root / "tiny", fmt="legacy", ctx=RunContext(cache_dir=root / "cache", quiet=True))
+    return root / "tiny"
+
+
+@pytest.fixture()
+def recipe(tmp_path):
+    p = tmp_path / "exp-only.yaml"
+    p.write_text(EXPORT_ONLY)
+    return p
+
+
+def model_args(ckpt):
+    return ["--model", str(ckpt), "--vision-tower", str(ckpt / "vision_tower")]
+
+
+def build(tmp_path, recipe, ckpt, out, *extra, capsys=None):
+    overrides = [e for e in extra if "=" in e]
+    flags = [e for e in extra if "=" not in e]
+    argv = ["--quiet", "--cache-dir", str(tmp_path / "cache"), "build", str(recipe), *overrides, *model_args(ckpt),
+            "--out", str(out), "--json", *flags]
+    rc = main(argv)
+    res = json.loads(capsys.readouterr().out) if capsys else None
+    return rc, res
+
+
+def test_build_writes_a_complete_reproducible_artifact(tmp_path, recipe, tiny_ckpt, capsys):
+    rc, res = build(tmp_path, recipe, tiny_ckpt, tmp_path / "a", capsys=capsys)
+    assert rc == 0 and res["status"] == "passed" and not res["reused"]
+    path = Path(res["artifact"])
+    assert path.parent == tmp_path / "a" / "tiny" / "exp-only" and res["version"].startswith("2.0.0+")
+    names = sorted(p.name for p in path.iterdir())
+    for f in ("vision.onnx", "embed.onnx", "decoder.onnx", "medlite_runtime.json", "tokenizer.json",
+              "recipe.yaml", "manifest.json", "report.md", "report.json", "build-info.json"):
+        assert f in names
+    m = json.loads((path / "manifest.json").read_text())
+    assert set(m["files"]) == set(names) - {"manifest.json", "build-info.json"}
+    assert m["status"] == "passed" and m["target"]["name"] == "jetson-xavier-nx-8gb"
+    assert m["source"]["files"] and m["source"]["path"] == str(tiny_ckpt.resolve())
+    assert m["packages"]["onnx"] and m["sections"]["export"]["trt_check"]["decoder"]["ok"]
+    assert str(tmp_path / "a") not in (path / "manifest.json").read_text()    # no temporary/output paths
+    assert af.read_latest(path.parent) == res["version"]
+    # The saved recipe is the resolved one and validates again.
+    from medlite.recipes import load_recipe
+
+    assert load_recipe(path / "recipe.yaml").recipe.stage("export").precision == "fp16"
+
+    # Same inputs, another output root and --force semantics: byte-identical files (build-info aside).
+    rc, res2 = build(tmp_path, recipe, tiny_ckpt, tmp_path / "b", capsys=capsys)
+    path2 = Path(res2["artifact"])
+    assert res2["version"] == res["version"]
+    for name in m["files"]:
+        assert (path / name).read_bytes() == (path2 / name).read_bytes(), name
+    assert (path / "manifest.json").read_bytes() == (path2 / "manifest.json").read_bytes()
+
+    # A rebuild is reused after re-hashing; --force recomputes into the same version.
+    rc, res3 = build(tmp_path, recipe, tiny_ckpt, tmp_path / "a", capsys=capsys)
+    assert rc == 0 and res3["reused"] and res3["artifact"] == res["artifact"]
+    rc, res4 = build(tmp_path, recipe, tiny_ckpt, tmp_path / "a", "--force", capsys=capsys)
+    assert rc == 0 and not res4["reused"]
+    assert (path / "manifest.json").read_bytes() == (path2 / "manifest.json").read_bytes()
+
+    # An override changes the recipe, hence the version.
+    rc, res5 = build(tmp_path, recipe, tiny_ckpt, tmp_path / "a", "export.precision=fp32", capsys=capsys)
+    assert rc == 0 and res5["version"] != res["version"]
+    assert json.loads((Path(res5["artifact"]) / "manifest.json").read_text())["sections"]["export"]["precision"] == "fp32"
+
+
+def test_verify_names_a_tampered_file_and_damaged_artifacts_are_rebuilt(tmp_path, recipe, tiny_ckpt, capsys):
+    rc, res = build(tmp_path, recipe, tiny_ckpt, tmp_path / "o", capsys=capsys)
+    path = Path(res["artifact"])
+    assert main(["verify", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["files_ok"]
+    data = bytearray((path / "vision.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (path / "vision.onnx").write_bytes(bytes(data))
+    assert main(["verify", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "vision.onnx: sha256 mismatch (content changed)" in err
+    # A later build notices the damage and rebuilds instead of reusing.
+    rc, res2 = build(tmp_path, recipe, tiny_ckpt, tmp_path / "o", capsys=capsys)
+    assert rc == 0 and not res2["reused"] and af.verify_files(path) == []
+
+
+def test_killed_build_leaves_no_artifact_and_rerun_completes(tmp_path, recipe, tiny_ckpt):
+    out = tmp_path / "k"
+    parent = out / "tiny" / "exp-only"
+    cmd = [sys.executable, "-m", "medlite.cli", "--quiet", "--cache-dir", str(tmp_path / "cache"), "build",
+           str(recipe), *model_args(tiny_ckpt), "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        # Kill as soon as the export has written its first graph into the staging folder.
+        while not list(parent.glob(".tmp-*/vision.onnx")):
+            assert proc.poll() is None, "build finished before it could be killed"
+            assert time.time() < deadline
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    left = [p.name for p in parent.iterdir()]
+    # Only the killed build's staging folder: no artifact, no latest.
+    assert len(left) == 1 and re.fullmatch(rf"\.tmp-2\.0\.0\+[0-9a-f]{{7}}-{proc.pid}", left[0]), left
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    names = sorted(p.name for p in parent.iterdir())
+    assert len(names) == 2 and names[1] == "latest" and names[0].startswith("2.0.0+")   # stale tmp removed
+    assert af.verify_files(parent / names[0]) == []
+
+
+def test_plan_estimates_without_building(tmp_path, recipe, tiny_ckpt, capsys):
+    rc = main(["--cache-dir", str(tmp_path / "cache"), "plan", str(recipe), *model_args(tiny_ckpt), "--json"])
+    assert rc == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["stages"][0]["stage"] == "export"
+    from medlite.checkpoints import load_model
+    from medlite.context import RunContext
+
+    loaded = load_model(tiny_ckpt, ctx=RunContext(quiet=True), vision_tower=tiny_ckpt / "vision_tower")
+    total = loaded.param_breakdown()["total"]["params"]
+    assert sum(plan["params"].values()) == total             # every parameter counted once
+    p = plan["params"]
+    assert plan["files"]["decoder.onnx"] == 2 * (p["llm"] + p["lm_head"])    # fp16: 2 bytes each
+    assert plan["files"]["embed_tokens.bin"] == 2 * p["embed"]
+    assert not (tmp_path / "artifacts").exists()
