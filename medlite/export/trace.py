@@ -36,6 +36,9 @@ def onnx_from_module(module: torch.nn.Module, args: Sequence[torch.Tensor], *, i
         Path(tmp_root).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f"medlite-{graph_name}-", dir=tmp_root) as tmp:
         path = Path(tmp) / f"{graph_name}.onnx"
+        traced_shapes: list = []
+        hook = module.register_forward_hook(lambda _m, _i, out: traced_shapes.append(
+            [tuple(t.shape) for t in (out if isinstance(out, (tuple, list)) else (out,))]))
         with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
@@ -44,6 +47,8 @@ def onnx_from_module(module: torch.nn.Module, args: Sequence[torch.Tensor], *, i
                                   dynamo=False, do_constant_folding=True)
             except Exception as e:  # noqa: BLE001 - re-raised with the graph named
                 raise ExportError(f"exporting {graph_name}.onnx at opset {opset} failed: {type(e).__name__}: {e}") from e
+            finally:
+                hook.remove()
         if trace_notes is not None:
             for w in caught:
                 if issubclass(w.category, (torch.jit.TracerWarning, UserWarning)):
@@ -52,6 +57,27 @@ def onnx_from_module(module: torch.nn.Module, args: Sequence[torch.Tensor], *, i
                         trace_notes.append(msg)
         model = onnx.load(str(path), load_external_data=False)
         model = folded_onnx_from_onnx(model)
+        if traced_shapes:
+            _static_output_dims(model, traced_shapes[-1], dynamic_axes)
         onnx.external_data_helper.load_external_data_for_model(model, tmp)
     return stable_onnx_from_onnx(model, graph_name=graph_name, metadata=metadata)
 
+
+
+def _static_output_dims(model: onnx.ModelProto, shapes: list[tuple], dynamic_axes: dict) -> None:
+    """Write the traced size into every output axis that is not declared dynamic.
+
+    The exporter leaves some static axes symbolic (e.g. ``Addimage_embeds_dim_1`` for the number
+    of image tokens); an axis not listed in ``dynamic_axes`` was fixed by the trace, so its size
+    is known and the runtime config can state it.
+    """
+    for vi, shape in zip(model.graph.output, shapes):
+        dyn = dynamic_axes.get(vi.name, {})
+        dims = vi.type.tensor_type.shape.dim
+        if len(dims) != len(shape):
+            raise ExportError(f"{vi.name}: graph output has rank {len(dims)} but the traced output has shape {shape}")
+        for axis, (d, size) in enumerate(zip(dims, shape)):
+            if axis in dyn:
+                d.dim_param = dyn[axis]
+            else:
+                d.dim_value = int(size)

@@ -6,9 +6,10 @@ per operator whether it is supported, the TensorRT data types it takes and its r
 
 * the opset is at most the table's ``max_opset`` (17) and every node is in the default domain;
 * the operator is supported (``LayerNormalization`` is not, in 8.5);
-* the tensor types bound to the operator's type variables are in the operator's ``types``.
-  Variables that only ever hold indices/shapes (``Tind``, ``T1`` of ``ConstantOfShape``,
-  ``Shape``'s output...) are fixed by the ONNX spec and skipped. TensorRT 8.5 has no INT64: the
+* the tensors of the operator's main type variable (``T`` of ``MatMul``, the data of ``Gather``,
+  the input of ``QuantizeLinear``, the output of ``ConstantOfShape``; both sides of ``Cast``) have
+  a type in the operator's ``types``. Index/shape variables (``Tind``, ``Shape``'s output...) are
+  fixed by the ONNX spec and not what the column describes. TensorRT 8.5 has no INT64: the
   parser casts INT64 weights and shape tensors down to INT32, so inside a graph INT64 counts as
   INT32 (and is counted, to keep it small); graph inputs and outputs must not be INT64, because
   the binding would silently become INT32;
@@ -142,6 +143,32 @@ def _formal(params, i: int):
     return params[i] if i < len(params) else (params[-1] if params[-1].option.name == "Variadic" else None)
 
 
+def _primary_tensors(node, schema) -> list[str]:
+    """The tensors whose type the table's ``types`` column describes.
+
+    That is the operator's main data type: the first type variable (in input order) that is a real
+    choice — ``T`` of ``Gather``/``MatMul``, ``X``'s of ``Where``, ``T1`` of ``QuantizeLinear``,
+    ``T2`` (the output) of ``ConstantOfShape``. ``Cast`` is checked on both sides.
+    """
+    tvars = _checked_type_vars(schema)
+    primary = None
+    for params in (schema.inputs, schema.outputs):
+        for p in params:
+            if p.type_str in tvars:
+                primary = p.type_str
+                break
+        if primary:
+            break
+    names = []
+    for actual, params in ((node.input, schema.inputs), (node.output, schema.outputs)):
+        for i, name in enumerate(actual):
+            formal = _formal(params, i)
+            if name and formal is not None and (formal.type_str == primary or
+                                                (node.op_type == "Cast" and formal.type_str in tvars)):
+                names.append(name)
+    return names
+
+
 # -- restriction checkers: (node, graph) -> problem text or None ---------------------------------
 
 def _input_const(idx: int, what: str) -> Callable:
@@ -256,21 +283,15 @@ def trt_check_from_onnx(model: Union[onnx.ModelProto, str, Path], *, table: Opti
         allowed = {t.strip() for t in entry.get("types", "").split(",") if t.strip()}
         schema = _schema(op, opset)
         if schema is not None and allowed:
-            tvars = _checked_type_vars(schema)
-            for names, params in ((node.input, schema.inputs), (node.output, schema.outputs)):
-                for i, name in enumerate(names):
-                    formal = _formal(params, i)
-                    if not name or formal is None or formal.type_str not in tvars:
-                        continue
-                    dt = g.types.get(name)
-                    if dt is None:
-                        untyped.add(name)
-                        continue
-                    tname = _DTYPE_NAMES.get(dt, str(dt))
-                    ok = tname in allowed or (tname == "INT64" and "INT32" in allowed)
-                    if not ok:
-                        res.issues.append(TrtIssue("dtype", op, node.name,
-                                                   f"{name!r} is {tname}; TensorRT 8.5 {op} takes {', '.join(sorted(allowed))}"))
+            for name in _primary_tensors(node, schema):
+                dt = g.types.get(name)
+                if dt is None:
+                    untyped.add(name)
+                    continue
+                tname = _DTYPE_NAMES.get(dt, str(dt))
+                if not (tname in allowed or (tname == "INT64" and "INT32" in allowed)):
+                    res.issues.append(TrtIssue("dtype", op, node.name,
+                                               f"{name!r} is {tname}; TensorRT 8.5 {op} takes {', '.join(sorted(allowed))}"))
         checker = _RESTRICTIONS.get(op)
         if checker is not None:
             problem = checker(node, g)

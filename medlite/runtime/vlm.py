@@ -153,9 +153,9 @@ class OnnxVlm:
     def _text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def answer_batch(self, images: Sequence, questions: Sequence[str], *, max_new_tokens: int = 32,
-                     on_step: Optional[Callable] = None) -> list[str]:
-        """Greedy answers for several (image, question) pairs in one left-padded batch."""
+    def generate_ids(self, images: Sequence, questions: Sequence[str], *, max_new_tokens: int = 32,
+                     on_step: Optional[Callable] = None) -> list[list[int]]:
+        """Greedy answer token ids for (image, question) pairs in one left-padded batch (stop ids excluded)."""
         c = self.config
         stops = tuple(s for s in c.template.stop if s)
 
@@ -163,9 +163,15 @@ class OnnxVlm:
             text = self._text(ids)
             return any(s in text for s in stops)
 
-        gen = greedy_generate(self._decoder, self._embed, self._first(list(images), list(questions)),
-                              max_new_tokens=max_new_tokens, stop_ids=set(c.eos_token_ids),
-                              suppress_ids=list(c.suppress_token_ids), is_stopped=is_stopped, on_step=on_step)
+        return greedy_generate(self._decoder, self._embed, self._first(list(images), list(questions)),
+                               max_new_tokens=max_new_tokens, stop_ids=set(c.eos_token_ids),
+                               suppress_ids=list(c.suppress_token_ids), is_stopped=is_stopped, on_step=on_step)
+
+    def answer_batch(self, images: Sequence, questions: Sequence[str], *, max_new_tokens: int = 32,
+                     on_step: Optional[Callable] = None) -> list[str]:
+        """Greedy answers for several (image, question) pairs in one left-padded batch."""
+        stops = tuple(s for s in self.config.template.stop if s)
+        gen = self.generate_ids(images, questions, max_new_tokens=max_new_tokens, on_step=on_step)
         return [clean_answer(self._text(ids), stops) for ids in gen]
 
     def answer(self, image, question: str, *, max_new_tokens: int = 32,

@@ -74,4 +74,40 @@ def tiny_loaded(**kw) -> LoadedModel:
         image_spec=ImageSpec(size=28, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), pad_to_square=True),
         template=TEMPLATES["vicuna_v1"], image_token_id=IMAGE_ID, num_image_tokens=n_img, eos_token_ids=[2],
         bos_token_id=1, pad_token_id=3,
-        source=SourceInfo(format="hf", path="tiny", name="tiny", notes=["built in tests/export/tiny.py"]))
+        source=SourceInfo(format="hf", path="tiny", name="tiny", notes=["built in tests/export/export_tiny_model.py"]))
+
+
+def hf_inputs(loaded, image, question: str):
+    """(input_ids [1, n] with <image> expanded, pixel_values [1,3,S,S]) as torch tensors."""
+    from medlite.preprocess import preprocess
+    from medlite.prompting import encode_prompt, expand_image_tokens
+
+    ids = encode_prompt(loaded.tokenizer, loaded.template.render(question), image_token_id=loaded.image_token_id,
+                        bos_token_id=loaded.bos_token_id)
+    ids = expand_image_tokens(ids, loaded.image_token_id, loaded.num_image_tokens)
+    return torch.tensor([ids]), torch.from_numpy(preprocess([image], loaded.image_spec))
+
+
+@torch.no_grad()
+def hf_greedy(loaded, image, question: str, max_new_tokens: int = 12) -> list[int]:
+    """Reference greedy ids: transformers' full forward (no cache) per step, image token suppressed."""
+    ids, pv = hf_inputs(loaded, image, question)
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        logits = loaded.model(input_ids=ids, pixel_values=pv).logits[0, -1].clone()
+        logits[loaded.image_token_id] = -float("inf")
+        t = int(logits.argmax())
+        if t in loaded.eos_token_ids:
+            break
+        out.append(t)
+        ids = torch.cat([ids, torch.tensor([[t]])], dim=1)
+    return out
+
+
+def random_image(seed: int, size=(40, 30)):
+    """A random RGB PIL image (non-square, so padding to square is exercised)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
