@@ -130,13 +130,14 @@ def _spec(pre: dict, *, pad: bool, vcfg, where: str) -> ImageSpec:
 def _tower(path: Path, vision_tower: Optional[str], hub_id: Optional[str], notes: list[str]) -> Optional[TowerCopy]:
     if vision_tower:
         return TowerCopy.open(vision_tower)
-    if hub_id:
-        # the original builder accepts an existing local path as mm_vision_tower; medlite also resolves it
-        # relative to the checkpoint folder so that checkpoint + tower copy can travel together
-        for cand in (Path(hub_id), path / hub_id):
-            if (cand / "config.json").is_file():
-                notes.append(f"vision tower config from the local path named by the checkpoint: {cand}")
-                return TowerCopy.open(cand)
+    # the original builder accepts an existing local path as mm_vision_tower; medlite also resolves it
+    # relative to the checkpoint folder, and uses a tower copy shipped inside it as vision_tower/, so that
+    # checkpoint + tower copy can travel together
+    cands = ([Path(hub_id), path / hub_id] if hub_id else []) + [path / "vision_tower"]
+    for cand in cands:
+        if (cand / "config.json").is_file() and cand.resolve() != path.resolve():
+            notes.append(f"vision tower copy found next to the checkpoint: {cand}")
+            return TowerCopy.open(cand)
     return None
 
 

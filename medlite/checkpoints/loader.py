@@ -58,9 +58,12 @@ def load_model(path, *, ctx, base=None, vision_tower=None, vision_weights=None, 
                             dtype=dtype, template=template)
     if base is not None:
         raise CheckpointError(f"{path}: --base is only for LoRA adapters, and this folder has no adapter_config.json")
-    with ctx.stage("load"):
+    with ctx.stage("load") as info:
         plan = plan_checkpoint(path, vision_tower=vision_tower, vision_weights=vision_weights, ctx=ctx)
         loaded = assemble(plan, dtype=_norm_dtype(dtype), template=template, ctx=ctx)
+        n = loaded.param_breakdown()["total"]["params"]
+        info["detail"] = (f"{path.name}: {plan.fmt} {plan.text_backbone}, {n / 1e6:.1f} M params, "
+                          f"{loaded.num_image_tokens} image tokens")
     return loaded
 
 
