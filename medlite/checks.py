@@ -83,7 +83,7 @@ def agreement(a: Sequence[str], b: Sequence[str]) -> float:
     return sum(normalize(x) == normalize(y) for x, y in zip(a, b)) / len(a)
 
 
-def sig(x: Optional[float], digits: int = 6) -> Optional[float]:
+def sig(x: Optional[float], digits: int = 8) -> Optional[float]:
     """Round to ``digits`` significant digits: recorded metrics stay stable across runs whose last
     float bits differ (thread counts), and manifests stay byte-identical."""
     if x is None or not math.isfinite(x):
@@ -109,11 +109,19 @@ class Gate:
         t = self.threshold * scale if self.threshold is not None else v
         # Fixed decimals for percentages/points, significant digits for KL and cosine; add digits
         # until a failing pair never prints as equal numbers ("99.5 % < 99.5 %").
-        fmts = ([f".{d}f" for d in (1, 2, 3, 4, 6)] if self.unit in ("%", "points")
-                else [f".{d}g" for d in (4, 6, 8, 10)])
+        if self.unit in ("%", "points"):
+            fmts = [f".{d}f" for d in (1, 2, 3, 4, 6)]
+        elif self.unit == "nats":
+            fmts = [f".{d}g" for d in (4, 6, 8, 10)]
+        else:   # cosines live just below 1: "1" for 0.99996 would hide the difference
+            fmts = [f".{d}g" for d in (6, 8, 10)]
         for f in fmts:
             vs, ts = format(v, f), format(t, f)
-            if vs != ts or v == t:
+            pv, pt = float(vs), float(ts)
+            # The printed numbers must compare like the real ones, and a cosine that is not 1 must
+            # not print as 1.
+            faithful = (pv == pt) == (v == t) and (pv <= pt) == (v <= t)
+            if faithful and not (self.unit == "" and pv == 1.0 and v != 1.0):
                 break
         u = f" {self.unit}" if self.unit in ("%", "points") else ""
         return vs + u, ts + u

@@ -131,3 +131,8 @@ def test_select_samples_is_even_and_deterministic():
 def test_compare_metrics_tolerates_float_noise_only():
     assert checks.compare_metrics({"mean_kl": 0.001, "n": 10}, {"mean_kl": 0.0010000001, "n": 10}) == []
     assert checks.compare_metrics({"agreement": 0.99}, {"agreement": 0.95}) == ["agreement: recorded 0.99, now 0.95"]
+
+
+def test_cosine_close_to_one_never_prints_as_one():
+    g = checks.evaluate_gates({"vision_cosine": 0.99999997}, CheckOptions(min_vision_cosine=0.999))[3]
+    assert g.describe() == "vision_cosine 0.99999997 ≥ 0.999"

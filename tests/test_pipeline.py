@@ -159,3 +159,64 @@ def test_plan_estimates_without_building(tmp_path, recipe, tiny_ckpt, capsys):
     assert plan["files"]["decoder.onnx"] == 2 * (p["llm"] + p["lm_head"])    # fp16: 2 bytes each
     assert plan["files"]["embed_tokens.bin"] == 2 * p["embed"]
     assert not (tmp_path / "artifacts").exists()
+
+
+CHECKED = """\
+name: chk
+version: 1.0.0
+target: jetson-xavier-agx-32gb
+evaluation: {max_samples: 4}
+stages:
+  - export: {precision: fp16}
+  - check: {max_new_tokens: 4, max_mean_kl: 0.01, min_vision_cosine: 0.99}
+"""
+
+
+def test_gates_pass_then_an_impossible_gate_fails_the_build(tmp_path, tiny_ckpt, capsys):
+    recipe = tmp_path / "chk.yaml"
+    recipe.write_text(CHECKED)
+    rc, res = build(tmp_path, recipe, tiny_ckpt, tmp_path / "o", capsys=capsys)
+    assert rc == 0 and res["status"] == "passed", res
+    m = res["metrics"]
+    assert m["n"] == 4 and 0 < m["mean_kl"] < 0.01 and 0.99 < m["vision_cosine"] < 1.0   # fp16 is close, not equal
+    good = Path(res["artifact"])
+    assert {g["name"]: g["passed"] for g in res["gates"]} == {
+        "closed_acc_drop": True, "agreement": True, "mean_kl": True, "vision_cosine": True}
+    report = json.loads((good / "report.json").read_text())
+    assert len(report["questions"]) == 4 and report["questions"][0]["source"] is not None
+
+    # verify re-runs the gates with the runtime and reproduces the recorded metrics
+    assert main(["--cache-dir", str(tmp_path / "cache"), "verify", str(good), *model_args(tiny_ckpt)[2:],
+                 "--json"]) == 0
+    v = json.loads(capsys.readouterr().out)
+    assert v["ok"] and v["checks"]["ok"] and v["checks"]["metrics"]["mean_kl"] == m["mean_kl"]
+
+    # KL can never be below zero: the gate fails, the build exits 1 with one line per failed gate,
+    # the artifact is kept and marked failed, and `latest` still names the passing one.
+    rc, res2 = build(tmp_path, recipe, tiny_ckpt, tmp_path / "o", "check.max_mean_kl=0",
+                     "check.min_vision_cosine=1", capsys=None)
+    out, err = capsys.readouterr()
+    res2 = json.loads(out)
+    assert rc == 1 and res2["status"] == "failed"
+    lines = [ln for ln in err.splitlines() if ln.startswith("gate ")]
+    assert lines == res2["failed_gates"] and len(lines) == 2
+    assert re.fullmatch(r"gate mean_kl: [0-9.e-]+ > 0", lines[0]), lines
+    assert re.fullmatch(r"gate vision_cosine: 0\.9999\d* < 1(\.0*)?", lines[1]), lines
+    bad = Path(res2["artifact"])
+    assert json.loads((bad / "manifest.json").read_text())["status"] == "failed"
+    assert af.read_latest(bad.parent) == good.name
+    assert "FAILED" in (bad / "report.md").read_text().splitlines()[0]
+
+
+def test_verify_refuses_a_different_source_checkpoint(tmp_path, tiny_ckpt, capsys):
+    from medlite.checkpoints.random_ckpt import write_random_checkpoint
+    from medlite.context import RunContext
+
+    recipe = tmp_path / "chk.yaml"
+    recipe.write_text(CHECKED)
+    rc, res = build(tmp_path, recipe, tiny_ckpt, tmp_path / "o", capsys=capsys)
+    other = tmp_path / "other"
+    write_random_checkpoint("tiny", other, fmt="legacy", seed=1, ctx=RunContext(quiet=True))
+    rc = main(["verify", res["artifact"], "--model", str(other), "--vision-tower", str(other / "vision_tower")])
+    assert rc == 2
+    assert "does not have the file hashes recorded in manifest.json" in capsys.readouterr().err
