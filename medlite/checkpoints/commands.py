@@ -1,0 +1,208 @@
+"""CLI handlers for ``inspect``, ``convert``, ``ask`` (PyTorch) and ``demo random``: ``cmd_x(args, ctx) -> int``."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from medlite.errors import CheckpointError, DataError
+
+
+def _opt(args, name, default=None):
+    return getattr(args, name, default)
+
+
+def _resolve_path(path, ctx) -> Path:
+    if path is None:
+        from medlite.calibration.demo_model import ensure_demo_model
+
+        return Path(ensure_demo_model(ctx))
+    return Path(path).expanduser()
+
+
+# -- inspect ---------------------------------------------------------------------------------------
+def inspect_report(path, *, ctx, vision_tower=None, vision_weights=None, template=None) -> dict:
+    """The facts ``medlite inspect`` shows, as a JSON-able dict (read from headers on the meta device)."""
+    from medlite.checkpoints.loader import inspect_checkpoint
+
+    lm = inspect_checkpoint(path, ctx=ctx, vision_tower=vision_tower, vision_weights=vision_weights,
+                            template=template)
+    cfg = lm.model.config
+    t, v = cfg.text_config, cfg.vision_config
+    heads = f"{t.num_attention_heads} heads"
+    kv = getattr(t, "num_key_value_heads", None)
+    if kv and kv != t.num_attention_heads:
+        heads += f" / {kv} KV heads"
+    return {
+        "path": str(Path(path)), "format": lm.source.format, "text_backbone": lm.source.text_backbone,
+        "source_dtype": lm.source.dtype,
+        "architecture": {
+            "llm": f"{t.model_type}: {t.num_hidden_layers} layers, hidden {t.hidden_size}, "
+                   f"intermediate {t.intermediate_size}, {heads}, vocab {t.vocab_size} (incl. <image>)",
+            "vision": f"SigLIP: {v.num_hidden_layers} layers used, hidden {v.hidden_size}, intermediate "
+                      f"{v.intermediate_size}, {v.num_attention_heads} heads, patch {v.patch_size}, image {v.image_size}",
+            "projector": f"mlp2x_gelu {v.hidden_size}→{t.hidden_size}→{t.hidden_size}",
+            "feature_select": cfg.vision_feature_select_strategy,
+        },
+        "params": lm.param_breakdown(),
+        "image_token_id": lm.image_token_id, "num_image_tokens": lm.num_image_tokens,
+        "template": lm.template.name, "image_spec": lm.image_spec.to_dict(),
+        "eos_token_ids": lm.eos_token_ids, "bos_token_id": lm.bos_token_id, "pad_token_id": lm.pad_token_id,
+        "vision_weights": lm.source.vision_weights, "vision_tower": lm.source.vision_tower,
+        "notes": lm.source.notes,
+    }
+
+
+def _fmt_n(n: int) -> str:
+    return f"{n / 1e9:.3f} B" if n >= 1e9 else f"{n / 1e6:.2f} M" if n >= 1e5 else str(n)
+
+
+def _fmt_b(b: int) -> str:
+    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
+
+
+def cmd_inspect(args, ctx) -> int:
+    """Format, backbone, architecture, parameters and bytes per component, notes."""
+    path = _resolve_path(_opt(args, "path"), ctx)
+    base = _opt(args, "base")
+    if (path / "adapter_config.json").is_file():
+        if not base:
+            raise CheckpointError(f"{path}: a LoRA adapter; pass --base PATH to inspect the model it applies to")
+        path = Path(base).expanduser()
+    rep = inspect_report(path, ctx=ctx, vision_tower=_opt(args, "vision_tower"),
+                         vision_weights=_opt(args, "vision_weights"), template=_opt(args, "template"))
+    if _opt(args, "json"):
+        print(json.dumps(rep, indent=2, default=str))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    out = Console(highlight=False)
+    out.print(f"[bold]{rep['path']}[/]  format [cyan]{rep['format']}[/] · backbone [cyan]{rep['text_backbone']}[/] "
+              f"· source dtype {rep['source_dtype']}")
+    for k, v in rep["architecture"].items():
+        out.print(f"  {k:<15}{v}")
+    table = Table("component", "params", f"bytes ({rep['source_dtype']})", title="parameters")
+    for name in ("vision_tower", "projector", "llm", "embeddings", "total"):
+        p = rep["params"][name]
+        table.add_row(name, _fmt_n(p["params"]), _fmt_b(p["bytes"]))
+    out.print(table)
+    out.print(f"  image tokens   {rep['num_image_tokens']} (token id {rep['image_token_id']})")
+    out.print(f"  template       {rep['template']}   eos {rep['eos_token_ids']}  bos {rep['bos_token_id']}")
+    s = rep["image_spec"]
+    out.print(f"  preprocessing  {s['size']} px, pad to square {s['pad_to_square']}, mean {s['mean']}, std {s['std']}")
+    for n in rep["notes"]:
+        out.print(f"  [dim]• {n}[/]")
+    return 0
+
+
+# -- convert ---------------------------------------------------------------------------------------
+def write_canonical(loaded, out_dir, *, ctx) -> Path:
+    """Write ``loaded`` as a plain HF Llava folder (+ tokenizer.json, medlite_source.json), atomically."""
+    from medlite.checkpoints.writers import preprocessor_dict, write_tokenizer_files
+
+    out = Path(out_dir).expanduser()
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"{out}: exists and is not empty; remove it or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        loaded.model.save_pretrained(tmp)
+        write_tokenizer_files(tmp, loaded.tokenizer, bos=loaded.bos_token_id, eos=loaded.eos_token_ids,
+                              pad=loaded.pad_token_id, add_bos=loaded.bos_token_id is not None)
+        (tmp / "preprocessor_config.json").write_text(json.dumps(preprocessor_dict(loaded.image_spec), indent=2))
+        meta = {"written_by": "medlite convert", "source": loaded.source.to_dict(), "template": loaded.template.name,
+                "template_def": loaded.template.to_dict(), "image_spec": loaded.image_spec.to_dict(),
+                "image_token_id": loaded.image_token_id, "num_image_tokens": loaded.num_image_tokens,
+                "eos_token_ids": loaded.eos_token_ids, "bos_token_id": loaded.bos_token_id,
+                "pad_token_id": loaded.pad_token_id}
+        (tmp / "medlite_source.json").write_text(json.dumps(meta, indent=2, default=str))
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if loaded.model.lm_head.bias is not None:
+        ctx.warn(f"{out}: lm_head has a bias ({loaded.source.text_backbone}); medlite keeps it, but plain "
+                 f"transformers LlavaForConditionalGeneration has no lm_head bias and drops it (changed logits)")
+    return out
+
+
+def cmd_convert(args, ctx) -> int:
+    """``convert PATH --out DIR``: the canonical folder plain transformers loads."""
+    from medlite.checkpoints.loader import load_model
+
+    loaded = load_model(args.path, ctx=ctx, base=_opt(args, "base"), vision_tower=_opt(args, "vision_tower"),
+                        vision_weights=_opt(args, "vision_weights"), dtype=_opt(args, "dtype"),
+                        template=_opt(args, "template"))
+    with ctx.stage("convert") as info:
+        out = write_canonical(loaded, args.out, ctx=ctx)
+        info["detail"] = f"{out} (HF Llava, {next(loaded.model.parameters()).dtype})".replace("torch.", "")
+    return 0
+
+
+# -- ask -------------------------------------------------------------------------------------------
+def _load_image(path, frame, ctx):
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DataError(f"{p}: image file not found")
+    try:
+        from medlite.calibration.images import load_image
+    except ImportError:
+        from PIL import Image
+
+        return Image.open(p).convert("RGB")
+    return load_image(p, frame=frame, ctx=ctx)
+
+
+def cmd_ask(args, ctx) -> int:
+    """Greedy answer from the PyTorch reference model, streamed to stdout."""
+    from medlite.checkpoints.generate import answer
+    from medlite.checkpoints.loader import load_model
+
+    image = _load_image(args.image, _opt(args, "frame"), ctx)
+    loaded = load_model(_opt(args, "model"), ctx=ctx, base=_opt(args, "base"),
+                        vision_tower=_opt(args, "vision_tower"), vision_weights=_opt(args, "vision_weights"),
+                        template=_opt(args, "template"))
+
+    def emit(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    text = answer(loaded, image, args.question, max_new_tokens=int(_opt(args, "max_new_tokens", 32) or 32),
+                  on_text=emit)
+    sys.stdout.write("\n" if text else "(empty answer)\n")
+    sys.stdout.flush()
+    return 0
+
+
+# -- demo random -----------------------------------------------------------------------------------
+def cmd_demo_random(args, ctx) -> int:
+    """``demo random --preset P --format F --out DIR``: a random-weight checkpoint (streamed fp16 shards)."""
+    from medlite.checkpoints.random_ckpt import get_preset, write_random_checkpoint
+
+    preset = get_preset(args.preset)
+    out = Path(args.out).expanduser()
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"{out}: exists and is not empty; remove it or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    seed = int(_opt(args, "seed", 0) or 0)
+    with ctx.stage("random") as info:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            write_random_checkpoint(preset.name, tmp, fmt=args.format, seed=seed, ctx=ctx)
+            if out.exists():
+                out.rmdir()
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+        info["detail"] = f"{preset.name} ({args.format}, seed {seed}) → {out}  {size / 2**20:.1f} MiB"
+    if preset.notes:
+        ctx.info(f"  {preset.notes}")
+    return 0
