@@ -1,10 +1,11 @@
-"""Fixtures: a tiny LoadedModel (see tiny.py) and its exports, built once per test session."""
+"""Fixtures: medlite.checkpoints' random "tiny" preset (legacy format, loaded with load_model) and its
+exports, built once per test session."""
 from __future__ import annotations
 
 import pytest
 
 from medlite.context import RunContext
-from export_tiny_model import tiny_loaded
+from export_tiny_model import checkpoint_model
 
 
 @pytest.fixture(scope="session")
@@ -13,8 +14,8 @@ def ctx(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny():
-    return tiny_loaded()
+def tiny(ctx, tmp_path_factory):
+    return checkpoint_model("tiny", "legacy", tmp_path_factory.mktemp("ckpt"), ctx)
 
 
 @pytest.fixture(scope="session")

@@ -1,11 +1,16 @@
-"""A tiny LoadedModel built directly with transformers (no checkpoint files).
+"""Test models for the export/runtime tests.
 
-Shapes: SigLIP 28 px / patch 14 → 4 image tokens (hidden 32, 2 layers) with the mlp2x_gelu
+* :func:`checkpoint_model`: a random tiny checkpoint written by ``medlite.checkpoints`` in a source
+  format and loaded with ``load_model`` — what users' models go through (the main fixture).
+* :func:`tiny_loaded`: a LoadedModel built directly with transformers, for variants the presets
+  do not have (``hidden_states[-2]`` feature selection). Shapes: SigLIP 28 px / patch 14 → 4 image tokens (hidden 32, 2 layers) with the mlp2x_gelu
 projector, Llama hidden 64, 2 layers, 4 heads / 2 KV heads, vocabulary 120 whose last id is
 ``<image>`` (its lm_head row is zero, as the canonical model's). The tokenizer is a WordLevel
 ``tokenizers.Tokenizer`` over the words of the vicuna template plus a few answers.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -111,3 +116,21 @@ def random_image(seed: int, size=(40, 30)):
 
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def checkpoint_model(preset: str, fmt: str, root: Path, ctx, **load_kw):
+    """``medlite.checkpoints``' random ``preset`` written as ``fmt`` under ``root`` and loaded (fp32)."""
+    from medlite.checkpoints import load_model
+    from medlite.checkpoints.random_ckpt import write_random_checkpoint
+
+    path = write_random_checkpoint(preset, Path(root) / f"{preset}-{fmt}", fmt=fmt, ctx=ctx)
+    return load_model(path, ctx=ctx, **load_kw)
+
+
+def dims(loaded) -> dict:
+    """hidden, layers, kv heads, head dim, vocab rows of a loaded model (for building test inputs)."""
+    tc = loaded.model.config.text_config
+    return {"hidden": tc.hidden_size, "layers": tc.num_hidden_layers,
+            "kv": getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads,
+            "hd": getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads,
+            "vocab": loaded.model.lm_head.weight.shape[0]}

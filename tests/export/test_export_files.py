@@ -10,7 +10,7 @@ import pytest
 import torch
 from onnx import TensorProto
 
-from export_tiny_model import tiny_loaded
+from export_tiny_model import checkpoint_model, dims
 from medlite.errors import DataError, ExportError
 from medlite.export import export_onnx
 from medlite.runtime.config import RuntimeConfig
@@ -52,25 +52,30 @@ def test_embedding_table_file_is_the_table(tiny, exported):
 
 
 def test_tied_lm_head_is_stored_once(ctx, tmp_path):
-    loaded = tiny_loaded(tie=True, seed=5)
+    """Qwen2-style tied embeddings: the table lives only in embed_tokens.bin, read by both graphs."""
+    loaded = checkpoint_model("tiny-qwen2", "factory", tmp_path, ctx)
     m = loaded.model
     assert m.lm_head.weight is m.model.language_model.get_input_embeddings().weight
-    res = export_onnx(loaded, tmp_path, ctx=ctx)
+    d = dims(loaded)
+    res = export_onnx(loaded, tmp_path / "onnx", ctx=ctx)
     assert res.tied_embeddings
-    dec = onnx.load(str(tmp_path / "decoder.onnx"), load_external_data=False)
+    dec = onnx.load(str(tmp_path / "onnx" / "decoder.onnx"), load_external_data=False)
     ext = [i for i in dec.graph.initializer if i.data_location == TensorProto.EXTERNAL]
     assert [i.name for i in ext] == ["embed_tokens.weight"]
+    assert {e.key: e.value for e in ext[0].external_data}["location"] == "embed_tokens.bin"
     # no second [hidden, vocab] copy inside the decoder
-    assert not [i for i in dec.graph.initializer if list(i.dims) == [64, 120]]
+    assert not [i for i in dec.graph.initializer if sorted(i.dims) == sorted([d["hidden"], d["vocab"]])
+                and i.data_location != TensorProto.EXTERNAL]
     inside = sum(len(i.raw_data) for i in dec.graph.initializer)
     emb = m.model.language_model.get_input_embeddings().weight
     llm = sum(p.numel() * 4 for p in m.model.language_model.parameters() if p is not emb)
     assert llm <= inside < llm + emb.numel() * 4 // 2   # the layers' weights, but no lm_head copy
-    sess = ort.InferenceSession(str(tmp_path / "decoder.onnx"), providers=["CPUExecutionProvider"])
-    x = np.random.default_rng(0).standard_normal((1, 3, 64)).astype(np.float32)
+    sess = ort.InferenceSession(str(tmp_path / "onnx" / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((1, 3, d["hidden"])).astype(np.float32)
     feed = {"inputs_embeds": x, "attention_mask": np.array([[0, 1, 1, 1]], np.int32),
             "position_ids": np.arange(3, dtype=np.int32)[None]}
-    feed.update({f"past_key_values.{i}.{k}": np.zeros((1, 2, 1, 16), np.float32) for i in range(2) for k in ("key", "value")})
+    feed.update({f"past_key_values.{i}.{k}": np.zeros((1, d["kv"], 1, d["hd"]), np.float32)
+                 for i in range(d["layers"]) for k in ("key", "value")})
     logits = sess.run(["logits"], feed)[0]
     with torch.no_grad():
         ref = m.lm_head(m.model.language_model(inputs_embeds=torch.from_numpy(x)).last_hidden_state).numpy()
@@ -96,18 +101,23 @@ def test_large_graph_uses_external_data(tiny, exported, tmp_path):
 def test_runtime_config_describes_the_export(tiny, exported):
     folder, _ = exported
     cfg = RuntimeConfig.load(folder)
-    assert cfg.image_token_id == 119 and cfg.num_image_tokens == 4 and cfg.suppress_token_ids == [119]
-    assert cfg.eos_token_ids == [2] and cfg.bos_token_id == 1 and cfg.pad_token_id == 3
-    assert cfg.model == {"hidden_size": 64, "num_layers": 2, "num_kv_heads": 2, "head_dim": 16, "vocab_size": 120}
+    d = dims(tiny)
+    n_img, img_id = tiny.num_image_tokens, tiny.image_token_id
+    assert cfg.image_token_id == img_id and cfg.num_image_tokens == n_img and cfg.suppress_token_ids == [img_id]
+    assert cfg.eos_token_ids == tiny.eos_token_ids and cfg.bos_token_id == tiny.bos_token_id
+    assert cfg.pad_token_id == tiny.pad_token_id
+    assert cfg.model == {"hidden_size": d["hidden"], "num_layers": d["layers"], "num_kv_heads": d["kv"],
+                         "head_dim": d["hd"], "vocab_size": d["vocab"]}
     assert cfg.image_spec == tiny.image_spec and cfg.template == tiny.template
+    assert cfg.source == tiny.source.to_dict() and cfg.model_name == tiny.name
     assert cfg.kv_cache["convention"] == "dummy_slot" and cfg.kv_cache["prefill_past_slots"] == 1
     dec = cfg.graphs["decoder"]
     assert dec.input("attention_mask").dtype == "int32" and dec.input("attention_mask").shape == ["batch", "total"]
-    assert dec.input("past_key_values.1.value").shape == ["batch", 2, "past", 16]
-    assert dec.output("present.0.key").shape == ["batch", 2, "total", 16]
-    assert dec.output("logits").dtype == "float32"
+    assert dec.input("past_key_values.1.value").shape == ["batch", d["kv"], "past", d["hd"]]
+    assert dec.output("present.0.key").shape == ["batch", d["kv"], "total", d["hd"]]
+    assert dec.output("logits").dtype == "float32" and dec.output("logits").shape == ["batch", "seq", d["vocab"]]
     assert cfg.graphs["vision"].input("pixel_values").shape == ["batch", 3, 28, 28]
-    assert cfg.graphs["vision"].output("image_embeds").shape[1:] == [4, 64]
+    assert cfg.graphs["vision"].output("image_embeds").shape == ["batch", n_img, d["hidden"]]
     assert cfg.graphs["embed"].input("input_ids").dtype == "int32"
     assert cfg.opset == 17 and cfg.precision == "fp32"
     assert all(v["ok"] for v in cfg.trt_check.values())
@@ -116,6 +126,7 @@ def test_runtime_config_describes_the_export(tiny, exported):
 
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
     assert tok.encode("is there a lesion").ids == tiny.tokenizer.encode("is there a lesion").ids
+    assert tok.to_str() == tiny.tokenizer.to_str()
 
 
 def test_runtime_config_errors_name_the_key(exported, tmp_path):

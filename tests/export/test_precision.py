@@ -8,6 +8,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
+from export_tiny_model import dims
 from medlite.errors import ExportError
 from medlite.export.precision import check_fp32_islands, fp16_islands_from_onnx, model_for_precision
 from medlite.runtime.config import RuntimeConfig
@@ -17,7 +18,7 @@ def _sess(folder, name):
     return ort.InferenceSession(str(folder / f"{name}.onnx"), providers=["CPUExecutionProvider"])
 
 
-def test_fp16_interface_dtypes(exported_fp16):
+def test_fp16_interface_dtypes(tiny, exported_fp16):
     folder, res = exported_fp16
     cfg = RuntimeConfig.load(folder)
     assert cfg.precision == "fp16" and cfg.kv_cache["dtype"] == "float16"
@@ -30,7 +31,7 @@ def test_fp16_interface_dtypes(exported_fp16):
     assert g["decoder"].output("present.1.value").dtype == "float16"
     assert g["decoder"].output("logits").dtype == "float32"          # argmax/scoring in fp32
     assert cfg.embedding_table["dtype"] == "float16"
-    assert res.files["embed_tokens.bin"]["bytes"] == 120 * 64 * 2
+    assert res.files["embed_tokens.bin"]["bytes"] == dims(tiny)["vocab"] * dims(tiny)["hidden"] * 2
 
 
 def test_fp16_graphs_keep_norms_and_softmax_in_fp32(exported_fp16):
@@ -42,7 +43,7 @@ def test_fp16_graphs_keep_norms_and_softmax_in_fp32(exported_fp16):
         assert res.fp32_ops[name] == islands
     # the weights really are fp16
     dec = onnx.load(str(folder / "decoder.onnx"))
-    big = [i for i in dec.graph.initializer if np.prod(i.dims) >= 64 * 64]
+    big = [i for i in dec.graph.initializer if np.prod(i.dims) >= 1024]
     assert big and all(i.data_type == TensorProto.FLOAT16 for i in big)
 
 
@@ -55,8 +56,9 @@ def test_fp16_softmax_is_rejected():
         check_fp32_islands(m, "toy")
 
 
-def test_fp16_close_to_fp32(exported, exported_fp16):
+def test_fp16_close_to_fp32(tiny, exported, exported_fp16):
     """Same inputs through both precisions: small relative error, same greedy token."""
+    d = dims(tiny)
     f32, _ = exported
     f16, _ = exported_fp16
     rng = np.random.default_rng(0)
@@ -64,12 +66,13 @@ def test_fp16_close_to_fp32(exported, exported_fp16):
     a = _sess(f32, "vision").run(None, {"pixel_values": px})[0]
     b = _sess(f16, "vision").run(None, {"pixel_values": px})[0].astype(np.float32)
     assert np.abs(a - b).max() <= 2e-2 * max(1.0, np.abs(a).max())
-    x = rng.standard_normal((1, 6, 64)).astype(np.float32)
+    x = rng.standard_normal((1, 6, d["hidden"])).astype(np.float32)
     feed = {"attention_mask": np.array([[0] + [1] * 6], np.int32), "position_ids": np.arange(6, dtype=np.int32)[None]}
     outs = []
     for folder, dt in ((f32, np.float32), (f16, np.float16)):
         f = dict(feed, inputs_embeds=x.astype(dt))
-        f.update({f"past_key_values.{i}.{k}": np.zeros((1, 2, 1, 16), dt) for i in range(2) for k in ("key", "value")})
+        f.update({f"past_key_values.{i}.{k}": np.zeros((1, d["kv"], 1, d["hd"]), dt)
+                  for i in range(d["layers"]) for k in ("key", "value")})
         outs.append(_sess(folder, "decoder").run(["logits"], f)[0])
     l32, l16 = outs
     assert np.isfinite(l16).all()

@@ -1,4 +1,4 @@
-"""Fixtures: the tiny model of tests/export exported once (fp32 and fp16) for the runtime tests."""
+"""Fixtures: medlite.checkpoints' random "tiny" preset exported once (fp32 and fp16) for the runtime tests."""
 from __future__ import annotations
 
 import sys
@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "export"))
 
-from export_tiny_model import tiny_loaded  # noqa: E402
+from export_tiny_model import checkpoint_model  # noqa: E402
 from medlite.context import RunContext  # noqa: E402
 
 
@@ -18,8 +18,8 @@ def rt_ctx(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def rt_model():
-    return tiny_loaded(seed=1)
+def rt_model(rt_ctx, tmp_path_factory):
+    return checkpoint_model("tiny", "legacy", tmp_path_factory.mktemp("rt_ckpt"), rt_ctx)
 
 
 @pytest.fixture(scope="session")
