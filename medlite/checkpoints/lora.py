@@ -18,12 +18,13 @@ Nothing from the folders is executed; ``.bin`` files are read only through ``tor
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 from medlite.checkpoints.lora_keys import (PEFT_PREFIX, NameMap, check_lora_options, full_tensor_name,
                                           normalise_non_lora, read_adapter_config, split_lora_key, strip_peft_prefix)
+from medlite.checkpoints.lora_merge import FullTensor, Prepared, check_modules, dropped_by_base, merge_lora
 from medlite.checkpoints.pool import TensorPool, _list_preview, sha256_file
 from medlite.errors import CheckpointError
 
@@ -31,36 +32,9 @@ ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 NON_LORA = "non_lora_trainables.bin"
 # files of a training output folder that hold no model tensors (never opened)
 _NOT_WEIGHTS = {"training_args.bin", "optimizer.bin", "scheduler.bin"}
-_EMBED = "model.language_model.embed_tokens"
 # config.json fields that must agree between an adapter folder (LLaVA saves the model config there) and the base
 _ARCH_FIELDS = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads",
                 "mm_projector_type", "connector_type", "mm_hidden_size")
-
-
-@dataclass
-class _Full:
-    """A full tensor from the adapter folder that replaces one base tensor."""
-
-    canonical: str
-    pool: TensorPool
-    key: str
-
-
-@dataclass
-class _Prepared:
-    adapter_dir: Path
-    base_dir: Path
-    base_from: str
-    cfg: dict
-    options: dict
-    plan: object
-    names: NameMap
-    weights: Path                           # adapter_model.safetensors | .bin
-    pool: TensorPool                        # its tensors
-    lora: dict[str, dict[str, str]]         # source module -> {part: file key}
-    full: list[_Full]
-    nl_pool: Optional[TensorPool]
-    notes: list[str] = field(default_factory=list)
 
 
 def _file_pool(folder: Path, files: list[Path], label: str) -> TensorPool:
@@ -142,25 +116,29 @@ def _check_adapter_config_json(adapter_dir: Path, plan, notes: list[str], ctx) -
     if "image_aspect_ratio" in acfg and (acfg["image_aspect_ratio"] == "pad") != spec.pad_to_square:
         # LLaVA / TinyLLaVA's builder loads the base weights with the adapter folder's config
         spec = replace(spec, pad_to_square=acfg["image_aspect_ratio"] == "pad")
+        how = "padded" if spec.pad_to_square else "not padded"
         msg = (f"{f}: image_aspect_ratio {acfg['image_aspect_ratio']!r} differs from the base's; the adapter's is used "
-               f"(as LLaVA's load_pretrained_model does), so images are {'padded' if spec.pad_to_square else 'not padded'}"
-               f" to square")
+               f"(as LLaVA's load_pretrained_model does), so images are {how} to square")
         notes.append(msg)
         if ctx is not None:
             ctx.warn(msg)
     return spec
 
 
-def _resolves(prep: _Prepared, name: str) -> bool:
+def _resolves(prep: Prepared, name: str) -> bool:
     canonical = prep.names.canonical(name)
     ref = prep.plan.source_of(canonical) if canonical else None
     return ref is not None and ref[1] in ref[0]
 
 
-def _map_full(prep: _Prepared, name: str, pool: TensorPool, key: str, origin: str, taken: dict) -> None:
+def _map_full(prep: Prepared, name: str, pool: TensorPool, key: str, origin: str, taken: dict) -> None:
     plan = prep.plan
     canonical = prep.names.canonical(name)
     ref = plan.source_of(canonical) if canonical else None
+    dropped = dropped_by_base(prep, canonical) if canonical else None
+    if dropped:
+        pool.discard([key], f"replaces a base tensor the conversion drops ({dropped})")
+        return
     if ref is None or ref[1] not in ref[0]:
         raise CheckpointError(f"{pool.label}: {key} ({origin}) names {name}, which the base {plan.path} has no tensor "
                               f"for" + (f" (canonical {canonical})" if canonical else ""))
@@ -173,10 +151,17 @@ def _map_full(prep: _Prepared, name: str, pool: TensorPool, key: str, origin: st
     if canonical == "lm_head.weight" and getattr(plan.text_config, "tie_word_embeddings", False):
         raise CheckpointError(f"{pool.label}: {key} replaces lm_head, but the base ties lm_head to the embeddings")
     taken[canonical] = key
-    prep.full.append(_Full(canonical, pool, key))
+    prep.full.append(FullTensor(canonical, pool, key))
 
 
-def _prepare(path, *, base, vision_tower, vision_weights, ctx) -> _Prepared:
+def _same_dir(named: str, base_dir: Path) -> bool:
+    try:
+        return Path(named).expanduser().resolve() == base_dir.resolve()
+    except (OSError, ValueError):
+        return False
+
+
+def _prepare(path, *, base, vision_tower, vision_weights, ctx) -> Prepared:
     from medlite.checkpoints.loader import plan_checkpoint
 
     adapter_dir = Path(path).expanduser()
@@ -191,7 +176,7 @@ def _prepare(path, *, base, vision_tower, vision_weights, ctx) -> _Prepared:
     pool = _file_pool(adapter_dir, [weights], f"adapter {weights}")
     nl_pool = _file_pool(adapter_dir, [nl_file], f"adapter {nl_file}") if nl_file else None
     plan = plan_checkpoint(base_dir, vision_tower=vision_tower, vision_weights=vision_weights, ctx=ctx)
-    prep = _Prepared(adapter_dir, base_dir, base_from, cfg, options, plan, NameMap(plan), weights, pool, {}, [], nl_pool,
+    prep = Prepared(adapter_dir, base_dir, base_from, cfg, options, plan, NameMap(plan), weights, pool, {}, [], nl_pool,
                      notes)
     plan.image_spec = _check_adapter_config_json(adapter_dir, plan, notes, ctx)
 
@@ -220,153 +205,13 @@ def _prepare(path, *, base, vision_tower, vision_weights, ctx) -> _Prepared:
         plan.rules.append((f.canonical, f.pool, f.key))
     if base_from != "--base":
         notes.append(f"base checkpoint {base_dir} from adapter_config.json base_model_name_or_path")
-    elif cfg.get("base_model_name_or_path"):
+    elif cfg.get("base_model_name_or_path") and not _same_dir(cfg["base_model_name_or_path"], base_dir):
         notes.append(f"adapter trained from base_model_name_or_path={cfg['base_model_name_or_path']!r}; "
                      f"--base {base_dir} used")
     return prep
 
 
-@dataclass
-class _Module:
-    source: str
-    canonical: str
-    module: object
-    parts: dict[str, str]
-    r: int
-    alpha: float
-    grow: int = 0       # rows the canonical lm_head / embedding has beyond the source (image token)
-
-
-def _check_modules(prep: _Prepared, model) -> list[_Module]:
-    """Map every LoRA module to the canonical model and check its tensors' shapes against the base layer."""
-    import torch.nn as nn
-    from peft.utils.other import get_pattern_key
-
-    modules = dict(model.named_modules())
-    pool, cfg = prep.pool, prep.cfg
-    r0, a0 = cfg.get("r", 8), cfg.get("lora_alpha", 8)
-    rank_pat, alpha_pat = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    lacking, out = [], []
-    for src, parts in sorted(prep.lora.items()):
-        cm = prep.names.canonical_module(src)
-        mod = modules.get(cm) if cm else None
-        if mod is None:
-            lacking.append(f"{src} (canonical {cm})" if cm else src)
-            continue
-        label = f"{pool.label}: LoRA on {src}"
-        if isinstance(mod, nn.Linear):
-            need, a_key, b_key = ("lora_A.weight", "lora_B.weight"), "lora_A.weight", "lora_B.weight"
-            n_in, n_out = mod.in_features, mod.out_features
-        elif isinstance(mod, nn.Embedding):
-            need, a_key, b_key = ("lora_embedding_A", "lora_embedding_B"), "lora_embedding_A", "lora_embedding_B"
-            n_in, n_out = mod.num_embeddings, mod.embedding_dim
-        else:
-            raise CheckpointError(f"{label}: the base module {cm} is a {type(mod).__name__}; only Linear and "
-                                  f"Embedding LoRA layers are supported")
-        missing = [p for p in need if p not in parts]
-        extra = [p for p in parts if p not in need + ("lora_magnitude_vector", "lora_B.bias")]
-        if missing or extra:
-            raise CheckpointError(f"{label}: " + (f"missing {', '.join(missing)}" if missing else "") +
-                                  (f"{'; ' if missing else ''}{', '.join(extra)} do not fit a "
-                                   f"{type(mod).__name__}" if extra else ""))
-        if "lora_magnitude_vector" in parts and not prep.options.get("use_dora"):
-            raise CheckpointError(f"{label}: has lora_magnitude_vector but adapter_config.json has no use_dora: true")
-        if "lora_B.bias" in parts and not prep.options.get("lora_bias"):
-            raise CheckpointError(f"{label}: has lora_B.bias but adapter_config.json has no lora_bias: true")
-        a_shape, b_shape = tuple(pool.shape(parts[a_key])), tuple(pool.shape(parts[b_key]))
-        r = a_shape[0]
-        grow = 0
-        if cm in ("lm_head", _EMBED):
-            if tied:
-                raise CheckpointError(f"{label}: the base ties lm_head to the input embeddings; a LoRA on one of "
-                                      f"them cannot be merged without changing the other")
-            src_rows = prep.plan.source_of(cm + ".weight")
-            src_rows = src_rows[0].shape(src_rows[1])[0]
-            grow = (n_out if cm == "lm_head" else n_in) - src_rows
-            if grow and "lora_magnitude_vector" in parts:
-                raise CheckpointError(f"{label}: DoRA on {cm} cannot be merged — medlite appends an image-token row "
-                                      f"to it, and DoRA's per-row norm of a zero row is undefined")
-        want_in, want_out = (n_in - grow, n_out) if cm == _EMBED else (n_in, n_out - grow)
-        if isinstance(mod, nn.Linear):
-            if len(a_shape) != 2 or a_shape[1] != want_in:
-                raise CheckpointError(f"{label}: {parts[a_key]} has shape {a_shape}: its in-features "
-                                      f"{a_shape[1:]} ≠ the base layer's {want_in} ({cm})")
-            if b_shape != (want_out, r):
-                raise CheckpointError(f"{label}: {parts[b_key]} has shape {b_shape}, the base layer {cm} needs "
-                                      f"({want_out}, {r}) (out-features {want_out}, rank {r})")
-        elif a_shape[1:] != (want_in,) or b_shape != (want_out, r):
-            raise CheckpointError(f"{label}: {parts[a_key]} {a_shape} / {parts[b_key]} {b_shape} do not fit the base "
-                                  f"embedding {cm} ({want_in} rows × {want_out})")
-        for p, want in (("lora_magnitude_vector", (want_out,)), ("lora_B.bias", (want_out,))):
-            if p in parts and tuple(pool.shape(parts[p])) != want:
-                raise CheckpointError(f"{label}: {parts[p]} has shape {tuple(pool.shape(parts[p]))}, expected {want}")
-        # peft's own rule for per-module rank / alpha, applied to the *training* (source) module name
-        cfg_r = rank_pat.get(get_pattern_key(rank_pat.keys(), src), r0)
-        if cfg_r != r:
-            raise CheckpointError(f"{label}: adapter_config.json gives rank {cfg_r} but {parts[a_key]} has rank {r}")
-        alpha = alpha_pat.get(get_pattern_key(alpha_pat.keys(), src), a0)
-        out.append(_Module(src, cm, mod, parts, r, alpha, grow))
-    if lacking:
-        raise CheckpointError(f"{pool.label}: the adapter targets module(s) the base {prep.plan.path} "
-                              f"({prep.plan.fmt}) lacks: {_list_preview(lacking, 12)}")
-    return out
-
-
-def _lora_config(prep: _Prepared, mods: list[_Module]):
-    """The canonical LoraConfig: the adapter's options, with the mapped (canonical) module names."""
-    import re
-
-    from peft import LoraConfig
-
-    r0 = prep.cfg.get("r", 8)
-    a0 = prep.cfg.get("lora_alpha", 8)
-    # exact per-module patterns (escaped: peft treats pattern keys as regular expressions)
-    rank = {re.escape(m.canonical): m.r for m in mods if m.r != r0}
-    alpha = {re.escape(m.canonical): m.alpha for m in mods if m.alpha != a0}
-    opts = {k: v for k, v in prep.options.items() if k not in ("r", "lora_alpha")}
-    return LoraConfig(r=r0, lora_alpha=a0, target_modules=sorted(m.canonical for m in mods), rank_pattern=rank,
-                      alpha_pattern=alpha, bias="none", lora_dropout=0.0, inference_mode=True, **opts)
-
-
-def _merge(prep: _Prepared, model, mods: list[_Module]):
-    """Inject with peft, load the renamed adapter weights, check nothing is left out, merge_and_unload."""
-    import warnings
-
-    import torch
-    from peft import get_peft_model
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-
-    state = {}
-    for m in mods:
-        for part, key in m.parts.items():
-            t = prep.pool.take(key).to(torch.float32)
-            if m.grow and part in ("lora_B.weight", "lora_B.bias", "lora_embedding_A"):
-                # the appended image-token row gets no update: zero rows/columns keep it as assembled
-                dim = 1 if part == "lora_embedding_A" else 0
-                pad_shape = list(t.shape)
-                pad_shape[dim] = m.grow
-                t = torch.cat([t, torch.zeros(pad_shape, dtype=t.dtype)], dim=dim)
-            state[f"{PEFT_PREFIX}{m.canonical}.{part}"] = t
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # peft's notes on task_type / tied weights are about training
-        peft_model = get_peft_model(model, _lora_config(prep, mods))
-        result = set_peft_model_state_dict(peft_model, state)
-    expected = set(get_peft_model_state_dict(peft_model).keys())
-    unexpected = sorted(set(result.unexpected_keys) | (set(state) - expected))
-    unloaded = sorted(expected - set(state))
-    if unexpected or unloaded:
-        raise CheckpointError(f"{prep.pool.label}: peft did not take the adapter as mapped — "
-                              + (f"not loaded: {_list_preview(unloaded, 8)}; " if unloaded else "")
-                              + (f"unexpected: {_list_preview(unexpected, 8)}" if unexpected else ""))
-    merged = peft_model.merge_and_unload(safe_merge=True)
-    left = sorted({type(x).__module__ for x in merged.modules() if type(x).__module__.startswith("peft.")})
-    if left:
-        raise CheckpointError(f"{prep.adapter_dir}: peft layers remain after merge_and_unload ({', '.join(left)})")
-    return merged.eval()
-
-
-def _adapter_files(prep: _Prepared) -> dict[str, str]:
+def _adapter_files(prep: Prepared) -> dict[str, str]:
     names = ["adapter_config.json", prep.weights.name, "config.json"]
     if prep.nl_pool is not None:
         names.append(NON_LORA)
@@ -384,19 +229,21 @@ def _load(path, *, ctx, base, vision_tower, vision_weights, dtype, template, met
     # fp32 for the merge itself (W + s·BA in half precision would round twice); cast afterwards
     loaded = assemble(prep.plan, dtype=None if meta else "float32", meta=meta, hash_files=not meta,
                       template=template, ctx=ctx)
-    mods = _check_modules(prep, loaded.model)
+    mods = check_modules(prep, loaded.model)
     if meta:
         for m in mods:
             for key in m.parts.values():
                 prep.pool.mark_used(key)
     else:
-        loaded.model = _merge(prep, loaded.model, mods)
+        loaded.model = merge_lora(prep, loaded.model, mods)
         if dtype and dtype != "float32":
             for p in loaded.model.parameters():  # parameters only: rotary / position buffers stay as built
                 p.data = p.data.to(getattr(torch, dtype))
     for pool in (prep.pool, prep.nl_pool):
         if pool is not None:
             pool.check_all_consumed()
+            for reason, names in pool.discarded().items():
+                loaded.source.notes.append(f"consumed unused from {pool.label}: {_list_preview(names, 6)} — {reason}")
     n_nl = sum(1 for f in prep.full if f.pool is prep.nl_pool)
     leaves = sorted({m.canonical.rsplit(".", 1)[-1] for m in mods})
     ranks = sorted({m.r for m in mods})

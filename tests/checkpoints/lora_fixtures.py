@@ -42,7 +42,7 @@ def _tower(base: Path) -> Optional[Path]:
 
 def make_adapter(base: Path, out: Path, *, targets=TARGETS, r: int = 4, alpha: int = 8, seed: int = 0,
                  use_dora: bool = False, binary: bool = False, non_lora: bool = True, std: float = 0.2,
-                 base_name: Optional[str] = None) -> Adapter:
+                 base_name: Optional[str] = None, **lora_kw) -> Adapter:
     """Write a peft LoRA adapter for ``base`` (legacy or Factory) to ``out`` and return its reference."""
     from peft import LoraConfig, get_peft_model
 
@@ -53,7 +53,8 @@ def make_adapter(base: Path, out: Path, *, targets=TARGETS, r: int = 4, alpha: i
         wrapped.config = ref.lm.config
     else:
         wrapped = ref.lm                  # legacy: the LlamaForCausalLM names are TinyLLaVA's
-    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.05, use_dora=use_dora)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.05, use_dora=use_dora,
+                     **lora_kw)
     pm = get_peft_model(wrapped, cfg)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

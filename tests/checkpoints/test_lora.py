@@ -259,3 +259,35 @@ def test_error_architecture_mismatch_in_adapter_config_json(legacy_base, legacy_
     cfg = json.loads((legacy_base / "config.json").read_text())
     (d / "config.json").write_text(json.dumps({**cfg, "hidden_size": 2048}))
     _expect(r"trained on a different architecture .*hidden_size: adapter 2048 vs base 64", d, legacy_base, ctx)
+
+
+def test_hf_base_lora_on_vision_and_projector(random_ckpt, ctx, photo, tmp_path):
+    """An adapter trained on transformers' own LlavaForConditionalGeneration (HF base), LoRA on the vision
+    tower's q/v and the projector too; the reference is that peft-wrapped Llava, unmerged."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlavaForConditionalGeneration
+
+    from medlite.checkpoints.generate import pixel_values, prompt_ids
+
+    base = random_ckpt("tiny", "hf")
+    ref = LlavaForConditionalGeneration.from_pretrained(base, dtype=torch.float32).eval()
+    pm = get_peft_model(ref, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "linear_1"]))
+    gen = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+    pm.save_pretrained(str(tmp_path / "hf-lora"))
+    loaded = load_model(tmp_path / "hf-lora", ctx=ctx, base=base)
+    got = first_token_logits(loaded, photo, QUESTION)
+    with torch.no_grad():
+        want = pm(input_ids=torch.tensor([prompt_ids(loaded, QUESTION)]),
+                  pixel_values=pixel_values(loaded, [photo])).logits[0, -1].numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    base_logits = first_token_logits(load_model(base, ctx=ctx), photo, QUESTION)
+    assert np.abs(base_logits - got).max() > 0.5
+    a = loaded.source.adapter
+    # 2 text layers × q/v + 2 used vision layers × q/v + linear_1; the third vision layer is never reached
+    assert a["lora_modules"] == 9 and loaded.source.format == "hf"
+    assert any("LoRA on a module the base conversion drops" in n and "encoder.layers.2" in n
+               for n in loaded.source.notes)
