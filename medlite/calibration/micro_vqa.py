@@ -1,0 +1,347 @@
+"""Micro Med-VQA: closed (yes/no) questions generated from the built-in real medical images.
+
+The set exists so that the built-in demo model can be trained and every build can be gated on a
+*medical* accuracy number without downloading anything. Every question is about a real clinical
+image from :func:`medlite.calibration.builtin.builtin_images`:
+
+* ``modality`` – "Is this a CT scan?", asked about the true modality and about a wrong one;
+* ``region``   – "Is this an image of the chest?" (true region / a wrong one; sources whose region
+  is unknown get no region question);
+* ``colour``   – "Is this a colour image?" / "Is this a greyscale image?";
+* ``lesion``, ``lesion_side``, ``lesion_brightness`` – a synthetic round lesion (bright or dark,
+  blended into the anatomy at a known place) is inserted into half of the views: "Is there a
+  lesion?", "Is the lesion on the left side of the image?", "Is the lesion bright?".
+
+Every view is an augmentation of one source image (square pad, small rotation, random crop,
+horizontal flip, contrast/brightness/gamma) made at the model's input size, lazily, by the
+sample's ``image_fn``. The lesion is drawn *after* the geometric augmentation, so flips can never
+contradict a left/right answer.
+
+Split: by source image (``image_id``); all frames of a multi-frame source stay on one side.
+:data:`TEST_SOURCES` is fixed (not seeded) so that every modality is in the training split and the
+held-out images test generalisation to *unseen* images of seen modalities. Each question type is
+exactly balanced between "Yes" and "No" (checked before returning). Everything is a pure function
+of ``(split, seed)``.
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from medlite.calibration.types import CLOSED, MedImage, VqaSample
+from medlite.errors import DataError
+
+IMAGE_SIZE = 112            # the demo model's input size; views are rendered at this size
+VERSION = "micro-med-vqa/1"  # bump when anything below changes the generated data
+
+# One held-out source per modality that has >= 2 sources, chosen so that its modality (and where
+# possible its region) is also represented in training: CT abdomen (train: CT head/spine, MR
+# abdomen), MR brain EPI (train: three other MR, CT head), obstetric US (train: echo, Doppler),
+# tibia radiograph (train: chest radiograph). NM and pathology have a single source: train only.
+TEST_SOURCES = ("ct-abdomen", "mr-brain-epi", "us-obstetric", "cr-tibia")
+VIEWS_PER_SOURCE = {"train": 72, "test": 30}
+
+MODALITY_NAMES = {"CT": "CT scan", "MR": "MRI scan", "CR": "X-ray", "US": "ultrasound image",
+                  "NM": "nuclear medicine scan", "fundus": "fundus photograph", "pathology": "pathology slide"}
+REGION_PHRASES = {"chest": "the chest", "lower leg": "the lower leg", "head": "the head", "spine": "the spine",
+                  "abdomen": "the abdomen", "shoulder": "the shoulder", "lymph node": "a lymph node",
+                  "pelvis": "the pelvis", "heart": "the heart", "whole body": "the whole body",
+                  "eye": "the eye", "colon": "the colon"}
+QUESTION_TYPES = ("modality", "region", "colour", "lesion", "lesion_side", "lesion_brightness")
+
+# (question for a "Yes"-seeking draw, question for a "No"-seeking draw) is decided per sample; the
+# paraphrases make the language side less brittle.
+_MODALITY_Q = ("Is this a {m}?", "Is this image a {m}?")
+_REGION_Q = ("Is this an image of {r}?", "Does this image show {r}?")
+_COLOUR_Q = {"colour": ("Is this a colour image?", "Is the image in colour?"),
+             "grey": ("Is this a greyscale image?", "Is the image black and white?")}
+_LESION_Q = ("Is there a lesion?", "Is there a lesion in this image?", "Does this image show a lesion?")
+_SIDE_Q = {"left": ("Is the lesion on the left side of the image?", "Is the lesion in the left half?"),
+           "right": ("Is the lesion on the right side of the image?", "Is the lesion in the right half?")}
+_BRIGHT_Q = {"bright": ("Is the lesion bright?", "Is the lesion brighter than its surroundings?"),
+             "dark": ("Is the lesion dark?", "Is the lesion darker than its surroundings?")}
+
+
+def question_templates() -> list[str]:
+    """Every question the generator can ask (the demo tokenizer is trained on these)."""
+    out = [q.format(m=m) for q in _MODALITY_Q for m in MODALITY_NAMES.values()]
+    out += [q.format(r=r) for q in _REGION_Q for r in REGION_PHRASES.values()]
+    for table in (_COLOUR_Q, _SIDE_Q, _BRIGHT_Q):
+        out += [q for qs in table.values() for q in qs]
+    return out + list(_LESION_Q)
+
+
+def _rng(*parts) -> np.random.Generator:
+    """A generator seeded by a stable hash of ``parts`` (Python's ``hash`` is salted per process)."""
+    key = "/".join(str(p) for p in parts).encode()
+    return np.random.default_rng([zlib.crc32(key), zlib.adler32(key)])
+
+
+@dataclass(frozen=True)
+class Lesion:
+    """What the answers say about a view's lesion; the exact place is drawn when rendering."""
+
+    side: str     # "left" | "right" (of the image as displayed)
+    bright: bool
+
+
+@dataclass(frozen=True)
+class View:
+    """One augmented rendering of one source frame (the unit the questions are asked about)."""
+
+    key: str
+    source_index: int           # index into the builtin_images() list
+    seed: int
+    lesion: Optional[Lesion]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a lesion was drawn (pixel centre and radius in the rendered image)."""
+
+    cx: float
+    cy: float
+    radius: float
+    bright: bool
+
+
+class SourceBank:
+    """Built-in images decoded once per :func:`micro_med_vqa` call, downscaled for cheap views."""
+
+    WORK_SIZE = 288  # longest side kept for augmentation (2.5x the output size: crops stay sharp)
+
+    def __init__(self, images: list[MedImage]):
+        self.images = images
+        self._arrays: dict[int, np.ndarray] = {}
+
+    def array(self, index: int) -> np.ndarray:
+        """The source as float32 ``[H, W, 3]`` in 0..255, longest side <= WORK_SIZE."""
+        if index not in self._arrays:
+            from PIL import Image
+
+            img = self.images[index].load().convert("RGB")
+            img.thumbnail((self.WORK_SIZE, self.WORK_SIZE), Image.Resampling.LANCZOS)
+            self._arrays[index] = np.asarray(img, dtype=np.float32)
+        return self._arrays[index]
+
+
+def _geometric(arr: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
+    """Pad to square with the border colour, rotate ±10°, crop 70–100 %, resize, maybe flip."""
+    from PIL import Image
+
+    h, w, _ = arr.shape
+    border = np.median(np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]]), axis=0)
+    side = max(h, w)
+    sq = np.empty((side, side, 3), np.float32)
+    sq[:] = border
+    sq[(side - h) // 2:(side - h) // 2 + h, (side - w) // 2:(side - w) // 2 + w] = arr
+    fill = tuple(int(round(v)) for v in border)
+    img = Image.fromarray(sq.round().astype(np.uint8)).rotate(float(rng.uniform(-10, 10)),
+                                                              resample=Image.Resampling.BICUBIC, fillcolor=fill)
+    crop = int(round(side * rng.uniform(0.7, 1.0)))
+    x0, y0 = (int(rng.integers(0, side - crop + 1)) for _ in range(2))
+    img = img.crop((x0, y0, x0 + crop, y0 + crop)).resize((size, size), Image.Resampling.BICUBIC)
+    out = np.asarray(img, dtype=np.float32)
+    return out[:, ::-1].copy() if rng.random() < 0.5 else out
+
+
+def _photometric(arr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Gamma 0.85–1.15, contrast 0.8–1.2 about mid-grey, brightness ±20 (same on every channel)."""
+    gamma, contrast, shift = rng.uniform(0.85, 1.15), rng.uniform(0.8, 1.2), rng.uniform(-20, 20)
+    out = 255.0 * (arr / 255.0) ** gamma
+    return np.clip((out - 128.0) * contrast + 128.0 + shift, 0, 255)
+
+
+def _place_lesion(arr: np.ndarray, lesion: Lesion, rng: np.random.Generator) -> Placement:
+    """Pick a centre on the requested side where the lesion shows against the local anatomy.
+
+    Bright lesions prefer mid/dark tissue (local mean 25–160), dark ones brighter tissue (90–235),
+    so the lesion is inside the anatomy rather than on an empty background, and visible.
+    """
+    size = arr.shape[0]
+    radius = float(rng.uniform(0.055, 0.09) * size)
+    grey = arr.mean(axis=2)
+    r = int(round(radius))
+    margin, gap = r + 3, r + 4          # keep the whole disc inside its half
+    xs = range(margin, size // 2 - gap + 1, 3) if lesion.side == "left" else range(size // 2 + gap, size - margin, 3)
+    ys = range(margin, size - margin, 3)
+    lo, hi = (25.0, 160.0) if lesion.bright else (90.0, 235.0)
+    cands, dist = [], []
+    for cy in ys:
+        for cx in xs:
+            m = float(grey[cy - r:cy + r + 1, cx - r:cx + r + 1].mean())
+            cands.append((cx, cy))
+            dist.append(max(lo - m, 0.0, m - hi))
+    dist = np.asarray(dist)
+    good = np.flatnonzero(dist == 0) if (dist == 0).any() else np.argsort(dist, kind="stable")[:3]
+    cx, cy = cands[int(good[rng.integers(len(good))])]
+    jitter = rng.uniform(-1, 1, size=2)
+    return Placement(cx + float(jitter[0]), cy + float(jitter[1]), radius, lesion.bright)
+
+
+def _draw_lesion(arr: np.ndarray, p: Placement, rng: np.random.Generator) -> np.ndarray:
+    """Blend a soft-edged disc: additive for bright lesions, multiplicative for dark ones.
+
+    Both keep the underlying texture (the lesion is *in* the tissue, not pasted on top).
+    """
+    size = arr.shape[0]
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    d = np.hypot(xx - p.cx, yy - p.cy)
+    alpha = np.clip((p.radius - d) / 1.5, 0.0, 1.0) * (0.8 + 0.2 * np.clip(1 - (d / p.radius) ** 2, 0, 1))
+    alpha = alpha[..., None]
+    if p.bright:
+        out = arr + alpha * float(rng.uniform(80, 120))
+    else:
+        out = arr * (1.0 - alpha * float(rng.uniform(0.6, 0.8)))
+    return np.clip(out, 0, 255)
+
+
+def render_view(view: View, bank: SourceBank, *, size: int = IMAGE_SIZE, with_lesion: bool = True):
+    """Render a view: ``(PIL RGB image, Placement or None)``.
+
+    ``with_lesion=False`` renders the identical view without its lesion (used by tests to check
+    that the lesion really is where the answers say).
+    """
+    from PIL import Image
+
+    rng = _rng("view", view.seed, view.key)
+    arr = _photometric(_geometric(bank.array(view.source_index), rng, size), rng)
+    placement = None
+    if view.lesion is not None:
+        placement = _place_lesion(arr, view.lesion, rng)
+        if with_lesion:
+            arr = _draw_lesion(arr, placement, rng)
+    if not bank.images[view.source_index].is_color:
+        arr = np.repeat(arr.mean(axis=2, keepdims=True), 3, axis=2)  # stay exactly grey
+    return Image.fromarray(arr.round().astype(np.uint8), "RGB"), placement
+
+
+class _Balancer:
+    """Alternates the wanted answer per question type (random start) so each type is 50/50."""
+
+    def __init__(self, rng: np.random.Generator):
+        self.rng = rng
+        self.next: dict[str, bool] = {}
+
+    def want_yes(self, qtype: str) -> bool:
+        cur = self.next.get(qtype, bool(self.rng.random() < 0.5))
+        self.next[qtype] = not cur
+        return cur
+
+
+def dark_lesions_possible(bank: SourceBank, indices: list[int]) -> bool:
+    """Whether a dark lesion can show on this source: >= 10 % of its pixels have grey >= 90.
+
+    Mostly black sources (echocardiography, the obstetric scan) get bright lesions only: a dark
+    disc on an empty background would be invisible, and its "Yes" answer a label error.
+    """
+    return min(float((bank.array(i).mean(axis=2) >= 90).mean()) for i in indices) >= 0.10
+
+
+def plan_views(images: list[MedImage], bank: SourceBank, split: str, seed: int) -> list[View]:
+    """All views of ``split``; half carry a lesion (alternating), sides and polarity balanced."""
+    by_source: dict[str, list[int]] = {}
+    for i, im in enumerate(images):
+        by_source.setdefault(im.image_id, []).append(i)
+    unknown = sorted(set(TEST_SOURCES) - set(by_source))
+    if unknown:
+        raise DataError(f"Micro Med-VQA test sources {unknown} are not in the built-in image set")
+    ids = [s for s in by_source if (s in TEST_SOURCES) == (split == "test")]
+    rng = _rng("plan", seed, split)
+    views: list[View] = []
+    for sid in ids:
+        frames = by_source[sid]
+        offset = int(rng.integers(4))
+        dark_ok = dark_lesions_possible(bank, frames)
+        for k in range(VIEWS_PER_SOURCE[split]):
+            lesion = None
+            if k % 2 == 1:  # every other view of each source has a lesion; the 4 (side, polarity)
+                j = k // 2 + offset  # combinations cycle so both are balanced and independent
+                lesion = Lesion(side="left" if j % 2 == 0 else "right", bright=(j // 2) % 2 == 0 or not dark_ok)
+            views.append(View(f"{sid}/f{images[frames[k % len(frames)]].frame}/v{k:03d}",
+                              frames[k % len(frames)], seed, lesion))
+    return views
+
+
+def _questions(view: View, img: MedImage, bal: _Balancer, rng: np.random.Generator) -> list[tuple[str, str, str]]:
+    """``(question_type, question, answer)`` rows for one view, answers drawn by the balancer."""
+    pick = lambda qs: qs[int(rng.integers(len(qs)))]  # noqa: E731
+    rows = []
+    want = bal.want_yes("modality")
+    other = [m for m in MODALITY_NAMES if m != img.modality]
+    mod = img.modality if want else other[int(rng.integers(len(other)))]
+    rows.append(("modality", pick(_MODALITY_Q).format(m=MODALITY_NAMES[mod]), want))
+    if img.region in REGION_PHRASES:
+        want = bal.want_yes("region")
+        other = [r for r in REGION_PHRASES if r != img.region]
+        reg = img.region if want else other[int(rng.integers(len(other)))]
+        rows.append(("region", pick(_REGION_Q).format(r=REGION_PHRASES[reg]), want))
+    want = bal.want_yes("colour")
+    asked = ("colour" if img.is_color else "grey") if want else ("grey" if img.is_color else "colour")
+    rows.append(("colour", pick(_COLOUR_Q[asked]), want))
+    rows.append(("lesion", pick(_LESION_Q), view.lesion is not None))
+    if view.lesion is not None:
+        want = bal.want_yes("lesion_side")
+        asked = view.lesion.side if want else ("right" if view.lesion.side == "left" else "left")
+        rows.append(("lesion_side", pick(_SIDE_Q[asked]), want))
+        want = bal.want_yes("lesion_brightness")
+        asked = ("bright" if view.lesion.bright else "dark") if want else ("dark" if view.lesion.bright else "bright")
+        rows.append(("lesion_brightness", pick(_BRIGHT_Q[asked]), want))
+    return [(t, q, "Yes" if a else "No") for t, q, a in rows]
+
+
+def check_balanced(samples: list[VqaSample]) -> dict[str, tuple[int, int]]:
+    """``{question_type: (yes, no)}``; DataError when a type is off balance by more than one."""
+    counts: dict[str, list[int]] = {}
+    for s in samples:
+        c = counts.setdefault(dict(s.meta)["question_type"], [0, 0])
+        c[0 if s.answer == "Yes" else 1] += 1
+    for t, (y, n) in counts.items():
+        if abs(y - n) > 1:
+            raise DataError(f"Micro Med-VQA: question type {t!r} is unbalanced ({y} yes / {n} no)")
+    return {t: (y, n) for t, (y, n) in counts.items()}
+
+
+def micro_med_vqa(split: str = "train", *, seed: int = 0, ctx=None, size: int = IMAGE_SIZE) -> list[VqaSample]:
+    """The Micro Med-VQA ``split`` ("train" or "test") as closed yes/no :class:`VqaSample` s.
+
+    Images are rendered lazily at ``size`` × ``size`` by each sample's ``image_fn`` (all questions
+    about one view share one cached rendering). Deterministic for ``(split, seed)``; train and test
+    are disjoint by ``image_id``; every question type is balanced between "Yes" and "No".
+    """
+    if split not in VIEWS_PER_SOURCE:
+        raise DataError(f"Micro Med-VQA has splits 'train' and 'test', not {split!r}")
+    from medlite.calibration.builtin import builtin_images
+
+    images = builtin_images(strict=True, ctx=ctx)
+    bank = SourceBank(images)
+    bal, rng = _Balancer(_rng("answers", seed, split)), _rng("questions", seed, split)
+    samples: list[VqaSample] = []
+    for view in plan_views(images, bank, split, seed):
+        img = images[view.source_index]
+        image_fn = _ViewImage(view, bank, size)
+        for qtype, question, answer in _questions(view, img, bal, rng):
+            meta = (("question_type", qtype), ("view", view.key), ("source", img.source), ("dataset", VERSION),
+                    ("is_color", img.is_color))
+            if view.lesion is not None:
+                meta += (("lesion_side", view.lesion.side), ("lesion_bright", view.lesion.bright))
+            samples.append(VqaSample(qid=f"mvqa-{split}-{view.key}-{qtype}", question=question, answer=answer,
+                                     answer_type=CLOSED, image_id=img.image_id, modality=img.modality,
+                                     region=img.region, image_fn=image_fn, meta=meta))
+    check_balanced(samples)
+    return samples
+
+
+class _ViewImage:
+    """The ``image_fn`` of the samples of one view: renders once, hands out copies."""
+
+    def __init__(self, view: View, bank: SourceBank, size: int):
+        self.view, self.bank, self.size, self._img = view, bank, size, None
+
+    def __call__(self):
+        if self._img is None:
+            self._img = render_view(self.view, self.bank, size=self.size)[0]
+        return self._img.copy()
