@@ -81,8 +81,9 @@ def cmd_plan(args, ctx) -> int:
         folder = Path(choice.path).expanduser()
     if choice.base is not None:     # a LoRA adapter: sizes are the base model's
         folder = Path(choice.base).expanduser()
-    sizes = plan.sizes_from_model(inspect_checkpoint(folder, ctx=ctx, vision_tower=choice.vision_tower,
-                                                     vision_weights=choice.vision_weights))
+    inspected = inspect_checkpoint(folder, ctx=ctx, vision_tower=choice.vision_tower,
+                                   vision_weights=choice.vision_weights)
+    sizes = plan.sizes_from_model(inspected)
     files: dict[str, int] = {}
     steps = []
     for i, entry in enumerate(r.stages):
@@ -96,10 +97,12 @@ def cmd_plan(args, ctx) -> int:
         elif entry.name == "check":
             step["does"] += f" ({r.evaluation.dataset} split {r.evaluation.split})"
         elif entry.name == "engines":
-            step["writes"] = {"engines/build_engines.sh": None, "engines/engines.json": None}
-            kv = plan.kv_cache_bytes(sizes.kv, o.max_prompt_tokens + o.max_new_tokens + 1024, o.max_batch,
-                                     plan.BYTES.get(o.precision, 2))
-            step["kv_cache_bytes"] = kv
+            step["writes"] = {"engines/build_engines.sh": None, "engines/build_engines.py": None,
+                              "engines/engines.json": None}
+            tokens = 1 + inspected.num_image_tokens + o.max_prompt_tokens + o.max_new_tokens
+            step["kv_cache_bytes"] = plan.kv_cache_bytes(sizes.kv, tokens, o.max_batch,
+                                                         4 if o.precision == "fp32" else 2)
+            step["does"] += f" (KV cache at {tokens} tokens ≈ {plan.human_bytes(step['kv_cache_bytes'] or 0)})"
         steps.append(step)
     weights = sum(files.values())
     out = {"recipe": r.name, "version": r.version, "target": target.name, "model": str(folder),
