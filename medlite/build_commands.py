@@ -25,6 +25,11 @@ from pathlib import Path
 from medlite.errors import MedliteError, RecipeError
 
 
+def _say(ctx, text: str) -> None:
+    """One human line on stderr, never wrapped (paths must stay copy-pasteable)."""
+    ctx.console.print(text, soft_wrap=True)
+
+
 def _emit(obj: dict) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
     sys.stdout.flush()
@@ -54,7 +59,7 @@ def cmd_validate(args, ctx) -> int:
                "recipe": r.to_dict()})
     else:
         chain = " → ".join(s.name for s in r.stages)
-        ctx.console.print(f"[bold green]✓[/] {resolved.source}: valid — {r.name} {r.version} for {r.target} "
+        _say(ctx, f"[bold green]✓[/] {resolved.source}: valid — {r.name} {r.version} for {r.target} "
                           f"({chain})")
     return 0
 
@@ -114,14 +119,13 @@ def cmd_plan(args, ctx) -> int:
         return 0
     for w in resolved.warnings:
         ctx.warn(w)
-    c = ctx.console
-    c.print(f"[bold]{r.name} {r.version}[/] → {target.description} ({target.name}); model {folder}")
-    c.print(f"  parameters ({sizes.method}): " + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in sizes.params.items()))
+    _say(ctx, f"[bold]{r.name} {r.version}[/] → {target.description} ({target.name}); model {folder}")
+    _say(ctx, f"  parameters ({sizes.method}): " + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in sizes.params.items()))
     for s in steps:
-        c.print(f"  {s['path']:<22} {s['does']}")
+        _say(ctx, f"  {s['path']:<22} {s['does']}")
         for name, size in (s.get("writes") or {}).items():
-            c.print(f"      {name:<28} " + (f"~{plan.human_bytes(size)}" if size is not None else ""))
-    c.print(f"  estimated weights {plan.human_bytes(weights)} of {target.usable_memory_gb} GB usable on {target.name}")
+            _say(ctx, f"      {name:<28} " + (f"~{plan.human_bytes(size)}" if size is not None else ""))
+    _say(ctx, f"  estimated weights {plan.human_bytes(weights)} of {target.usable_memory_gb} GB usable on {target.name}")
     return 0
 
 
@@ -132,7 +136,7 @@ def cmd_build(args, ctx) -> int:
 
     resolved = _load(args, ctx)
     if not ctx.json_mode:
-        ctx.console.print(f"[dim]# resolved recipe ({resolved.source})\n{resolved.to_yaml().rstrip()}[/]")
+        _say(ctx, f"[dim]# resolved recipe ({resolved.source})\n{resolved.to_yaml().rstrip()}[/]")
     choice = ModelChoice.from_args(args, resolved.recipe, resolved.source)
     result = build(resolved, choice, Path(getattr(args, "out", None) or "artifacts"), ctx,
                    force=bool(getattr(args, "force", False)))
@@ -142,7 +146,7 @@ def cmd_build(args, ctx) -> int:
         out["recipe"] = resolved.recipe.to_dict()
         _emit(out)
     else:
-        ctx.console.print(f"artifact    {result.path}  ({'report.md'})"
+        _say(ctx, f"artifact    {result.path}  ({'report.md'})"
                           + ("" if result.status == "passed" else "  [bold red]FAILED[/]"))
     for line in lines:
         print(line, file=sys.stderr)
@@ -174,14 +178,14 @@ def cmd_verify(args, ctx) -> int:
     else:
         n = len(manifest["files"])
         if not problems:
-            ctx.console.print(f"[bold green]✓[/] files     {n} files match manifest.json")
+            _say(ctx, f"[bold green]✓[/] files     {n} files match manifest.json")
         else:
-            ctx.console.print(f"[bold red]✗[/] files     {len(problems)} problem(s) in {n} files: {path}")
+            _say(ctx, f"[bold red]✗[/] files     {len(problems)} problem(s) in {n} files: {path}")
         if out["checks"] is not None:
             c = out["checks"]
             mark = "[bold green]✓[/]" if c["ok"] else "[bold red]✗[/]"
             ok_text = c.get("note") or "recorded metrics and gate results reproduced"
-            ctx.console.print(f"{mark} checks    " + (ok_text if c["ok"] else "; ".join(c["differences"])))
+            _say(ctx, f"{mark} checks    " + (ok_text if c["ok"] else "; ".join(c["differences"])))
     return 0 if ok else 1
 
 
