@@ -54,6 +54,7 @@ def infer_from_shapes(pool: TensorPool, prefix: str) -> dict:
         raise CheckpointError(f"{pool.label}: {npos} position embeddings is not a square patch grid "
                               f"(a CLS token? only SigLIP-style towers are supported)")
     inter = pool.shape(prefix + "encoder.layers.0.mlp.fc1.weight")[0]
+    # image_size: the smallest size giving this grid (the real one may be up to patch-1 px larger)
     return {"hidden_size": hidden, "num_channels": ch, "patch_size": p, "image_size": side * p,
             "intermediate_size": inter, "num_hidden_layers": layer_count(pool, prefix)}
 
@@ -144,10 +145,15 @@ def resolve_vision_config(*, hub_id: Optional[str], tower: Optional[TowerCopy], 
     if pool is not None and prefix is not None:
         # the architecture must agree with the tensors actually present
         shapes = infer_from_shapes(pool, prefix)
-        for k in ("hidden_size", "patch_size", "image_size", "intermediate_size"):
+        for k in ("hidden_size", "patch_size", "intermediate_size"):
             if k in vcfg and int(vcfg[k]) != shapes[k]:
                 raise CheckpointError(f"{where}: vision {k} is {vcfg[k]} in the tower config but the checkpoint's "
                                       f"vision tensors say {shapes[k]}")
+        # 384 px / patch 14 → a 27×27 grid (the conv drops the 6-pixel remainder): compare grids, not pixels
+        side = shapes["image_size"] // shapes["patch_size"]
+        if "image_size" in vcfg and int(vcfg["image_size"]) // int(vcfg.get("patch_size", shapes["patch_size"])) != side:
+            raise CheckpointError(f"{where}: vision image_size {vcfg['image_size']} gives a different patch grid than "
+                                  f"the checkpoint's {side}×{side} position embeddings")
     if preprocessor:
         pre = dict(preprocessor)
     if not pre:
