@@ -188,7 +188,8 @@ def merge_lora(prep: Prepared, model, mods: list[LoraModule]):
         warnings.simplefilter("ignore")  # peft's notes on task_type / tied weights are about training
         peft_model = get_peft_model(model, lora_config(prep, mods))
         result = set_peft_model_state_dict(peft_model, state)
-    expected = set(get_peft_model_state_dict(peft_model).keys())
+    # the LoRA tensors peft expects (saved embedding base layers are full tensors, applied by assembly)
+    expected = set(get_peft_model_state_dict(peft_model, save_embedding_layers=False).keys())
     unexpected = sorted(set(result.unexpected_keys) | (set(state) - expected))
     unloaded = sorted(expected - set(state))
     if unexpected or unloaded:

@@ -291,3 +291,19 @@ def test_hf_base_lora_on_vision_and_projector(random_ckpt, ctx, photo, tmp_path)
     assert a["lora_modules"] == 9 and loaded.source.format == "hf"
     assert any("LoRA on a module the base conversion drops" in n and "encoder.layers.2" in n
                for n in loaded.source.notes)
+
+
+@pytest.mark.filterwarnings("ignore:Setting .save_embedding_layers.:UserWarning")
+def test_lm_head_lora_and_modules_to_save(legacy_base, legacy_base_model, ctx, photo, tmp_path):
+    """LoRA on lm_head (peft then also saves lm_head.base_layer.weight) and modules_to_save (full tensors)."""
+    ad = make_adapter(legacy_base, tmp_path / "a", seed=9, targets=("q_proj", "lm_head"),
+                      modules_to_save=["model.norm"])
+    with torch.no_grad():  # make the saved full tensor differ from the base, as training would
+        ad.peft_model.base_model.model.model.norm.modules_to_save["default"].weight.mul_(1.5)
+    ad.peft_model.save_pretrained(str(ad.folder))
+    loaded = _load(ad.folder, legacy_base, ctx)
+    _check_against_reference(ad, loaded, photo, legacy_base_model)
+    head = loaded.model.lm_head.weight
+    assert torch.count_nonzero(head[loaded.image_token_id]) == 0  # the appended row stays zero
+    a = loaded.source.adapter
+    assert a["lora_modules"] == 3 and a["adapter_full_tensors"] == 2  # model.norm + lm_head.base_layer
