@@ -35,6 +35,22 @@ def _emit(obj: dict) -> None:
     sys.stdout.flush()
 
 
+def _json_errors(fn):
+    """In --json mode a user error still yields one JSON object on stdout (status "error"), exit 2."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(args, ctx):
+        try:
+            return fn(args, ctx)
+        except MedliteError as e:
+            if not ctx.json_mode:
+                raise
+            _emit({"status": "error", "error": str(e), "errors": getattr(e, "errors", [str(e)])})
+            return 2
+    return wrapper
+
+
 def _load(args, ctx):
     from medlite.recipes import load_recipe
 
@@ -65,6 +81,7 @@ def cmd_validate(args, ctx) -> int:
 
 
 # -- plan -----------------------------------------------------------------------------------------
+@_json_errors
 def cmd_plan(args, ctx) -> int:
     """Show the stages, the files they write and estimated sizes, without running anything."""
     from medlite.engines.targets import TARGETS
@@ -130,6 +147,7 @@ def cmd_plan(args, ctx) -> int:
 
 
 # -- build ----------------------------------------------------------------------------------------
+@_json_errors
 def cmd_build(args, ctx) -> int:
     """Run a recipe; exit 1 with one line per failed gate when a gate fails."""
     from medlite.pipeline import ModelChoice, build
@@ -154,6 +172,7 @@ def cmd_build(args, ctx) -> int:
 
 
 # -- verify ---------------------------------------------------------------------------------------
+@_json_errors
 def cmd_verify(args, ctx) -> int:
     """Re-hash an artifact's files and (unless --skip-checks) re-run its gates; exit 1 on a mismatch."""
     from medlite import artifacts as af

@@ -181,6 +181,11 @@ def build(resolved, choice: ModelChoice, out_root: Path, ctx, *, force: bool = F
         path = staging.commit()
     if manifest["status"] == "passed":
         af.update_latest(parent, version)
+    elif af.read_latest(parent) == version:
+        # A forced rebuild of the version `latest` named failed its gates: `latest` must only ever
+        # name a passing artifact.
+        (parent / af.LATEST).unlink()
+        ctx.warn(f"{parent / af.LATEST} removed: {version} no longer passes its gates")
     return BuildResult(path=path, version=version, status=manifest["status"], manifest=manifest,
                        stages=[{"name": r.name, "detail": r.detail, "seconds": round(r.seconds, 3), "ok": r.ok}
                                for r in ctx.stages])

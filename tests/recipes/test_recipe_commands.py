@@ -42,3 +42,11 @@ def test_recipes_ls_and_cp(tmp_path, capsys):
     assert main(["recipes", "cp", "xavier-agx-fp17", str(tmp_path / "n.yaml")]) == 2
     assert "did you mean 'xavier-agx-fp16'" in capsys.readouterr().err
     assert main(["validate", str(copied)]) == 0
+
+
+def test_build_json_mode_reports_a_recipe_error_as_one_object(tmp_path, capsys):
+    p = write(tmp_path, GOOD)
+    assert main(["build", str(p), "export.opset=19", "--out", str(tmp_path / "o"), "--json"]) == 2
+    out = json.loads(capsys.readouterr().out)
+    assert out["status"] == "error" and len(out["errors"]) == 1 and "opset 19 is above 17" in out["errors"][0]
+    assert not (tmp_path / "o").exists()          # nothing loaded, nothing written
