@@ -44,6 +44,7 @@ class OnnxVlm:
         self.folder, self.config, self.tokenizer = folder, config, tokenizer
         self.sessions, self.providers, self.ctx = sessions, providers, ctx
         self.table = table
+        self._byte_token_ids: Optional[set[int]] = None
         self.warnings = warnings if warnings is not None else []
         dec = config.graphs["decoder"]
         self._embed_dtype = np.dtype(dec.input("inputs_embeds").dtype)
@@ -174,20 +175,48 @@ class OnnxVlm:
         gen = self.generate_ids(images, questions, max_new_tokens=max_new_tokens, on_step=on_step)
         return [clean_answer(self._text(ids), stops) for ids in gen]
 
+    def _byte_ids(self) -> set[int]:
+        """Byte-fallback tokens (``<0x41>``): a run of them decodes only once it is complete."""
+        if self._byte_token_ids is None:
+            self._byte_token_ids = {i for t, i in self.tokenizer.get_vocab().items()
+                                    if len(t) == 6 and t.startswith("<0x") and t.endswith(">")}
+        return self._byte_token_ids
+
+    def _stable_text(self, ids: list[int], stops: tuple[str, ...]) -> str:
+        """The part of the answer so far that later tokens cannot change (for streaming).
+
+        Held back: a trailing run of byte tokens (an incomplete UTF-8 character decodes to U+FFFD
+        and re-decodes differently), text from a stop string on, a suffix that could start a stop
+        string, and surrounding whitespace (the final answer is stripped).
+        """
+        k = len(ids)
+        while k and ids[k - 1] in self._byte_ids():
+            k -= 1
+        text = self._text(ids[:k])
+        cut = min((text.index(s) for s in stops if s in text), default=None)
+        if cut is not None:
+            text = text[:cut]
+        else:
+            for s in stops:
+                for n in range(min(len(s) - 1, len(text)), 0, -1):
+                    if text.endswith(s[:n]):
+                        text = text[:-n]
+                        break
+        return text.strip()
+
     def answer(self, image, question: str, *, max_new_tokens: int = 32,
                on_token: Optional[Callable[[str], None]] = None) -> str:
-        """Greedy answer to one question; ``on_token(text_piece)`` streams the answer as it grows."""
+        """Greedy answer to one question; ``on_token(text_piece)`` streams it (pieces join to the answer)."""
         stops = tuple(s for s in self.config.template.stop if s)
         shown = [""]
 
-        def on_step(out: list[list[int]]) -> None:
-            text = clean_answer(self._text(out[0]), stops) if out[0] else ""
+        def emit(text: str) -> None:
             if text.startswith(shown[0]) and len(text) > len(shown[0]):
                 on_token(text[len(shown[0]):])
                 shown[0] = text
 
         (ans,) = self.answer_batch([image], [question], max_new_tokens=max_new_tokens,
-                                   on_step=on_step if on_token else None)
-        if on_token and ans.startswith(shown[0]) and len(ans) > len(shown[0]):
-            on_token(ans[len(shown[0]):])
+                                   on_step=(lambda out: emit(self._stable_text(out[0], stops))) if on_token else None)
+        if on_token:
+            emit(ans)
         return ans

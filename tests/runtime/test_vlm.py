@@ -78,11 +78,14 @@ def test_raw_table_embedding_equals_embed_graph(rt_export, vlm):
 
 
 def test_streamed_pieces_make_the_answer(vlm):
-    pieces: list[str] = []
-    img = random_image(0)
-    ans = vlm.answer(img, QUESTIONS[0], max_new_tokens=10, on_token=pieces.append)
-    assert ans and "".join(pieces) == ans
-    assert len(pieces) >= 2
+    """Pieces always join to the final answer (byte-fallback runs and stop prefixes are held back)."""
+    counts = []
+    for i, q in enumerate(QUESTIONS):
+        pieces: list[str] = []
+        ans = vlm.answer(random_image(i), q, max_new_tokens=12, on_token=pieces.append)
+        assert "".join(pieces) == ans
+        counts.append(len(pieces))
+    assert max(counts) >= 2                       # streaming really streamed somewhere
 
 
 def test_template_stop_string_cuts_generation(rt_export, vlm):

@@ -1,0 +1,35 @@
+"""``medlite export``: load a checkpoint (or the demo model) and write the ONNX export folder."""
+from __future__ import annotations
+
+import json
+import sys
+
+
+def cmd_export(args, ctx) -> int:
+    """Handler for ``medlite export [--model PATH] --out DIR [--precision fp32|fp16] [--opset N]``.
+
+    ``args.model`` None means the built-in demo model. fp16 exports load the checkpoint in fp16
+    directly, so a 1.5 B model never exists in fp32 in memory. Prints a summary to stderr and the
+    ExportResult as JSON on stdout with ``--json``.
+    """
+    from medlite.checkpoints import load_model
+    from medlite.export import export_onnx
+
+    precision = getattr(args, "precision", "fp32") or "fp32"
+    loaded = load_model(getattr(args, "model", None), ctx=ctx, base=getattr(args, "base", None),
+                        vision_tower=getattr(args, "vision_tower", None),
+                        vision_weights=getattr(args, "vision_weights", None),
+                        dtype="float16" if precision == "fp16" else "float32",
+                        template=getattr(args, "template", None))
+    res = export_onnx(loaded, args.out, ctx=ctx, precision=precision, opset=int(getattr(args, "opset", 17) or 17))
+    if ctx.json_mode:
+        json.dump(res.to_dict(), sys.stdout, indent=1, sort_keys=True)
+        sys.stdout.write("\n")
+        return 0
+    total = sum(f["bytes"] for f in res.files.values())
+    ctx.info(f"[bold]{res.out_dir}[/]: {len(res.files)} files, {total / 1e6:.1f} MB, {res.precision}, opset "
+             f"{res.opset}, TensorRT 8.5 op check {'passed' if res.trt_ok else 'FAILED'}")
+    for name, f in sorted(res.files.items()):
+        ctx.info(f"  {name:<22}{f['bytes'] / 1e6:>10.1f} MB")
+    ctx.info(f"ask it: medlite ask {res.out_dir} \"QUESTION\" --image IMAGE")
+    return 0
