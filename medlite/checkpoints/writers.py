@@ -217,7 +217,8 @@ def write_tower_copy(model, out_dir, *, image_spec, dtype) -> Path:
     n = vcfg.num_hidden_layers
     sd = {k: v for k, v in model.state_dict().items() if k.startswith("model.vision_tower.")}
     last = f"model.vision_tower.encoder.layers.{n - 1}."
-    extra = {k.replace(last, f"model.vision_tower.encoder.layers.{n}."): v for k, v in sd.items() if k.startswith(last)}
+    extra = {k.replace(last, f"model.vision_tower.encoder.layers.{n}."): v.clone() for k, v in sd.items()
+             if k.startswith(last)}
     sd.update(extra)
     writer = ShardWriter(out, [(source_key(k, "tower"), tuple(v.shape)) for k, v in sd.items()],
                          dtype_name=_dtype_name(dtype))
