@@ -24,11 +24,14 @@ def _resolve_path(path, ctx) -> Path:
 
 
 # -- inspect ---------------------------------------------------------------------------------------
-def inspect_report(path, *, ctx, vision_tower=None, vision_weights=None, template=None) -> dict:
-    """The facts ``medlite inspect`` shows, as a JSON-able dict (read from headers on the meta device)."""
+def inspect_report(path, *, ctx, base=None, vision_tower=None, vision_weights=None, template=None) -> dict:
+    """The facts ``medlite inspect`` shows, as a JSON-able dict (read from headers on the meta device).
+
+    For a LoRA adapter folder the report describes the merged model (base architecture) plus ``adapter``.
+    """
     from medlite.checkpoints.loader import inspect_checkpoint
 
-    lm = inspect_checkpoint(path, ctx=ctx, vision_tower=vision_tower, vision_weights=vision_weights,
+    lm = inspect_checkpoint(path, ctx=ctx, base=base, vision_tower=vision_tower, vision_weights=vision_weights,
                             template=template)
     cfg = lm.model.config
     t, v = cfg.text_config, cfg.vision_config
@@ -52,7 +55,7 @@ def inspect_report(path, *, ctx, vision_tower=None, vision_weights=None, templat
         "template": lm.template.name, "image_spec": lm.image_spec.to_dict(),
         "eos_token_ids": lm.eos_token_ids, "bos_token_id": lm.bos_token_id, "pad_token_id": lm.pad_token_id,
         "vision_weights": lm.source.vision_weights, "vision_tower": lm.source.vision_tower,
-        "notes": lm.source.notes,
+        "adapter": lm.source.adapter, "notes": lm.source.notes,
     }
 
 
@@ -67,12 +70,7 @@ def _fmt_b(b: int) -> str:
 def cmd_inspect(args, ctx) -> int:
     """Format, backbone, architecture, parameters and bytes per component, notes."""
     path = _resolve_path(_opt(args, "path"), ctx)
-    base = _opt(args, "base")
-    if (path / "adapter_config.json").is_file():
-        if not base:
-            raise CheckpointError(f"{path}: a LoRA adapter; pass --base PATH to inspect the model it applies to")
-        path = Path(base).expanduser()
-    rep = inspect_report(path, ctx=ctx, vision_tower=_opt(args, "vision_tower"),
+    rep = inspect_report(path, ctx=ctx, base=_opt(args, "base"), vision_tower=_opt(args, "vision_tower"),
                          vision_weights=_opt(args, "vision_weights"), template=_opt(args, "template"))
     if _opt(args, "json"):
         print(json.dumps(rep, indent=2, default=str))
@@ -94,6 +92,11 @@ def cmd_inspect(args, ctx) -> int:
     out.print(f"  template       {rep['template']}   eos {rep['eos_token_ids']}  bos {rep['bos_token_id']}")
     s = rep["image_spec"]
     out.print(f"  preprocessing  {s['size']} px, pad to square {s['pad_to_square']}, mean {s['mean']}, std {s['std']}")
+    if rep["adapter"]:
+        from medlite.checkpoints.lora import describe_adapter
+
+        for line in describe_adapter(rep["adapter"]):
+            out.print(f"  {line}")
     for n in rep["notes"]:
         out.print(f"  [dim]• {n}[/]")
     return 0

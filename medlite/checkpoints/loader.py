@@ -67,7 +67,18 @@ def load_model(path, *, ctx, base=None, vision_tower=None, vision_weights=None, 
     return loaded
 
 
-def inspect_checkpoint(path, *, ctx=None, vision_tower=None, vision_weights=None, template=None) -> LoadedModel:
-    """Like :func:`load_model` but on the ``meta`` device: shapes, sizes and notes, no tensor data read."""
+def inspect_checkpoint(path, *, ctx=None, base=None, vision_tower=None, vision_weights=None,
+                       template=None) -> LoadedModel:
+    """Like :func:`load_model` but on the ``meta`` device: shapes, sizes and notes, no tensor data read.
+
+    A LoRA adapter folder is checked against its ``base`` (names, shapes, options) without merging.
+    """
+    if (Path(path).expanduser() / "adapter_config.json").is_file():
+        from medlite.checkpoints.lora import inspect_adapter
+
+        return inspect_adapter(Path(path).expanduser(), ctx=ctx, base=base, vision_tower=vision_tower,
+                               vision_weights=vision_weights, template=template)
+    if base is not None:
+        raise CheckpointError(f"{path}: --base is only for LoRA adapters, and this folder has no adapter_config.json")
     plan = plan_checkpoint(path, vision_tower=vision_tower, vision_weights=vision_weights, ctx=ctx)
     return assemble(plan, meta=True, hash_files=False, template=template, ctx=ctx)
