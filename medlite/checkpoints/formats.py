@@ -245,7 +245,9 @@ def plan_factory(path: Path, cfg: dict, pool: TensorPool, *, vision_tower=None, 
              ("model.multi_modal_projector.linear_2.", pool, "connector._connector.2."),
              ("model.vision_tower.", vpool, vprefix)]
     pools = [pool] + ([tower.pool] if tower is not None and tower.pool is not None else [])
-    tname = _template(path, FACTORY_TEMPLATES[backbone], notes, why=f"TinyLLaVA Factory's template for a {backbone} LLM")
+    tname = _template(path, FACTORY_TEMPLATES[backbone], notes,
+                      why=f"TinyLLaVA Factory's template for a {backbone} LLM"
+                          + (" (a guess: override with --template)" if backbone == "stablelm" else ""))
     return Plan("factory", path, backbone, text, vc, "default" if strategy == "patch" else "full", rules,
                 _spec(pre, pad=cfg.get("image_aspect_ratio") == "pad", vcfg=vc, where=where), tname, path, cfg,
                 pools, notes, vision_weights=vw, vision_tower=_tower_info(tower),
