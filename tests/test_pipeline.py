@@ -172,29 +172,45 @@ stages:
 """
 
 
-def test_gates_pass_then_an_impossible_gate_fails_the_build(tmp_path, tiny_ckpt, capsys):
-    recipe = tmp_path / "chk.yaml"
+@pytest.fixture(scope="module")
+def checked(tiny_ckpt, tmp_path_factory):
+    """A passing export+check build of the tiny checkpoint: (tmp root, recipe path, JSON result)."""
+    import contextlib
+    import io
+
+    root = tmp_path_factory.mktemp("checked")
+    recipe = root / "chk.yaml"
     recipe.write_text(CHECKED)
-    rc, res = build(tmp_path, recipe, tiny_ckpt, tmp_path / "o", capsys=capsys)
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc, _ = build(root, recipe, tiny_ckpt, root / "o")
+    res = json.loads(buf.getvalue())
     assert rc == 0 and res["status"] == "passed", res
+    return root, recipe, res
+
+
+def test_gates_pass_and_verify_reproduces_them(checked, tiny_ckpt, capsys):
+    root, recipe, res = checked
     m = res["metrics"]
     assert m["n"] == 4 and 0 < m["mean_kl"] < 0.01 and 0.99 < m["vision_cosine"] < 1.0   # fp16 is close, not equal
     good = Path(res["artifact"])
     assert {g["name"]: g["passed"] for g in res["gates"]} == {
         "closed_acc_drop": True, "agreement": True, "mean_kl": True, "vision_cosine": True}
     report = json.loads((good / "report.json").read_text())
-    assert len(report["questions"]) == 4 and report["questions"][0]["source"] is not None
-
+    assert len(report["questions"]) == 4 and all(q["source"] is not None for q in report["questions"])
     # verify re-runs the gates with the runtime and reproduces the recorded metrics
-    assert main(["--cache-dir", str(tmp_path / "cache"), "verify", str(good), *model_args(tiny_ckpt)[2:],
+    assert main(["--cache-dir", str(root / "cache"), "verify", str(good), *model_args(tiny_ckpt)[2:],
                  "--json"]) == 0
     v = json.loads(capsys.readouterr().out)
     assert v["ok"] and v["checks"]["ok"] and v["checks"]["metrics"]["mean_kl"] == m["mean_kl"]
 
+
+def test_an_impossible_gate_fails_the_build_with_one_line_per_gate(checked, tiny_ckpt, capsys):
     # KL can never be below zero: the gate fails, the build exits 1 with one line per failed gate,
     # the artifact is kept and marked failed, and `latest` still names the passing one.
-    rc, res2 = build(tmp_path, recipe, tiny_ckpt, tmp_path / "o", "check.max_mean_kl=0",
-                     "check.min_vision_cosine=1", capsys=None)
+    root, recipe, res = checked
+    good = Path(res["artifact"])
+    rc, _ = build(root, recipe, tiny_ckpt, root / "o", "check.max_mean_kl=0", "check.min_vision_cosine=1")
     out, err = capsys.readouterr()
     res2 = json.loads(out)
     assert rc == 1 and res2["status"] == "failed"
@@ -208,13 +224,11 @@ def test_gates_pass_then_an_impossible_gate_fails_the_build(tmp_path, tiny_ckpt,
     assert "FAILED" in (bad / "report.md").read_text().splitlines()[0]
 
 
-def test_verify_refuses_a_different_source_checkpoint(tmp_path, tiny_ckpt, capsys):
+def test_verify_refuses_a_different_source_checkpoint(checked, tmp_path, capsys):
     from medlite.checkpoints.random_ckpt import write_random_checkpoint
     from medlite.context import RunContext
 
-    recipe = tmp_path / "chk.yaml"
-    recipe.write_text(CHECKED)
-    rc, res = build(tmp_path, recipe, tiny_ckpt, tmp_path / "o", capsys=capsys)
+    _, _, res = checked
     other = tmp_path / "other"
     write_random_checkpoint("tiny", other, fmt="legacy", seed=1, ctx=RunContext(quiet=True))
     rc = main(["verify", res["artifact"], "--model", str(other), "--vision-tower", str(other / "vision_tower")])
