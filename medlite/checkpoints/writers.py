@@ -144,7 +144,8 @@ def write_checkpoint(model, tokenizer, out_dir, *, fmt: str = "legacy", image_sp
     as those formats splice the image at a sentinel id outside the vocabulary. ``legacy`` can also
     write a separate tower copy (``vision_tower_copy_dir``: config.json + preprocessor_config.json +
     weights) for ``--vision-tower``; its config has one layer more than the canonical tower (TinyLLaVA
-    deletes the last layer on load), filled with a copy of the last kept layer.
+    deletes the last layer on load), filled with a copy of the last kept layer. bos / eos / pad ids for
+    the tokenizer files come from ``model.config.text_config`` (BOS only for Llama backbones).
     """
     import torch
 
@@ -199,14 +200,26 @@ def write_checkpoint(model, tokenizer, out_dir, *, fmt: str = "legacy", image_sp
         (out / "preprocessor_config.json").write_text(json.dumps(preprocessor_dict(image_spec), indent=2))
     conf["torch_dtype"] = _dtype_name(dtype)
     (out / "config.json").write_text(json.dumps(conf, indent=2, default=str))
-    bos = tcfg.bos_token_id if text_backbone == "llama" else None
-    eos = tcfg.eos_token_id if isinstance(tcfg.eos_token_id, list) else [tcfg.eos_token_id]
-    write_tokenizer_files(out, tok, bos=bos, eos=[e for e in eos if e is not None] or [0],
-                          pad=tcfg.pad_token_id, add_bos=text_backbone == "llama")
+    bos, eos, pad = _special_ids(tok, tcfg, text_backbone)
+    write_tokenizer_files(out, tok, bos=bos, eos=eos, pad=pad, add_bos=bos is not None)
     write_medlite_json(out, format=fmt, template=template_name, image_spec=image_spec.to_dict())
     if vision_tower_copy_dir is not None:
         write_tower_copy(model, vision_tower_copy_dir, image_spec=image_spec, dtype=dtype)
     return out
+
+
+def _special_ids(tok, tcfg, backbone: str):
+    """bos / eos / pad for the tokenizer files, from ``model.config.text_config`` (validated against ``tok``)."""
+    def valid(i):
+        return i if isinstance(i, int) and tok.id_to_token(i) is not None else None
+
+    eos = [e for e in (tcfg.eos_token_id if isinstance(tcfg.eos_token_id, list) else [tcfg.eos_token_id])
+           if valid(e) is not None]
+    if not eos:
+        raise CheckpointError(f"model.config.text_config.eos_token_id={tcfg.eos_token_id!r} is not a token of the "
+                              f"tokenizer; set it (and bos/pad) to the tokenizer's ids before writing")
+    bos = valid(tcfg.bos_token_id) if backbone == "llama" else None
+    return bos, eos, valid(tcfg.pad_token_id)
 
 
 def write_tower_copy(model, out_dir, *, image_spec, dtype) -> Path:
