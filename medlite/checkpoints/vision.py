@@ -192,7 +192,7 @@ def choose_vision_source(*, ckpt: Optional[TensorPool], ckpt_prefix: Optional[st
     if differ is None:
         picked = choice or "checkpoint"
         notes.append(f"vision weights in the checkpoint and in {tower.path} are identical (compared "
-                     f"{layers_used} layers + embeddings); using the {picked} copy")
+                     f"{layers_used} layers + embeddings at the lower of the two precisions); using the {picked} copy")
         vw = choice
     elif choice is None:
         raise CheckpointError(
@@ -223,6 +223,10 @@ def _first_difference(a: TensorPool, ap: str, b: TensorPool, bp: str, layers: in
         x, y = a.read(ap + rest), b.read(bp + rest)
         if x.shape != y.shape:
             return f"{rest} shape {tuple(x.shape)} vs {tuple(y.shape)}"
+        # a half-precision checkpoint copy of an fp32 tower repo is the same weights: compare at the lower precision
+        if x.dtype != y.dtype and x.element_size() != y.element_size():
+            low = x.dtype if x.element_size() < y.element_size() else y.dtype
+            x, y = x.to(low), y.to(low)
         if not torch.equal(x.float(), y.float()):
             return f"{rest} (max abs diff {float((x.float() - y.float()).abs().max()):.3g})"
     return None

@@ -176,3 +176,19 @@ def test_missing_shard_named(random_ckpt, ctx, tmp_path):
     victim.unlink()
     with pytest.raises(CheckpointError, match=rf"shard file\(s\) missing: {victim.name}"):
         load_model(out, ctx=ctx)
+
+
+def test_half_precision_copy_of_the_tower_is_not_a_difference(random_ckpt, ctx, tmp_path):
+    """A checkpoint holding the fp16 rounding of an fp32 tower repo needs no --vision-weights choice."""
+    d = _copy(random_ckpt("tiny", "legacy"), tmp_path / "c")
+    tw = d / "vision_tower" / "model.safetensors"
+    sd = {k: v.float() for k, v in load_file(str(tw)).items()}
+    # the tower copy is now fp32 and the checkpoint fp16: same values, different precision
+    save_file(sd, str(tw), metadata={"format": "pt"})
+    loaded = load_model(d, ctx=ctx)
+    assert loaded.source.vision_weights is None
+    assert any("identical" in n for n in loaded.source.notes)
+    sd["vision_model.encoder.layers.0.mlp.fc1.weight"] *= 1.01
+    save_file(sd, str(tw), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="--vision-weights"):
+        load_model(d, ctx=ctx)
