@@ -145,8 +145,6 @@ def test_inspect_adapter_checks_without_merging(legacy_base, legacy_adapter, ctx
     assert str(legacy_adapter.folder) in text and "r=4" in text and "q_proj" in text and str(legacy_base) in text
 
 
-@pytest.mark.xfail(strict=True, reason="cmd_inspect (medlite/checkpoints/commands.py) inspects the base alone; it "
-                                       "must call lora.inspect_adapter and print describe_adapter(source.adapter)")
 def test_cli_inspect_shows_the_merge(legacy_base, legacy_adapter, capsys):
     from medlite.cli import main
 
