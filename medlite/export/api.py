@@ -1,6 +1,9 @@
 """``export_onnx``: a loaded model → ``vision.onnx``, ``embed.onnx``, ``decoder.onnx``, runtime config, tokenizer."""
 from __future__ import annotations
 
+import ctypes
+import gc
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,6 +52,19 @@ class ExportResult:
         return d
 
 
+def _release_memory() -> None:
+    """Collect and return freed heap to the OS between graphs.
+
+    The exporter's peak for one graph is several times the graph's weights; without this, glibc
+    keeps that memory and the next graph's peak stacks on top of it.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc: nothing to trim
+        pass
+
+
 def _is_tied(model) -> bool:
     emb = model.model.language_model.get_input_embeddings().weight
     head = model.lm_head.weight
@@ -70,6 +86,56 @@ def _rename_table(proto: onnx.ModelProto) -> None:
                 n.input[i] = EMBED_TABLE_NAME
 
 
+def _export_one(name: str, model, loaded, out: Path, res: ExportResult, specs: dict, trt_summary: dict, *,
+                tmp_root: Path, tied: bool, table, allow_trt_issues: bool, ctx) -> None:
+    """Trace, write and check one graph; fill ``res``, ``specs`` and ``trt_summary`` for it."""
+    t0 = time.perf_counter()
+    opset = res.opset
+    precision = res.precision
+    vcfg = model.config.vision_config
+    with ctx.stage(name) as info:
+        meta = {"medlite.graph": name, "medlite.precision": precision, "medlite.model": loaded.name}
+        common = dict(opset=opset, metadata=meta, tmp_root=tmp_root, trace_notes=res.trace_notes)
+        shared: list[str] = []
+        if name == "vision":
+            proto = vision_onnx_from_model(model, image_size=int(vcfg.image_size), **common)
+        elif name == "embed":
+            proto = embed_onnx_from_model(model, **common)
+            _rename_table(proto)
+            shared = [EMBED_TABLE_NAME]
+        else:
+            proto = decoder_onnx_from_model(model, **common)
+            if tied:
+                if not tie_lm_head_to_table(proto, table):
+                    raise ExportError("decoder.onnx: lm_head is tied to the embeddings but its weight was "
+                                      "not found in the traced graph")
+                shared = [EMBED_TABLE_NAME]
+        written = write_onnx(proto, out / f"{name}.onnx", shared=shared)
+        del proto
+        shutil.rmtree(tmp_root, ignore_errors=True)   # the exporter's staged weights, now copied
+        _release_memory()
+        path = written[0]
+        check_onnx_file(path)
+        skeleton = onnx.load(str(path), load_external_data=False)
+        res.ops[name] = op_counts(skeleton)
+        trt = trt_check_from_onnx(skeleton)
+        res.trt_check[name] = trt.to_dict()
+        trt_summary[name] = {"ok": trt.ok, "target": trt.target, "issues": len(trt.issues),
+                             "int64_tensors": trt.int64_tensors}
+        if precision == "fp16":
+            res.fp32_ops[name] = check_fp32_islands(skeleton, name)
+        specs[name] = graph_spec_from_onnx(skeleton, path.name, [p.name for p in written[1:]])
+        size = sum(p.stat().st_size for p in written)
+        info["detail"] = (f"→ {path.name} {size / 1e6:.1f} MB, {sum(res.ops[name].values())} nodes, "
+                          f"TensorRT 8.5 {'ok' if trt.ok else f'{len(trt.issues)} issue(s)'}")
+        if not trt.ok:
+            msg = f"{path.name} would not parse on TensorRT 8.5:\n{trt.summary()}"
+            if not allow_trt_issues:
+                raise ExportError(msg)
+            ctx.warn(msg)
+    res.seconds[name] = round(time.perf_counter() - t0, 2)
+
+
 def export_onnx(loaded, out_dir, *, ctx, precision: str = "fp32", opset: int = 17,
                 components: Sequence[str] = GRAPHS, allow_trt_issues: bool = False) -> ExportResult:
     """Export ``loaded`` (a ``LoadedModel``) to ONNX graphs plus ``medlite_runtime.json`` and ``tokenizer.json``.
@@ -86,67 +152,34 @@ def export_onnx(loaded, out_dir, *, ctx, precision: str = "fp32", opset: int = 1
     unknown = [c for c in components if c not in GRAPHS]
     if unknown or not components:
         raise ExportError(f"components {unknown or components!r}: choose from {', '.join(GRAPHS)}")
+    vcfg = loaded.model.config.vision_config
+    tcfg = loaded.model.config.text_config
+    if getattr(tcfg, "use_sliding_window", False) and getattr(tcfg, "sliding_window", None):
+        # The decoder graph builds a plain causal mask; a sliding window would be silently ignored.
+        raise ExportError(f"text_config.use_sliding_window with sliding_window {tcfg.sliding_window} is not "
+                          "supported by the ONNX decoder graph")
+    if "vision" in components and int(vcfg.image_size) != int(loaded.image_spec.size):
+        raise ExportError(f"image_spec.size {loaded.image_spec.size} differs from the vision tower's image_size "
+                          f"{vcfg.image_size}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name in _OWN_FILES:          # stale files of an earlier export would mix with this one
         (out / name).unlink(missing_ok=True)
-
-    vcfg = loaded.model.config.vision_config
-    if "vision" in components and int(vcfg.image_size) != int(loaded.image_spec.size):
-        raise ExportError(f"image_spec.size {loaded.image_spec.size} differs from the vision tower's image_size "
-                          f"{vcfg.image_size}")
     model = model_for_precision(loaded, precision, ctx=ctx)
     dims = text_dims(model)
     tied = _is_tied(model)
     table = model.model.language_model.get_input_embeddings().weight.detach().cpu().numpy()
     res = ExportResult(out_dir=str(out), precision=precision, opset=int(opset), tied_embeddings=tied)
-    tmp_root = out / ".medlite-export-tmp"
+    tmp_root = out / ".medlite-export-tmp"   # the exporter's staging folder (ours; removed after each graph)
     specs, trt_summary, uses_table = {}, {}, False
 
-    for name in components:
-        t0 = time.perf_counter()
-        with ctx.stage(name) as info:
-            meta = {"medlite.graph": name, "medlite.precision": precision, "medlite.model": loaded.name}
-            common = dict(opset=int(opset), metadata=meta, tmp_root=tmp_root, trace_notes=res.trace_notes)
-            shared: list[str] = []
-            if name == "vision":
-                proto = vision_onnx_from_model(model, image_size=int(vcfg.image_size), **common)
-            elif name == "embed":
-                proto = embed_onnx_from_model(model, **common)
-                _rename_table(proto)
-                shared = [EMBED_TABLE_NAME]
-            else:
-                proto = decoder_onnx_from_model(model, **common)
-                if tied:
-                    if not tie_lm_head_to_table(proto, table):
-                        raise ExportError("decoder.onnx: lm_head is tied to the embeddings but its weight was "
-                                          "not found in the traced graph")
-                    shared = [EMBED_TABLE_NAME]
-            uses_table = uses_table or bool(shared)
-            written = write_onnx(proto, out / f"{name}.onnx", shared=shared)
-            del proto
-            path = written[0]
-            check_onnx_file(path)
-            skeleton = onnx.load(str(path), load_external_data=False)
-            res.ops[name] = op_counts(skeleton)
-            trt = trt_check_from_onnx(skeleton)
-            res.trt_check[name] = trt.to_dict()
-            trt_summary[name] = {"ok": trt.ok, "target": trt.target, "issues": len(trt.issues),
-                                 "int64_tensors": trt.int64_tensors}
-            if precision == "fp16":
-                res.fp32_ops[name] = check_fp32_islands(skeleton, name)
-            specs[name] = graph_spec_from_onnx(skeleton, path.name, [p.name for p in written[1:]])
-            size = sum(p.stat().st_size for p in written)
-            info["detail"] = (f"→ {path.name} {size / 1e6:.1f} MB, {sum(res.ops[name].values())} nodes, "
-                              f"TensorRT 8.5 {'ok' if trt.ok else f'{len(trt.issues)} issue(s)'}")
-            if not trt.ok:
-                msg = f"{path.name} would not parse on TensorRT 8.5:\n{trt.summary()}"
-                if not allow_trt_issues:
-                    raise ExportError(msg)
-                ctx.warn(msg)
-        res.seconds[name] = round(time.perf_counter() - t0, 2)
-    if tmp_root.exists():
-        tmp_root.rmdir()
+    try:
+        for name in components:
+            _export_one(name, model, loaded, out, res, specs, trt_summary, tmp_root=tmp_root, tied=tied,
+                        table=table, allow_trt_issues=allow_trt_issues, ctx=ctx)
+            uses_table = uses_table or name == "embed" or (name == "decoder" and tied)
+    finally:
+        shutil.rmtree(tmp_root, ignore_errors=True)
 
     loaded.tokenizer.save(str(out / "tokenizer.json"))
     table_info = None
@@ -159,8 +192,6 @@ def export_onnx(loaded, out_dir, *, ctx, precision: str = "fp32", opset: int = 1
         p = out / name
         if p.is_file():
             res.files[name] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-    if model is not loaded.model:
-        del model
     return res
 
 

@@ -27,11 +27,42 @@ EMBED_TABLE_NAME = "embed_tokens.weight"
 EMBED_TABLE_FILE = "embed_tokens.bin"
 
 
+def _external(t: TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in t.external_data}
+
+
+def _is_staged(t: TensorProto) -> bool:
+    """External data left by the exporter in a temporary folder (absolute location, see trace.py)."""
+    return t.data_location == TensorProto.EXTERNAL and Path(_external(t).get("location", "")).is_absolute()
+
+
+def _nbytes(t: TensorProto) -> int:
+    if _is_staged(t):
+        ext = _external(t)
+        if "length" in ext:
+            return int(ext["length"])
+        return Path(ext["location"]).stat().st_size - int(ext.get("offset", 0))
+    return len(_tensor_bytes(t))
+
+
 def _tensor_bytes(t: TensorProto) -> bytes:
+    if _is_staged(t):
+        ext = _external(t)
+        with open(ext["location"], "rb") as f:
+            f.seek(int(ext.get("offset", 0)))
+            return f.read(int(ext["length"])) if "length" in ext else f.read()
     if t.HasField("raw_data"):
         return t.raw_data
     arr = numpy_helper.to_array(t)
     return arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
+def tensor_array(t: TensorProto) -> np.ndarray:
+    """An initializer as numpy, also when its bytes are still in the exporter's staging folder."""
+    if _is_staged(t):
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+        return np.frombuffer(_tensor_bytes(t), dtype=dtype.newbyteorder("<")).reshape(list(t.dims))
+    return numpy_helper.to_array(t)
 
 
 def _make_external(t: TensorProto, location: str, offset: int, length: int) -> None:
@@ -42,9 +73,15 @@ def _make_external(t: TensorProto, location: str, offset: int, length: int) -> N
     t.CopyFrom(ext)
 
 
+def _make_inline(t: TensorProto, data: bytes) -> None:
+    inline = TensorProto(name=t.name, data_type=t.data_type, dims=list(t.dims), raw_data=data)
+    t.CopyFrom(inline)
+
+
 def weight_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of all initializers held in the proto (external ones excluded)."""
-    return sum(len(_tensor_bytes(t)) for t in model.graph.initializer if t.data_location != TensorProto.EXTERNAL)
+    """Bytes of all initializers still to be written (in the proto or in the exporter's staging folder)."""
+    return sum(_nbytes(t) for t in model.graph.initializer
+               if t.data_location != TensorProto.EXTERNAL or _is_staged(t))
 
 
 def write_onnx(model: onnx.ModelProto, path: Path, *, shared: Iterable[str] = (),
@@ -52,8 +89,9 @@ def write_onnx(model: onnx.ModelProto, path: Path, *, shared: Iterable[str] = ()
     """Write ``model`` to ``path``; return every file written (the graph first).
 
     Initializers named in ``shared`` (only :data:`EMBED_TABLE_NAME` today) go to
-    :data:`EMBED_TABLE_FILE` in the same folder. The proto's weights are moved out of memory as they
-    are written, so do not use ``model`` afterwards.
+    :data:`EMBED_TABLE_FILE` in the same folder. Weights are copied one tensor at a time (from the
+    proto or from the exporter's staging folder) and moved out of the proto as they are written, so
+    do not use ``model`` afterwards.
     """
     path = Path(path)
     folder = path.parent
@@ -71,15 +109,21 @@ def write_onnx(model: onnx.ModelProto, path: Path, *, shared: Iterable[str] = ()
         offset = 0
         with open(folder / data_name, "wb") as f:
             for t in model.graph.initializer:
-                if t.data_location == TensorProto.EXTERNAL:
+                if t.data_location == TensorProto.EXTERNAL and not _is_staged(t):
                     continue
                 data = _tensor_bytes(t)
                 if len(data) < MIN_EXTERNAL_TENSOR:
+                    _make_inline(t, data)
                     continue
                 f.write(data)
                 _make_external(t, data_name, offset, len(data))
                 offset += len(data)
+                del data
         written.append(folder / data_name)
+    else:
+        for t in model.graph.initializer:
+            if _is_staged(t):
+                _make_inline(t, _tensor_bytes(t))
     with open(path, "wb") as f:
         f.write(model.SerializeToString(deterministic=True))
     return written
@@ -117,7 +161,7 @@ def tie_lm_head_to_table(model: onnx.ModelProto, table: np.ndarray) -> bool:
     target = None
     for t in g.initializer:
         if list(t.dims) == want_dims and t.data_type == numpy_helper.from_array(table[:1, :1]).data_type:
-            if np.array_equal(numpy_helper.to_array(t), table.T):
+            if np.array_equal(tensor_array(t), table.T):
                 target = t
                 break
     if target is None:

@@ -148,15 +148,3 @@ def op_counts(model: onnx.ModelProto) -> dict[str, int]:
         key = n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}"
         out[key] = out.get(key, 0) + 1
     return dict(sorted(out.items()))
-
-
-def float_type_of(model: onnx.ModelProto, names: list[str]) -> dict[str, int]:
-    """Element types of the named tensors after shape inference (for precision checks)."""
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    types = {vi.name: vi.type.tensor_type.elem_type
-             for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output)}
-    return {n: types.get(n, 0) for n in names}
-
-
-__all__ = ["folded_onnx_from_onnx", "pruned_onnx_from_onnx", "stable_onnx_from_onnx", "op_counts",
-           "float_type_of"]

@@ -4,12 +4,16 @@ Why the TorchScript exporter (``dynamo=False``): the dynamo exporter always emit
 language model and cannot be downgraded (measured with torch 2.13: ``axes_input_to_attribute``
 fails), and TensorRT 8.5 stops at opset 17.
 
-Large graphs (> 2 GB) are written by the exporter as external data into a temporary folder; the
-graph passes run on the model without its weights (shape inference needs no weight bytes), and the
-weights are read back afterwards, so no step serialises more than 2 GB of protobuf.
+Large graphs (> 2 GB) are written by the exporter as external data (one file per tensor) into a
+folder under ``tmp_root``. The graph passes run on the model without its weights (shape inference
+needs no weight bytes), and the weights are *not* read back: their external-data locations are
+made absolute, and :func:`medlite.export.files.write_onnx` copies them one tensor at a time into the
+final layout. Reading 2 GB of weights back into protobuf would add 2 GB to the peak memory of an
+export that the exporter itself already pushes to ~9 GB. Graphs under 2 GB come back self-contained.
 """
 from __future__ import annotations
 
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -31,10 +35,15 @@ def onnx_from_module(module: torch.nn.Module, args: Sequence[torch.Tensor], *, i
     Tracer warnings (a Python branch on a tensor value may have been frozen into the trace) are
     collected into ``trace_notes`` instead of being printed; the tests that compare the graphs at
     shapes other than the traced ones are what guards against them.
+
+    A graph over 2 GB keeps its weights in files under ``tmp_root`` (absolute external-data
+    locations), which must exist until :func:`~medlite.export.files.write_onnx` has written it.
     """
     if tmp_root is not None:
         Path(tmp_root).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f"medlite-{graph_name}-", dir=tmp_root) as tmp:
+    tmp = tempfile.mkdtemp(prefix=f"medlite-{graph_name}-", dir=tmp_root)
+    keep = False
+    try:
         path = Path(tmp) / f"{graph_name}.onnx"
         traced_shapes: list = []
         hook = module.register_forward_hook(lambda _m, _i, out: traced_shapes.append(
@@ -59,9 +68,23 @@ def onnx_from_module(module: torch.nn.Module, args: Sequence[torch.Tensor], *, i
         model = folded_onnx_from_onnx(model)
         if traced_shapes:
             _static_output_dims(model, traced_shapes[-1], dynamic_axes)
-        onnx.external_data_helper.load_external_data_for_model(model, tmp)
-    return stable_onnx_from_onnx(model, graph_name=graph_name, metadata=metadata)
+        keep = _absolute_external_locations(model, Path(tmp))
+        return stable_onnx_from_onnx(model, graph_name=graph_name, metadata=metadata)
+    finally:
+        if not keep:
+            shutil.rmtree(tmp, ignore_errors=True)
 
+
+def _absolute_external_locations(model: onnx.ModelProto, folder: Path) -> bool:
+    """Point external tensors at their files by absolute path; True if there were any."""
+    found = False
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            for e in t.external_data:
+                if e.key == "location":
+                    e.value = str((folder / e.value).resolve())
+                    found = True
+    return found
 
 
 def _static_output_dims(model: onnx.ModelProto, shapes: list[tuple], dynamic_axes: dict) -> None:

@@ -183,3 +183,26 @@ def test_folding_removes_int64_constant_of_shape(tmp_path):
     run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_array_equal(run(raw), run(folded))
     assert run(folded).shape == (3, 6, 7, 4)
+
+
+def test_staged_external_weights_are_copied_not_loaded(exported, tmp_path):
+    """Graphs over 2 GB come from the exporter with weights in per-tensor files; write_onnx streams them."""
+    from medlite.export.files import write_onnx
+    from medlite.export.trace import _absolute_external_locations
+
+    folder, _ = exported
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    onnx.save(onnx.load(str(folder / "vision.onnx")), str(stage / "v.onnx"), save_as_external_data=True,
+              all_tensors_to_one_file=False, size_threshold=0)
+    px = np.random.default_rng(1).standard_normal((2, 3, 28, 28)).astype(np.float32)
+    ref = ort.InferenceSession(str(folder / "vision.onnx"), providers=["CPUExecutionProvider"]).run(None, {"pixel_values": px})[0]
+    for threshold, files in ((0, ["vision.onnx", "vision.onnx.data"]), (1 << 40, ["vision.onnx"])):
+        model = onnx.load(str(stage / "v.onnx"), load_external_data=False)
+        assert _absolute_external_locations(model, stage)
+        out = tmp_path / f"out{threshold}"
+        out.mkdir()
+        assert [p.name for p in write_onnx(model, out / "vision.onnx", external_threshold=threshold)] == files
+        got = ort.InferenceSession(str(out / "vision.onnx"), providers=["CPUExecutionProvider"]).run(None, {"pixel_values": px})[0]
+        np.testing.assert_array_equal(got, ref)
+        onnx.checker.check_model(str(out / "vision.onnx"), full_check=True)
