@@ -59,6 +59,23 @@ def report_md(manifest: dict, rows: list[dict], files: dict[str, int]) -> str:
             state = {True: "pass", False: "**FAIL**", None: "reported"}[gate.passed]
             out.append(f"| {gate.name} | {state}: {gate.describe()} |")
         out.append("")
+    sec = m.get("sections", {})
+    if "export" in sec or "engines" in sec:
+        out += ["## Deployment", ""]
+        if "export" in sec:
+            e = sec["export"]
+            trt = ", ".join(f"{g} {'ok' if c['ok'] else 'FAILS'}" for g, c in e.get("trt_check", {}).items())
+            out.append(f"- ONNX {e['precision']} opset {e['opset']}; TensorRT {t['tensorrt']} operator check: {trt}")
+        if "engines" in sec:
+            mem = sec["engines"]["memory"]
+            out.append(f"- estimated device memory {_fmt_bytes(mem['total_bytes'])} of {t['usable_memory_gb']} GB "
+                       f"usable (engines {_fmt_bytes(mem['vision_engine_bytes'] + mem['decoder_engine_bytes'])}, "
+                       f"embedding table {_fmt_bytes(mem['embedding_table_bytes'])}, KV cache "
+                       f"{_fmt_bytes(mem['kv_cache_bytes'])} at {mem['max_context_tokens']} tokens); not included: "
+                       f"{mem['not_included']}")
+            out.append("- build the TensorRT engines on the Jetson: `engines/build_engines.sh` "
+                       "(engines are not portable across GPUs or TensorRT versions)")
+        out.append("")
     if m["metrics"]:
         out += ["## Metrics", "", "| metric | value |", "|---|---|"]
         out += [f"| {k} | {v} |" for k, v in m["metrics"].items()] + [""]
