@@ -44,12 +44,18 @@ elif mode == "export":   # exactly `medlite export ARGS`, with the ExportResult 
     ns = build_parser().parse_args(args)
     peaks = {}
 
-    class PeakCtx(RunContext):   # records the process's peak RSS so far at the end of every stage
+    def rss():
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS:"))
+
+    class PeakCtx(RunContext):   # current RSS at the start/end of every stage, and the peak so far
         @contextlib.contextmanager
         def stage(self, name):
+            start = rss()
             with RunContext.stage(self, name) as info:
                 yield info
-            peaks[name] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            peaks[name] = {"rss_start": start, "rss_end": rss(),
+                           "peak_so_far": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
     ctx = PeakCtx(cache_dir=Path(ns.cache_dir), json_mode=True)
     code = cmd_export(ns, ctx)
@@ -123,7 +129,7 @@ def main() -> int:
     er = exp.pop("stdout_json")
     result["export"] = {
         "seconds": exp["seconds"], "peak_rss_bytes": exp["peak_rss_bytes"],
-        "peak_rss_after_stage_bytes": exp["peak_rss_after_stage_bytes"],
+        "rss_by_stage_bytes": exp["peak_rss_after_stage_bytes"],
         "graph_seconds": er["seconds"], "files": {k: v["bytes"] for k, v in er["files"].items()},
         "total_bytes": sum(v["bytes"] for v in er["files"].values()), "opset": er["opset"],
         "trt_ok": er["trt_ok"], "tied_embeddings": er["tied_embeddings"],

@@ -174,7 +174,9 @@ def export_onnx(loaded, out_dir, *, ctx, precision: str = "fp32", opset: int = 1
     specs, trt_summary, uses_table = {}, {}, False
 
     try:
-        for name in components:
+        # Largest graph first: the exporter's peak memory is highest for the decoder, and it should
+        # not stack on what the vision trace leaves behind (see docs/export.md, full-size benchmark).
+        for name in sorted(components, key=("decoder", "vision", "embed").index):
             _export_one(name, model, loaded, out, res, specs, trt_summary, tmp_root=tmp_root, tied=tied,
                         table=table, allow_trt_issues=allow_trt_issues, ctx=ctx)
             uses_table = uses_table or name == "embed" or (name == "decoder" and tied)

@@ -31,13 +31,13 @@ def _external(t: TensorProto) -> dict[str, str]:
     return {e.key: e.value for e in t.external_data}
 
 
-def _is_staged(t: TensorProto) -> bool:
+def is_staged(t: TensorProto) -> bool:
     """External data left by the exporter in a temporary folder (absolute location, see trace.py)."""
     return t.data_location == TensorProto.EXTERNAL and Path(_external(t).get("location", "")).is_absolute()
 
 
 def _nbytes(t: TensorProto) -> int:
-    if _is_staged(t):
+    if is_staged(t):
         ext = _external(t)
         if "length" in ext:
             return int(ext["length"])
@@ -46,7 +46,7 @@ def _nbytes(t: TensorProto) -> int:
 
 
 def _tensor_bytes(t: TensorProto) -> bytes:
-    if _is_staged(t):
+    if is_staged(t):
         ext = _external(t)
         with open(ext["location"], "rb") as f:
             f.seek(int(ext.get("offset", 0)))
@@ -59,7 +59,7 @@ def _tensor_bytes(t: TensorProto) -> bytes:
 
 def tensor_array(t: TensorProto) -> np.ndarray:
     """An initializer as numpy, also when its bytes are still in the exporter's staging folder."""
-    if _is_staged(t):
+    if is_staged(t):
         dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
         return np.frombuffer(_tensor_bytes(t), dtype=dtype.newbyteorder("<")).reshape(list(t.dims))
     return numpy_helper.to_array(t)
@@ -81,7 +81,7 @@ def _make_inline(t: TensorProto, data: bytes) -> None:
 def weight_bytes(model: onnx.ModelProto) -> int:
     """Bytes of all initializers still to be written (in the proto or in the exporter's staging folder)."""
     return sum(_nbytes(t) for t in model.graph.initializer
-               if t.data_location != TensorProto.EXTERNAL or _is_staged(t))
+               if t.data_location != TensorProto.EXTERNAL or is_staged(t))
 
 
 def write_onnx(model: onnx.ModelProto, path: Path, *, shared: Iterable[str] = (),
@@ -109,7 +109,7 @@ def write_onnx(model: onnx.ModelProto, path: Path, *, shared: Iterable[str] = ()
         offset = 0
         with open(folder / data_name, "wb") as f:
             for t in model.graph.initializer:
-                if t.data_location == TensorProto.EXTERNAL and not _is_staged(t):
+                if t.data_location == TensorProto.EXTERNAL and not is_staged(t):
                     continue
                 data = _tensor_bytes(t)
                 if len(data) < MIN_EXTERNAL_TENSOR:
@@ -122,7 +122,7 @@ def write_onnx(model: onnx.ModelProto, path: Path, *, shared: Iterable[str] = ()
         written.append(folder / data_name)
     else:
         for t in model.graph.initializer:
-            if _is_staged(t):
+            if is_staged(t):
                 _make_inline(t, _tensor_bytes(t))
     with open(path, "wb") as f:
         f.write(model.SerializeToString(deterministic=True))

@@ -50,13 +50,19 @@ def folded_onnx_from_onnx(model: onnx.ModelProto, *, max_elements: int = 1 << 16
     """
     from onnx.reference import ReferenceEvaluator
 
+    from medlite.export.files import is_staged, tensor_array
+
     shapes = _static_shapes(model)
     opset = _opset(model)
     g = model.graph
     const: dict[str, np.ndarray] = {}
     for init in g.initializer:
-        if init.data_location != TensorProto.EXTERNAL and int(np.prod(init.dims)) <= max_elements:
+        if int(np.prod(init.dims)) > max_elements:
+            continue
+        if init.data_location != TensorProto.EXTERNAL:
             const[init.name] = numpy_helper.to_array(init)
+        elif is_staged(init):   # small weight the export staged to disk: fold exactly as if inline
+            const[init.name] = tensor_array(init)
     for node in g.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
             t = node.attribute[0].t

@@ -206,3 +206,14 @@ def test_staged_external_weights_are_copied_not_loaded(exported, tmp_path):
         got = ort.InferenceSession(str(out / "vision.onnx"), providers=["CPUExecutionProvider"]).run(None, {"pixel_values": px})[0]
         np.testing.assert_array_equal(got, ref)
         onnx.checker.check_model(str(out / "vision.onnx"), full_check=True)
+
+
+def test_staging_weights_changes_no_byte(tiny, ctx, exported, tmp_path, monkeypatch):
+    """The low-memory path (weights staged to disk during the graph passes) writes identical files."""
+    import medlite.export.trace as trace
+
+    monkeypatch.setattr(trace, "STAGE_MIN_BYTES", 1)
+    folder, first = exported
+    again = export_onnx(tiny, tmp_path, ctx=ctx)
+    assert again.files == first.files
+    assert not (tmp_path / ".medlite-export-tmp").exists()
