@@ -1,0 +1,376 @@
+"""Training of the built-in demo model: a micro TinyLLaVA-Med on the Micro Med-VQA train split.
+
+The model is the canonical ``LlavaForConditionalGeneration`` with the *legacy* TinyLLaVA-Med
+semantics (docs/architecture.md): a SigLIP-style tower whose last layer output is used as it is
+(``vision_feature_layer=-1``, strategy ``"full"``, no pooling head), an ``mlp2x_gelu`` projector and
+a Llama decoder with grouped-query attention. ``<image>`` is the last vocabulary id, so writing
+the legacy format is dropping that row.
+
+Training is plain next-token cross-entropy on the answer tokens only (``Yes``/``No`` + ``</s>``),
+prompts rendered with the vicuna_v1 template exactly as inference renders them. Everything is
+seeded and runs on 2 CPU threads, so a rebuild gives the same model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import numpy as np
+
+from medlite.calibration.demo_tokenizer import BOS, EOS, PAD, train_demo_tokenizer
+from medlite.calibration.micro_vqa import IMAGE_SIZE, question_templates
+from medlite.preprocess import ImageSpec
+from medlite.prompting import TEMPLATES, encode_prompt, expand_image_tokens
+
+TEMPLATE = "vicuna_v1"
+IMAGE_SPEC = ImageSpec(size=IMAGE_SIZE, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), pad_to_square=True,
+                       resample="bicubic", rescale=1 / 255)
+
+
+def image_spec_for(recipe: "DemoRecipe") -> ImageSpec:
+    """SigLIP preprocessing (mean/std 0.5, bicubic) with LLaVA's pad-to-square, at the recipe's size."""
+    return dataclasses.replace(IMAGE_SPEC, size=recipe.image_size)
+
+
+@dataclass(frozen=True)
+class DemoRecipe:
+    """Architecture and training hyper-parameters (all of it goes into the cache key)."""
+
+    # vision tower (SigLIP-style): 112 px / patch 16 -> 7 x 7 = 49 image tokens
+    image_size: int = IMAGE_SIZE
+    patch_size: int = 16
+    vision_hidden: int = 128
+    vision_layers: int = 2
+    vision_heads: int = 4
+    vision_intermediate: int = 384
+    # Llama decoder
+    text_hidden: int = 128
+    text_layers: int = 2
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    text_intermediate: int = 352
+    vocab_size: int = 640
+    # optimisation
+    steps: int = 700
+    batch_size: int = 32
+    lr: float = 2e-3
+    warmup: int = 40
+    weight_decay: float = 0.01
+    vision_steps: int = 150       # stage 1: vision tower warm-up with linear probes
+    vision_batch: int = 64
+    vision_lr: float = 2e-3
+    tower_lr_scale: float = 0.3   # stage 2 keeps the warmed-up features (smaller steps)
+    captions: bool = True         # mix image descriptions into stage 2 (see caption_for)
+    threads: int = 2
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def num_image_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+def tokenizer_corpus() -> list[str]:
+    """What the tokenizer is trained on: rendered prompts of every question + the answers."""
+    tmpl = TEMPLATES[TEMPLATE]
+    qs = question_templates()
+    from medlite.calibration.micro_vqa import MODALITY_NAMES, REGION_PHRASES
+
+    captions = [f"{m.capitalize()} of {r}, colour, greyscale, no lesion, with a bright dark lesion on the left "
+                f"right side." for m in MODALITY_NAMES.values() for r in REGION_PHRASES.values()]
+    return ([tmpl.render(q, with_image=False) for q in qs + [CAPTION_QUESTION]]
+            + [f"{q} {a}" for q in qs for a in ("Yes", "No")] + captions)
+
+
+CAPTION_QUESTION = "Describe the image."
+
+
+def caption_for(sample) -> str:
+    """A one-sentence description of a Micro Med-VQA view (the stage-2 caption target).
+
+    LLaVA aligns image features with words on image–caption pairs before instruction tuning; the
+    demo does the same on these captions, mixed into the question–answer batches. Every word of a
+    caption is predictable from the image alone, so the decoder learns to read the image long
+    before it can solve the balanced yes/no questions (where only question *and* image together
+    predict the answer).
+    """
+    from medlite.calibration.micro_vqa import MODALITY_NAMES, REGION_PHRASES
+
+    m = dict(sample.meta)
+    text = MODALITY_NAMES.get(sample.modality, "medical image").capitalize()
+    if sample.region in REGION_PHRASES:
+        text += f" of {REGION_PHRASES[sample.region]}"
+    text += ", colour" if m.get("is_color") else ", greyscale"
+    side = m.get("lesion_side")
+    if side is None:
+        return text + ", no lesion."
+    return text + f", with a {'bright' if m.get('lesion_bright') else 'dark'} lesion on the {side} side."
+
+
+def build_config(recipe: DemoRecipe, text_vocab: int):
+    """The ``LlavaConfig``; ``text_vocab`` is the tokenizer size, ``<image>`` gets id ``text_vocab``."""
+    from transformers import LlamaConfig, LlavaConfig, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(image_size=recipe.image_size, patch_size=recipe.patch_size,
+                                hidden_size=recipe.vision_hidden, num_hidden_layers=recipe.vision_layers,
+                                num_attention_heads=recipe.vision_heads, intermediate_size=recipe.vision_intermediate,
+                                vision_use_head=False)
+    text = LlamaConfig(vocab_size=text_vocab + 1, hidden_size=recipe.text_hidden,
+                       intermediate_size=recipe.text_intermediate, num_hidden_layers=recipe.text_layers,
+                       num_attention_heads=recipe.text_heads, num_key_value_heads=recipe.text_kv_heads,
+                       max_position_embeddings=512, rms_norm_eps=1e-5, bos_token_id=BOS, eos_token_id=EOS,
+                       pad_token_id=PAD, tie_word_embeddings=False)
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=text_vocab,
+                       projector_hidden_act="gelu", vision_feature_layer=-1, vision_feature_select_strategy="full",
+                       image_seq_length=recipe.num_image_tokens)
+
+
+def encode_sample(tok, question: str, answer: Optional[str], image_token_id: int, n_image: int) -> tuple[list, list]:
+    """``(input_ids, labels)``: the rendered prompt (image expanded) + answer + ``</s>``, loss on the answer."""
+    prompt = encode_prompt(tok, TEMPLATES[TEMPLATE].render(question), image_token_id=image_token_id, bos_token_id=BOS)
+    prompt = expand_image_tokens(prompt, image_token_id, n_image)
+    if answer is None:
+        return prompt, [-100] * len(prompt)
+    ans = tok.encode(answer, add_special_tokens=False).ids + [EOS]
+    return prompt + ans, [-100] * len(prompt) + ans
+
+
+def _pixel_bank(samples, ctx) -> tuple[np.ndarray, list[int]]:
+    """Render each distinct image once: uint8 ``[n_views, size, size, 3]`` + each sample's row."""
+    rows: dict[int, int] = {}
+    images, index = [], []
+    with ctx.progress("render views", total=len(samples)) as advance:
+        for s in samples:
+            key = id(s.image_fn)
+            if key not in rows:
+                rows[key] = len(images)
+                images.append(np.asarray(s.load_image().convert("RGB"), dtype=np.uint8))
+            index.append(rows[key])
+            advance()
+    return np.stack(images), index
+
+
+def _normalise(u8, spec: ImageSpec):
+    """uint8 NHWC (already ``size`` square) → normalised NCHW float32, as ``preprocess`` does."""
+    import torch
+
+    x = u8.permute(0, 3, 1, 2).to(torch.float64) * spec.rescale
+    mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
+    return (x.to(torch.float32) - mean) / std
+
+
+_MODALITIES = ("CT", "MR", "CR", "US", "NM", "fundus", "pathology")
+
+
+def _token_labels(placement, size: int, patch: int):
+    """Per-patch lesion class (0 none, 1/2 bright left/right, 3/4 dark left/right), row-major."""
+    import torch
+
+    g = size // patch
+    if placement is None:
+        return torch.zeros(g * g, dtype=torch.long)
+    yy, xx = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    disc = ((xx - placement.cx) ** 2 + (yy - placement.cy) ** 2 <= placement.radius ** 2).float()
+    frac = torch.nn.functional.avg_pool2d(disc[None, None], patch)[0, 0].flatten()
+    cls = (1 if placement.cx < size / 2 else 2) + (0 if placement.bright else 2)
+    return torch.where(frac >= 0.1, cls, 0)
+
+
+def _view_targets(samples, img_index: list[int], n_views: int, recipe: DemoRecipe):
+    """Per-view labels for the vision warm-up.
+
+    ``global`` [n, 5]: modality, region, colour, lesion (none/left/right), polarity (-100 = none);
+    ``tokens`` [n, patches]: :func:`_token_labels` of the lesion actually drawn.
+    """
+    import torch
+
+    from medlite.calibration.micro_vqa import REGION_PHRASES
+
+    regions = sorted(REGION_PHRASES)
+    t = torch.full((n_views, 5), -100, dtype=torch.long)
+    tok = torch.zeros((n_views, recipe.num_image_tokens), dtype=torch.long)
+    done: set[int] = set()
+    for s, row in zip(samples, img_index):
+        if row in done:
+            continue
+        done.add(row)
+        m = dict(s.meta)
+        t[row, 0] = _MODALITIES.index(s.modality) if s.modality in _MODALITIES else -100
+        t[row, 1] = regions.index(s.region) if s.region in regions else -100
+        t[row, 2] = int(bool(m.get("is_color", False)))
+        side = m.get("lesion_side")
+        t[row, 3] = 0 if side is None else (1 if side == "left" else 2)
+        t[row, 4] = -100 if side is None else int(bool(m.get("lesion_bright")))
+        place = getattr(s.image_fn, "placement", None)
+        if place is not None:
+            tok[row] = _token_labels(place(), recipe.image_size, recipe.patch_size)
+    return {"global": t, "tokens": tok}, (len(_MODALITIES), len(regions), 2, 3, 2)
+
+
+def _warm_up_vision(model, pixels_u8, targets, sizes, recipe: DemoRecipe, ctx) -> list[float]:
+    """Stage 1: train the vision tower alone with linear probes on its last layer.
+
+    LLaVA pre-trains its projector on a frozen, already-trained tower; the demo has no pre-trained
+    tower, and every Micro Med-VQA question type is balanced so that neither the question nor the
+    image alone predicts the answer (an XOR of the two). A decoder trained from scratch on such data
+    sits at chance for hundreds of steps. So the tower is trained first, with
+
+    * probes on the *mean* of the tokens (modality, region, colour, lesion side, polarity): the
+      tower spreads these into every token, where the decoder's initially uniform attention sees
+      them;
+    * a per-token probe of where the lesion was drawn (dense labels: 49 per image), which makes
+      lesion detection a *local* feature, the kind that carries over to anatomy never seen in
+      training.
+
+    The probes are discarded.
+    """
+    import torch
+
+    tower = model.model.vision_tower
+    heads = torch.nn.ModuleList([torch.nn.Linear(recipe.vision_hidden, k) for k in sizes])
+    token_head = torch.nn.Linear(recipe.vision_hidden, 5)
+    params = list(tower.parameters()) + list(heads.parameters()) + list(token_head.parameters())
+    opt = torch.optim.AdamW(params, lr=recipe.vision_lr, weight_decay=recipe.weight_decay)
+    token_weight = torch.tensor([1.0, 8.0, 8.0, 8.0, 8.0])  # lesion patches are ~2 % of all patches
+    gen = torch.Generator().manual_seed(recipe.seed + 1)
+    order: list[int] = []
+    losses = []
+    with ctx.progress("warm up vision tower", total=recipe.vision_steps) as advance:
+        for step in range(recipe.vision_steps):
+            if len(order) < recipe.vision_batch:
+                order += torch.randperm(len(pixels_u8), generator=gen).tolist()
+            batch, order = order[:recipe.vision_batch], order[recipe.vision_batch:]
+            feats = tower(_normalise(pixels_u8[batch], IMAGE_SPEC), output_hidden_states=True).hidden_states[-1]
+            pooled = feats.mean(dim=1)
+            y = targets["global"][batch]
+            loss = sum(torch.nn.functional.cross_entropy(h(pooled), y[:, k], ignore_index=-100)
+                       for k, h in enumerate(heads))
+            ty = targets["tokens"][batch]
+            loss = loss + torch.nn.functional.cross_entropy(token_head(feats).flatten(0, 1), ty.flatten(),
+                                                            weight=token_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            advance()
+    return losses
+
+
+def _per_sample_loss(logits, labels):
+    """Mean over samples of each sample's mean token loss (a 15-token caption counts as much as a
+    2-token yes/no answer, not 7 times more)."""
+    import torch
+
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    tok = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                            ignore_index=-100, reduction="none").view(labels.shape)
+    n = (labels != -100).sum(dim=1).clamp(min=1)
+    return (tok.sum(dim=1) / n).mean()
+
+
+def train_demo(samples, recipe: DemoRecipe, *, ctx, on_step=None):
+    """Train from scratch; returns ``(model, tokenizer_with_image, history)``.
+
+    ``samples`` are Micro Med-VQA train samples rendered at ``recipe.image_size``. The returned
+    tokenizer has ``<image>`` appended at ``model.config.image_token_id``. ``history`` holds the
+    loss curve (every 25 steps) and timings.
+    """
+    import time
+
+    import torch
+    from tokenizers import AddedToken
+    from transformers import LlavaForConditionalGeneration
+
+    t0 = time.perf_counter()
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(recipe.threads)
+    try:
+        tok = train_demo_tokenizer(tokenizer_corpus(), vocab_size=recipe.vocab_size)
+        text_vocab = tok.get_vocab_size(with_added_tokens=True)
+        tok.add_special_tokens([AddedToken("<image>", normalized=False, special=True)])
+        image_id = tok.token_to_id("<image>")
+        assert image_id == text_vocab, (image_id, text_vocab)
+        n_img = recipe.num_image_tokens
+        pixels_u8, img_index = _pixel_bank(samples, ctx)
+        if pixels_u8.shape[1] != recipe.image_size:
+            raise ValueError(f"samples are rendered at {pixels_u8.shape[1]} px, the recipe wants {recipe.image_size}")
+        encoded = [encode_sample(tok, s.question, s.answer, image_id, n_img) for s in samples]
+        rows = list(img_index)
+        if recipe.captions:
+            first_of_view: dict[int, object] = {}
+            for s, r in zip(samples, img_index):
+                first_of_view.setdefault(r, s)
+            for r, s in sorted(first_of_view.items()):
+                encoded.append(encode_sample(tok, CAPTION_QUESTION, caption_for(s), image_id, n_img))
+                rows.append(r)
+        img_index = rows
+        pixels_u8 = torch.from_numpy(pixels_u8)
+        t_data = time.perf_counter() - t0
+
+        torch.manual_seed(recipe.seed)
+        config = build_config(recipe, text_vocab)
+        model = LlavaForConditionalGeneration(config)
+        model.train()
+        vision_losses = []
+        if recipe.vision_steps:
+            targets, sizes = _view_targets(samples, img_index, len(pixels_u8), recipe)
+            vision_losses = _warm_up_vision(model, pixels_u8, targets, sizes, recipe, ctx)
+            if on_step is not None:
+                on_step(0, sum(vision_losses[-10:]) / len(vision_losses[-10:]))
+        tower_ids = {id(p) for p in model.model.vision_tower.parameters()}
+        groups = [{"params": [p for p in model.parameters() if id(p) in tower_ids], "scale": recipe.tower_lr_scale},
+                  {"params": [p for p in model.parameters() if id(p) not in tower_ids], "scale": 1.0}]
+        opt = torch.optim.AdamW(groups, lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.98))
+
+        def lr_at(step: int) -> float:
+            if step < recipe.warmup:
+                return recipe.lr * (step + 1) / recipe.warmup
+            frac = (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
+            return recipe.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+        gen = torch.Generator().manual_seed(recipe.seed)
+        order: list[int] = []
+        losses: list[tuple[int, float]] = []
+        running = 0.0
+        with ctx.progress("train demo model", total=recipe.steps) as advance:
+            for step in range(recipe.steps):
+                if len(order) < recipe.batch_size:
+                    order += torch.randperm(len(encoded), generator=gen).tolist()
+                batch, order = order[:recipe.batch_size], order[recipe.batch_size:]
+                width = max(len(encoded[i][0]) for i in batch)
+                ids = torch.full((len(batch), width), PAD, dtype=torch.long)
+                labels = torch.full((len(batch), width), -100, dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for r, i in enumerate(batch):
+                    x, y = encoded[i]
+                    ids[r, :len(x)], labels[r, :len(y)], mask[r, :len(x)] = torch.tensor(x), torch.tensor(y), 1
+                pix = _normalise(pixels_u8[[img_index[i] for i in batch]], IMAGE_SPEC)
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(step) * g["scale"]
+                logits = model(input_ids=ids, attention_mask=mask, pixel_values=pix).logits
+                loss = _per_sample_loss(logits, labels)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                running += float(loss.detach())
+                if (step + 1) % 25 == 0:
+                    losses.append((step + 1, running / 25))
+                    running = 0.0
+                    if on_step is not None:
+                        on_step(step + 1, losses[-1][1])
+                advance()
+        model.eval()
+        with torch.no_grad():  # the <image> row of lm_head is never a prediction (architecture.md)
+            model.lm_head.weight[image_id].zero_()
+        history = {"loss": losses, "vision_loss": vision_losses[::10], "data_s": round(t_data, 2), "train_s": round(time.perf_counter() - t0 - t_data, 2),
+                   "examples": len(encoded), "views": int(pixels_u8.shape[0]),
+                   "params": int(sum(p.numel() for p in model.parameters()))}
+        return model, tok, history
+    finally:
+        torch.set_num_threads(old_threads)
