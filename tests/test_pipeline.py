@@ -168,8 +168,10 @@ target: jetson-xavier-agx-32gb
 evaluation: {max_samples: 4}
 stages:
   - export: {precision: fp16}
-  - check: {max_new_tokens: 4, max_mean_kl: 0.01, min_vision_cosine: 0.99}
+  - check: {max_new_tokens: 4, max_mean_kl: 0.01, min_vision_cosine: 0.99, min_agreement: null}
 """
+# Answers of a random-weight model come from near-uniform distributions, so greedy decoding can flip
+# between fp32 and fp16 on a tie: agreement is measured but not gated here (it is on the demo model).
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +197,8 @@ def test_gates_pass_and_verify_reproduces_them(checked, tiny_ckpt, capsys):
     assert m["n"] == 4 and 0 < m["mean_kl"] < 0.01 and 0.99 < m["vision_cosine"] < 1.0   # fp16 is close, not equal
     good = Path(res["artifact"])
     assert {g["name"]: g["passed"] for g in res["gates"]} == {
-        "closed_acc_drop": True, "agreement": True, "mean_kl": True, "vision_cosine": True}
+        "closed_acc_drop": True, "agreement": None, "mean_kl": True, "vision_cosine": True}
+    assert 0.0 <= m["agreement"] <= 1.0
     report = json.loads((good / "report.json").read_text())
     assert len(report["questions"]) == 4 and all(q["source"] is not None for q in report["questions"])
     # verify re-runs the gates with the runtime and reproduces the recorded metrics
