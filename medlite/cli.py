@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
+import re
 import sys
 from pathlib import Path
 
@@ -161,10 +161,36 @@ def _handler_key(args) -> str | None:
     return args.command
 
 
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.\[\]]*=")
+_FLAGS = {"--json", "--force", "--quiet", "--skip-checks", "-h", "--help"}
+
+
+def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Pull ``key=value`` recipe overrides out of a validate/plan/build command line.
+
+    argparse cannot take positionals after options (``build r.yaml --model m a.b=1``), so overrides
+    are collected wherever they stand, unless the token is the value of a preceding option.
+    """
+    if not argv or argv[0] not in ("validate", "plan", "build"):
+        return argv, []
+    rest, overrides = [argv[0]], []
+    for i, tok in enumerate(argv[1:], start=1):
+        prev = argv[i - 1]
+        is_value = prev.startswith("-") and "=" not in prev and prev not in _FLAGS
+        if _OVERRIDE.match(tok) and not is_value:
+            overrides.append(tok)
+        else:
+            rest.append(tok)
+    return rest, overrides
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: parse, build the run context, dispatch, turn MedliteError into exit code 2."""
     parser = build_parser()
+    argv, overrides = _split_overrides(list(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
+    if overrides:
+        args.overrides = list(args.overrides) + overrides
     key = _handler_key(args)
     if key is None:
         parser.print_help()

@@ -87,11 +87,11 @@ class RunContext:
         except BaseException:
             dt = time.perf_counter() - t0
             self.stages.append(StageRecord(name, info.get("detail", ""), dt, ok=False))
-            self.console.print(f"[bold red]✗[/] {name:<10}{info.get('detail', '')}  {dt:.1f} s")
+            self.console.print(f"[bold red]✗[/] {name:<10}{info.get('detail', '')}  {dt:.1f} s", soft_wrap=True)
             raise
         dt = time.perf_counter() - t0
         self.stages.append(StageRecord(name, info["detail"], dt))
-        self.console.print(f"[bold green]✓[/] {name:<10}{info['detail']}  [dim]{dt:.1f} s[/]")
+        self.console.print(f"[bold green]✓[/] {name:<10}{info['detail']}  [dim]{dt:.1f} s[/]", soft_wrap=True)
 
     def progress(self, description: str, total: int | None):
         """A rich progress bar (a no-op display in --json/--quiet mode).

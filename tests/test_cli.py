@@ -49,3 +49,16 @@ def test_unknown_model_path_is_a_clear_error(tmp_path):
     missing = tmp_path / "nope"
     rc = main(["inspect", str(missing)])
     assert rc == 2
+
+
+def test_overrides_may_follow_options():
+    from medlite.cli import _split_overrides
+
+    rest, ov = _split_overrides(["build", "r.yaml", "--model", "ckpt", "export.precision=fp32", "--json",
+                                 "check.min_agreement=0.9"])
+    assert ov == ["export.precision=fp32", "check.min_agreement=0.9"]
+    assert rest == ["build", "r.yaml", "--model", "ckpt", "--json"]
+    # an option's value that looks like key=value stays the option's value
+    rest, ov = _split_overrides(["build", "r.yaml", "--out", "a=b"])
+    assert ov == [] and rest[-1] == "a=b"
+    assert _split_overrides(["inspect", "x=y"]) == (["inspect", "x=y"], [])
