@@ -139,21 +139,6 @@ def encode_sample(tok, question: str, answer: Optional[str], image_token_id: int
     return prompt + ans, [-100] * len(prompt) + ans
 
 
-def _pixel_bank(samples, ctx) -> tuple[np.ndarray, list[int]]:
-    """Render each distinct image once: uint8 ``[n_views, size, size, 3]`` + each sample's row."""
-    rows: dict[int, int] = {}
-    images, index = [], []
-    with ctx.progress("render views", total=len(samples)) as advance:
-        for s in samples:
-            key = id(s.image_fn)
-            if key not in rows:
-                rows[key] = len(images)
-                images.append(np.asarray(s.load_image().convert("RGB"), dtype=np.uint8))
-            index.append(rows[key])
-            advance()
-    return np.stack(images), index
-
-
 def _normalise(u8, spec: ImageSpec):
     """uint8 NHWC (already ``size`` square) → normalised NCHW float32, as ``preprocess`` does."""
     import torch
@@ -162,103 +147,6 @@ def _normalise(u8, spec: ImageSpec):
     mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
     return (x.to(torch.float32) - mean) / std
-
-
-_MODALITIES = ("CT", "MR", "CR", "US", "NM", "fundus", "pathology")
-
-
-def _token_labels(placement, size: int, patch: int):
-    """Per-patch lesion class (0 none, 1/2 bright left/right, 3/4 dark left/right), row-major."""
-    import torch
-
-    g = size // patch
-    if placement is None:
-        return torch.zeros(g * g, dtype=torch.long)
-    yy, xx = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
-    disc = ((xx - placement.cx) ** 2 + (yy - placement.cy) ** 2 <= placement.radius ** 2).float()
-    frac = torch.nn.functional.avg_pool2d(disc[None, None], patch)[0, 0].flatten()
-    cls = (1 if placement.cx < size / 2 else 2) + (0 if placement.bright else 2)
-    return torch.where(frac >= 0.1, cls, 0)
-
-
-def _view_targets(samples, img_index: list[int], n_views: int, recipe: DemoRecipe):
-    """Per-view labels for the vision warm-up.
-
-    ``global`` [n, 5]: modality, region, colour, lesion (none/left/right), polarity (-100 = none);
-    ``tokens`` [n, patches]: :func:`_token_labels` of the lesion actually drawn.
-    """
-    import torch
-
-    from medlite.calibration.micro_vqa import REGION_PHRASES
-
-    regions = sorted(REGION_PHRASES)
-    t = torch.full((n_views, 5), -100, dtype=torch.long)
-    tok = torch.zeros((n_views, recipe.num_image_tokens), dtype=torch.long)
-    done: set[int] = set()
-    for s, row in zip(samples, img_index):
-        if row in done:
-            continue
-        done.add(row)
-        m = dict(s.meta)
-        t[row, 0] = _MODALITIES.index(s.modality) if s.modality in _MODALITIES else -100
-        t[row, 1] = regions.index(s.region) if s.region in regions else -100
-        t[row, 2] = int(bool(m.get("is_color", False)))
-        side = m.get("lesion_side")
-        t[row, 3] = 0 if side is None else (1 if side == "left" else 2)
-        t[row, 4] = -100 if side is None else int(bool(m.get("lesion_bright")))
-        place = getattr(s.image_fn, "placement", None)
-        if place is not None:
-            tok[row] = _token_labels(place(), recipe.image_size, recipe.patch_size)
-    return {"global": t, "tokens": tok}, (len(_MODALITIES), len(regions), 2, 3, 2)
-
-
-def _warm_up_vision(model, pixels_u8, targets, sizes, recipe: DemoRecipe, ctx) -> list[float]:
-    """Stage 1: train the vision tower alone with linear probes on its last layer.
-
-    LLaVA pre-trains its projector on a frozen, already-trained tower; the demo has no pre-trained
-    tower, and every Micro Med-VQA question type is balanced so that neither the question nor the
-    image alone predicts the answer (an XOR of the two). A decoder trained from scratch on such data
-    sits at chance for hundreds of steps. So the tower is trained first, with
-
-    * probes on the *mean* of the tokens (modality, region, colour, lesion side, polarity): the
-      tower spreads these into every token, where the decoder's initially uniform attention sees
-      them;
-    * a per-token probe of where the lesion was drawn (dense labels: 49 per image), which makes
-      lesion detection a *local* feature, the kind that carries over to anatomy never seen in
-      training.
-
-    The probes are discarded.
-    """
-    import torch
-
-    tower = model.model.vision_tower
-    heads = torch.nn.ModuleList([torch.nn.Linear(recipe.vision_hidden, k) for k in sizes])
-    token_head = torch.nn.Linear(recipe.vision_hidden, 5)
-    params = list(tower.parameters()) + list(heads.parameters()) + list(token_head.parameters())
-    opt = torch.optim.AdamW(params, lr=recipe.vision_lr, weight_decay=recipe.weight_decay)
-    token_weight = torch.tensor([1.0, 8.0, 8.0, 8.0, 8.0])  # lesion patches are ~2 % of all patches
-    gen = torch.Generator().manual_seed(recipe.seed + 1)
-    order: list[int] = []
-    losses = []
-    with ctx.progress("warm up vision tower", total=recipe.vision_steps) as advance:
-        for step in range(recipe.vision_steps):
-            if len(order) < recipe.vision_batch:
-                order += torch.randperm(len(pixels_u8), generator=gen).tolist()
-            batch, order = order[:recipe.vision_batch], order[recipe.vision_batch:]
-            feats = tower(_normalise(pixels_u8[batch], IMAGE_SPEC), output_hidden_states=True).hidden_states[-1]
-            pooled = feats.mean(dim=1)
-            y = targets["global"][batch]
-            loss = sum(torch.nn.functional.cross_entropy(h(pooled), y[:, k], ignore_index=-100)
-                       for k, h in enumerate(heads))
-            ty = targets["tokens"][batch]
-            loss = loss + torch.nn.functional.cross_entropy(token_head(feats).flatten(0, 1), ty.flatten(),
-                                                            weight=token_weight)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-            advance()
-    return losses
 
 
 def _per_sample_loss(logits, labels):
@@ -296,20 +184,21 @@ def train_demo(samples, recipe: DemoRecipe, *, ctx, on_step=None):
         image_id = tok.token_to_id("<image>")
         assert image_id == text_vocab, (image_id, text_vocab)
         n_img = recipe.num_image_tokens
-        pixels_u8, img_index = _pixel_bank(samples, ctx)
-        if pixels_u8.shape[1] != recipe.image_size:
-            raise ValueError(f"samples are rendered at {pixels_u8.shape[1]} px, the recipe wants {recipe.image_size}")
+        from medlite.calibration.demo_vision import render_views, warm_up_vision
+
+        bank = render_views(samples, ctx)
+        if bank.shown.shape[1] != recipe.image_size:
+            raise ValueError(f"samples are rendered at {bank.shown.shape[1]} px, the recipe wants {recipe.image_size}")
+        img_index = list(bank.index)
         encoded = [encode_sample(tok, s.question, s.answer, image_id, n_img) for s in samples]
-        rows = list(img_index)
         if recipe.captions:
             first_of_view: dict[int, object] = {}
-            for s, r in zip(samples, img_index):
+            for s, r in zip(samples, bank.index):
                 first_of_view.setdefault(r, s)
             for r, s in sorted(first_of_view.items()):
                 encoded.append(encode_sample(tok, CAPTION_QUESTION, caption_for(s), image_id, n_img))
-                rows.append(r)
-        img_index = rows
-        pixels_u8 = torch.from_numpy(pixels_u8)
+                img_index.append(r)
+        pixels_u8 = torch.from_numpy(bank.shown)
         t_data = time.perf_counter() - t0
 
         torch.manual_seed(recipe.seed)
@@ -318,8 +207,7 @@ def train_demo(samples, recipe: DemoRecipe, *, ctx, on_step=None):
         model.train()
         vision_losses = []
         if recipe.vision_steps:
-            targets, sizes = _view_targets(samples, img_index, len(pixels_u8), recipe)
-            vision_losses = _warm_up_vision(model, pixels_u8, targets, sizes, recipe, ctx)
+            vision_losses = warm_up_vision(model, bank, recipe, ctx, lambda u8: _normalise(u8, IMAGE_SPEC))
             if on_step is not None:
                 on_step(0, sum(vision_losses[-10:]) / len(vision_losses[-10:]))
         tower_ids = {id(p) for p in model.model.vision_tower.parameters()}
@@ -336,7 +224,7 @@ def train_demo(samples, recipe: DemoRecipe, *, ctx, on_step=None):
         gen = torch.Generator().manual_seed(recipe.seed)
         order: list[int] = []
         losses: list[tuple[int, float]] = []
-        running = 0.0
+        running, since = 0.0, 0
         with ctx.progress("train demo model", total=recipe.steps) as advance:
             for step in range(recipe.steps):
                 if len(order) < recipe.batch_size:
@@ -359,9 +247,10 @@ def train_demo(samples, recipe: DemoRecipe, *, ctx, on_step=None):
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
                 running += float(loss.detach())
-                if (step + 1) % 25 == 0:
-                    losses.append((step + 1, running / 25))
-                    running = 0.0
+                since += 1
+                if (step + 1) % 25 == 0 or step + 1 == recipe.steps:
+                    losses.append((step + 1, running / since))
+                    running, since = 0.0, 0
                     if on_step is not None:
                         on_step(step + 1, losses[-1][1])
                 advance()

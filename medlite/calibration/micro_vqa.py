@@ -35,7 +35,7 @@ from medlite.calibration.types import CLOSED, MedImage, VqaSample
 from medlite.errors import DataError
 
 IMAGE_SIZE = 112            # the demo model's input size; views are rendered at this size
-VERSION = "micro-med-vqa/3"  # bump when anything below changes the generated data
+VERSION = "micro-med-vqa/4"  # bump when anything below changes the generated data
 
 # One held-out source per modality that has >= 2 sources, chosen so that its modality (and where
 # possible its region) is also represented in training: CT abdomen (train: CT head/spine, MR
@@ -159,27 +159,27 @@ def _place_lesion(arr: np.ndarray, lesion: Lesion, rng: np.random.Generator) -> 
     """Pick a centre on the requested side where the lesion shows against the local anatomy.
 
     Bright lesions prefer mid/dark tissue (local mean 25–160), dark ones brighter tissue (90–235),
-    so the lesion is inside the anatomy rather than on an empty background, and visible.
+    so the lesion is inside the anatomy rather than on an empty background, and visible. Local
+    means of every candidate square come from one integral image (vectorised: the demo model's
+    vision warm-up places thousands of lesions).
     """
     size = arr.shape[0]
     radius = float(rng.uniform(0.12, 0.17) * size)
-    grey = arr.mean(axis=2)
     r = int(round(radius))
     margin, gap = r + 3, r + 4          # keep the whole disc inside its half
-    xs = range(margin, size // 2 - gap + 1, 3) if lesion.side == "left" else range(size // 2 + gap, size - margin, 3)
-    ys = range(margin, size - margin, 3)
+    xs = np.arange(margin, size // 2 - gap + 1, 3) if lesion.side == "left" else np.arange(size // 2 + gap, size - margin, 3)
+    ys = np.arange(margin, size - margin, 3)
+    integral = np.zeros((size + 1, size + 1))
+    integral[1:, 1:] = arr.mean(axis=2).cumsum(0).cumsum(1)
+    cy, cx = (g.ravel() for g in np.meshgrid(ys, xs, indexing="ij"))
+    y0, y1, x0, x1 = cy - r, cy + r + 1, cx - r, cx + r + 1
+    means = (integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]) / float((2 * r + 1) ** 2)
     lo, hi = (25.0, 160.0) if lesion.bright else (90.0, 235.0)
-    cands, dist = [], []
-    for cy in ys:
-        for cx in xs:
-            m = float(grey[cy - r:cy + r + 1, cx - r:cx + r + 1].mean())
-            cands.append((cx, cy))
-            dist.append(max(lo - m, 0.0, m - hi))
-    dist = np.asarray(dist)
+    dist = np.maximum(np.maximum(lo - means, 0.0), means - hi)
     good = np.flatnonzero(dist == 0) if (dist == 0).any() else np.argsort(dist, kind="stable")[:3]
-    cx, cy = cands[int(good[rng.integers(len(good))])]
+    k = int(good[rng.integers(len(good))])
     jitter = rng.uniform(-1, 1, size=2)
-    return Placement(cx + float(jitter[0]), cy + float(jitter[1]), radius, lesion.bright)
+    return Placement(float(cx[k]) + float(jitter[0]), float(cy[k]) + float(jitter[1]), radius, lesion.bright)
 
 
 def _draw_lesion(arr: np.ndarray, p: Placement, rng: np.random.Generator) -> np.ndarray:
@@ -190,12 +190,44 @@ def _draw_lesion(arr: np.ndarray, p: Placement, rng: np.random.Generator) -> np.
     recognise it on anatomy it has never seen.
     """
     size = arr.shape[0]
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    d = np.hypot(xx - p.cx, yy - p.cy)
-    alpha = 0.85 * np.clip((p.radius - d) / 1.5, 0.0, 1.0)
-    alpha = alpha[..., None]
     target = float(rng.uniform(215, 250)) if p.bright else float(rng.uniform(0, 25))
-    return np.clip(arr * (1.0 - alpha) + alpha * target, 0, 255)
+    y0, y1 = max(0, int(p.cy - p.radius) - 2), min(size, int(p.cy + p.radius) + 3)
+    x0, x1 = max(0, int(p.cx - p.radius) - 2), min(size, int(p.cx + p.radius) + 3)
+    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+    alpha = (0.85 * np.clip((p.radius - np.hypot(xx - p.cx, yy - p.cy)) / 1.5, 0.0, 1.0))[..., None]
+    out = np.array(arr, dtype=np.float32, copy=True)
+    out[y0:y1, x0:x1] = np.clip(out[y0:y1, x0:x1] * (1.0 - alpha) + alpha * target, 0, 255)
+    return out
+
+
+def add_lesion(arr: np.ndarray, lesion: Lesion, rng: np.random.Generator) -> tuple[np.ndarray, Placement]:
+    """Place and draw one lesion on a float ``[H, W, 3]`` 0..255 image (the generator's own rules).
+
+    Used by :func:`render_view` and by the demo model's vision warm-up, which draws fresh lesions on
+    lesion-free views so the tower sees many more lesion placements than the dataset holds.
+    """
+    placement = _place_lesion(arr, lesion, rng)
+    return _draw_lesion(arr, placement, rng), placement
+
+
+def _to_image(arr: np.ndarray, is_color: bool):
+    from PIL import Image
+
+    if not is_color:
+        arr = np.repeat(arr.mean(axis=2, keepdims=True), 3, axis=2)  # stay exactly grey
+    return Image.fromarray(arr.round().astype(np.uint8), "RGB")
+
+
+def _render_both(view: View, bank: SourceBank, size: int):
+    """``(image without lesion, placement or None, image as the samples show it)``."""
+    rng = _rng("view", view.seed, view.key)
+    arr = _photometric(_geometric(bank.array(view.source_index), rng, size), rng)
+    is_color = bank.images[view.source_index].is_color
+    clean = _to_image(arr, is_color)
+    if view.lesion is None:
+        return clean, None, clean
+    drawn, placement = add_lesion(arr, view.lesion, rng)
+    return clean, placement, _to_image(drawn, is_color)
 
 
 def render_view(view: View, bank: SourceBank, *, size: int = IMAGE_SIZE, with_lesion: bool = True):
@@ -204,18 +236,8 @@ def render_view(view: View, bank: SourceBank, *, size: int = IMAGE_SIZE, with_le
     ``with_lesion=False`` renders the identical view without its lesion (used by tests to check
     that the lesion really is where the answers say).
     """
-    from PIL import Image
-
-    rng = _rng("view", view.seed, view.key)
-    arr = _photometric(_geometric(bank.array(view.source_index), rng, size), rng)
-    placement = None
-    if view.lesion is not None:
-        placement = _place_lesion(arr, view.lesion, rng)
-        if with_lesion:
-            arr = _draw_lesion(arr, placement, rng)
-    if not bank.images[view.source_index].is_color:
-        arr = np.repeat(arr.mean(axis=2, keepdims=True), 3, axis=2)  # stay exactly grey
-    return Image.fromarray(arr.round().astype(np.uint8), "RGB"), placement
+    clean, placement, shown = _render_both(view, bank, size)
+    return (shown if with_lesion else clean), placement
 
 
 class _Balancer:
@@ -346,22 +368,29 @@ def micro_med_vqa(split: str = "train", *, seed: int = 0, ctx=None, size: int = 
 class ViewImage:
     """The ``image_fn`` of the samples of one view: renders once, hands out copies.
 
-    ``placement()`` says where the view's lesion was drawn (None without one), for training code
-    that supervises lesion position (the demo model's vision warm-up) and for tests.
+    ``placement()`` says where the view's lesion was drawn (None without one) and ``background()``
+    is the same view without it, for training code (the demo model's vision warm-up) and tests.
     """
 
     def __init__(self, view: View, bank: SourceBank, size: int):
         self.view, self.bank, self.size = view, bank, size
-        self._img, self._placement = None, None
+        self._rendered = None
 
-    def _render(self) -> None:
-        if self._img is None:
-            self._img, self._placement = render_view(self.view, self.bank, size=self.size)
+    def _render(self):
+        if self._rendered is None:
+            self._rendered = _render_both(self.view, self.bank, self.size)
+        return self._rendered
 
     def __call__(self):
-        self._render()
-        return self._img.copy()
+        return self._render()[2].copy()
 
     def placement(self) -> Optional[Placement]:
-        self._render()
-        return self._placement
+        return self._render()[1]
+
+    def background(self):
+        """The view without its lesion (PIL RGB)."""
+        return self._render()[0].copy()
+
+    @property
+    def is_color(self) -> bool:
+        return self.bank.images[self.view.source_index].is_color
