@@ -29,7 +29,7 @@ from pathlib import Path
 
 from medlite.calibration.demo_train import TEMPLATE, DemoRecipe, image_spec_for
 
-TOWER_REPO = "medlite/siglip-micro-patch16-112"
+TOWER_REPO = "medlite/siglip-micro-patch8-56"
 MARKER = "medlite_demo.json"          # written last; its presence means the folder is complete
 MIN_ACCURACY = 0.85                   # held-out closed accuracy the demo model must reach
 _HASHED_MODULES = ("medlite.calibration.micro_vqa", "medlite.calibration.builtin", "medlite.calibration.demo_tokenizer",

@@ -38,10 +38,10 @@ def image_spec_for(recipe: "DemoRecipe") -> ImageSpec:
 class DemoRecipe:
     """Architecture and training hyper-parameters (all of it goes into the cache key)."""
 
-    # vision tower (SigLIP-style): 112 px / patch 16 -> 7 x 7 = 49 image tokens
+    # vision tower (SigLIP-style): 56 px / patch 8 -> 7 x 7 = 49 image tokens
     image_size: int = IMAGE_SIZE
-    patch_size: int = 16
-    vision_hidden: int = 128
+    patch_size: int = 8
+    vision_hidden: int = 96
     vision_layers: int = 2
     vision_heads: int = 4
     vision_intermediate: int = 384
@@ -53,15 +53,15 @@ class DemoRecipe:
     text_intermediate: int = 352
     vocab_size: int = 640
     # optimisation
-    steps: int = 700
+    steps: int = 1400
     batch_size: int = 32
     lr: float = 2e-3
     warmup: int = 40
     weight_decay: float = 0.01
-    vision_steps: int = 150       # stage 1: vision tower warm-up with linear probes
-    vision_batch: int = 64
+    vision_steps: int = 1000      # stage 1: vision tower warm-up with linear probes
+    vision_batch: int = 32
     vision_lr: float = 2e-3
-    tower_lr_scale: float = 0.3   # stage 2 keeps the warmed-up features (smaller steps)
+    tower_lr_scale: float = 0.0   # stage 2 keeps the warmed-up tower frozen (it generalises; tuned, it memorises sources)
     captions: bool = True         # mix image descriptions into stage 2 (see caption_for)
     threads: int = 2
     seed: int = 0
@@ -89,26 +89,52 @@ def tokenizer_corpus() -> list[str]:
 CAPTION_QUESTION = "Describe the image."
 
 
-def caption_for(sample) -> str:
+def caption_for(sample, lesion="view") -> str:
     """A one-sentence description of a Micro Med-VQA view (the stage-2 caption target).
 
     LLaVA aligns image features with words on image–caption pairs before instruction tuning; the
     demo does the same on these captions, mixed into the question–answer batches. Every word of a
     caption is predictable from the image alone, so the decoder learns to read the image long
     before it can solve the balanced yes/no questions (where only question *and* image together
-    predict the answer).
+    predict the answer). ``lesion`` is the lesion actually drawn (a ``Lesion`` or None); the
+    default describes the view's own.
     """
-    from medlite.calibration.micro_vqa import MODALITY_NAMES, REGION_PHRASES
+    from medlite.calibration.micro_vqa import MODALITY_NAMES, REGION_PHRASES, Lesion
 
     m = dict(sample.meta)
+    if lesion == "view":
+        lesion = None if m.get("lesion_side") is None else Lesion(m["lesion_side"], bool(m.get("lesion_bright")))
     text = MODALITY_NAMES.get(sample.modality, "medical image").capitalize()
     if sample.region in REGION_PHRASES:
         text += f" of {REGION_PHRASES[sample.region]}"
     text += ", colour" if m.get("is_color") else ", greyscale"
-    side = m.get("lesion_side")
-    if side is None:
+    if lesion is None:
         return text + ", no lesion."
-    return text + f", with a {'bright' if m.get('lesion_bright') else 'dark'} lesion on the {side} side."
+    return text + f", with a {'bright' if lesion.bright else 'dark'} lesion on the {lesion.side} side."
+
+
+def _fresh_example(sample, kind: str, bank, row: int, rng, textures) -> tuple:
+    """``(uint8 image, answer text)`` for a lesion / colour question or a caption asked about a
+    freshly drawn lesion (and, except for captions, maybe another background: see
+    :func:`medlite.calibration.demo_vision.random_background`)."""
+    from medlite.calibration.demo_vision import fresh_lesion, random_background
+
+    q = sample.question.lower()
+    if kind == "caption":
+        arr, is_color = bank.clean[row].astype(np.float32), bool(bank.is_color[row])
+    else:
+        arr, is_color = random_background(bank, row, rng, textures)
+    present = kind in ("lesion_side", "lesion_brightness") or bool(rng.random() < 0.5)
+    img, lesion = fresh_lesion(arr, is_color, rng, present=present)
+    if kind == "caption":
+        return img, caption_for(sample, lesion)
+    if kind == "colour":
+        return img, "Yes" if (("colour" in q) == is_color) else "No"
+    if kind == "lesion":
+        return img, "Yes" if lesion is not None else "No"
+    if kind == "lesion_side":
+        return img, "Yes" if (("left" in q) == (lesion.side == "left")) else "No"
+    return img, "Yes" if (("bright" in q) == lesion.bright) else "No"
 
 
 def build_config(recipe: DemoRecipe, text_vocab: int):
@@ -191,6 +217,9 @@ def train_demo(samples, recipe: DemoRecipe, *, ctx, on_step=None):
             raise ValueError(f"samples are rendered at {bank.shown.shape[1]} px, the recipe wants {recipe.image_size}")
         img_index = list(bank.index)
         encoded = [encode_sample(tok, s.question, s.answer, image_id, n_img) for s in samples]
+        # lesion questions (and captions) are asked about a lesion drawn afresh at every step
+        fresh: list = [(s, dict(s.meta).get("question_type")) for s in samples]
+        fresh = [(s, k) if k in ("colour", "lesion", "lesion_side", "lesion_brightness") else None for s, k in fresh]
         if recipe.captions:
             first_of_view: dict[int, object] = {}
             for s, r in zip(samples, bank.index):
@@ -198,6 +227,12 @@ def train_demo(samples, recipe: DemoRecipe, *, ctx, on_step=None):
             for r, s in sorted(first_of_view.items()):
                 encoded.append(encode_sample(tok, CAPTION_QUESTION, caption_for(s), image_id, n_img))
                 img_index.append(r)
+                fresh.append((s, "caption"))
+        prompts = [x[: len(x) - sum(1 for v in y if v != -100)] for x, y in encoded]
+        lesion_rng = np.random.default_rng(recipe.seed + 3)
+        from medlite.calibration.demo_vision import texture_backgrounds
+
+        textures = texture_backgrounds(recipe.image_size, seed=recipe.seed + 4)
         pixels_u8 = torch.from_numpy(bank.shown)
         t_data = time.perf_counter() - t0
 
@@ -230,14 +265,23 @@ def train_demo(samples, recipe: DemoRecipe, *, ctx, on_step=None):
                 if len(order) < recipe.batch_size:
                     order += torch.randperm(len(encoded), generator=gen).tolist()
                 batch, order = order[:recipe.batch_size], order[recipe.batch_size:]
-                width = max(len(encoded[i][0]) for i in batch)
+                rows, images = [], []
+                for i in batch:
+                    if fresh[i] is None:
+                        rows.append(encoded[i])
+                        images.append(pixels_u8[img_index[i]])
+                        continue
+                    img, answer = _fresh_example(fresh[i][0], fresh[i][1], bank, img_index[i], lesion_rng, textures)
+                    ans = tok.encode(answer, add_special_tokens=False).ids + [EOS]
+                    rows.append((prompts[i] + ans, [-100] * len(prompts[i]) + ans))
+                    images.append(torch.from_numpy(img))
+                width = max(len(x) for x, _ in rows)
                 ids = torch.full((len(batch), width), PAD, dtype=torch.long)
                 labels = torch.full((len(batch), width), -100, dtype=torch.long)
                 mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for r, i in enumerate(batch):
-                    x, y = encoded[i]
+                for r, (x, y) in enumerate(rows):
                     ids[r, :len(x)], labels[r, :len(y)], mask[r, :len(x)] = torch.tensor(x), torch.tensor(y), 1
-                pix = _normalise(pixels_u8[[img_index[i] for i in batch]], IMAGE_SPEC)
+                pix = _normalise(torch.stack(images), IMAGE_SPEC)
                 for g in opt.param_groups:
                     g["lr"] = lr_at(step) * g["scale"]
                 logits = model(input_ids=ids, attention_mask=mask, pixel_values=pix).logits

@@ -90,7 +90,39 @@ def _mosaic(bank: ViewBank, rows, size: int) -> tuple[np.ndarray, bool]:
     return out, bool(bank.is_color[list(rows)].any())
 
 
-def warmup_batch(bank: ViewBank, rows, rng: np.random.Generator, patch: int):
+# Non-medical photographs that ship inside the scikit-image wheel (skimage/data/): backgrounds for
+# the lesion detector only (never a Micro Med-VQA question). Coins are round and bright, text and
+# bricks are high-contrast edges: the hard negatives a dozen medical sources do not provide.
+TEXTURE_FILES = ("brick.png", "camera.png", "cell.png", "coins.png", "grass.png", "gravel.png", "moon.png",
+                 "page.png", "text.png", "phantom.png", "hubble_deep_field.jpg", "chelsea.png", "coffee.png",
+                 "astronaut.png", "horse.png", "rocket.jpg", "motorcycle_left.png", "clock_motion.png")
+
+
+def texture_backgrounds(size: int, per_file: int = 24, seed: int = 0) -> np.ndarray:
+    """Random crops (20–100 % of the short side, resized to ``size``) of :data:`TEXTURE_FILES`,
+    uint8 ``[n, size, size, 3]``; files missing from the installed wheel are skipped."""
+    from importlib.resources import files
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for name in TEXTURE_FILES:
+        try:
+            img = Image.open(files("skimage") / "data" / name).convert("RGB")
+        except (FileNotFoundError, ModuleNotFoundError, OSError):
+            continue
+        w, h = img.size
+        for _ in range(per_file):
+            c = int(min(w, h) * rng.uniform(0.2, 1.0))
+            x0, y0 = int(rng.integers(0, w - c + 1)), int(rng.integers(0, h - c + 1))
+            crop = img.crop((x0, y0, x0 + c, y0 + c)).resize((size, size), Image.Resampling.BICUBIC)
+            out.append(np.asarray(crop, dtype=np.uint8))
+    return np.stack(out) if out else np.zeros((0, size, size, 3), np.uint8)
+
+
+def warmup_batch(bank: ViewBank, rows, rng: np.random.Generator, patch: int, recipe_mosaic: float = 0.125,
+                 recipe_invert: float = 0.125, textures: np.ndarray | None = None, recipe_texture: float = 0.25):
     """``(uint8 images [B,H,W,3], global targets [B,5], token targets [B,P])`` for one step."""
     from medlite.calibration.micro_vqa import Lesion, add_lesion
 
@@ -100,9 +132,14 @@ def warmup_batch(bank: ViewBank, rows, rng: np.random.Generator, patch: int):
     for r in rows:
         kind = rng.random()
         g = [-100, -100, -100, 0, -100]
-        if kind < 0.125:
+        if textures is not None and len(textures) and kind < recipe_texture:
+            t = textures[int(rng.integers(len(textures)))].astype(np.float32)
+            t = t[:, ::-1] if rng.random() < 0.5 else t
+            is_color = bool(rng.random() < 0.5)
+            arr = np.ascontiguousarray(255.0 - t if rng.random() < 0.3 else t)
+        elif kind < recipe_texture * (textures is not None) + recipe_mosaic:
             arr, is_color = _mosaic(bank, [r] + [int(x) for x in rng.integers(0, n, 3)], size)
-        elif kind < 0.25:
+        elif kind < recipe_texture * (textures is not None) + recipe_mosaic + recipe_invert:
             arr, is_color = 255.0 - bank.clean[r].astype(np.float32), bool(bank.is_color[r])
         else:
             arr, is_color = bank.clean[r].astype(np.float32), bool(bank.is_color[r])
@@ -114,10 +151,55 @@ def warmup_batch(bank: ViewBank, rows, rng: np.random.Generator, patch: int):
             g[3], g[4] = (1 if lesion.side == "left" else 2), int(lesion.bright)
         if not is_color:
             arr = np.repeat(arr.mean(axis=2, keepdims=True), 3, axis=2)
+        g[2] = int(is_color)  # known for every kind of image: colour must be a pixel feature, not a source
         images.append(np.clip(arr, 0, 255).round().astype(np.uint8))
         glob.append(g)
         toks.append(token_labels(placement, size, patch))
     return np.stack(images), np.asarray(glob, dtype=np.int64), np.stack(toks)
+
+
+def dark_ok(clean: np.ndarray) -> bool:
+    """Whether a dark lesion shows on this lesion-free image (Micro Med-VQA's rule, per image)."""
+    return float((np.asarray(clean, dtype=np.float32).mean(axis=2) >= 90).mean()) >= 0.10
+
+
+def random_background(bank: ViewBank, row: int, rng: np.random.Generator, textures=None,
+                      p_other: float = 0.4) -> tuple[np.ndarray, bool]:
+    """``(float image, is_colour)``: view ``row`` without its lesion, or (with ``p_other``) a
+    texture crop, the view inverted or a mosaic — the warm-up's backgrounds, so that stage 2 also
+    asks about images that identify no training source."""
+    kind = rng.random()
+    if kind >= p_other:
+        return bank.clean[row].astype(np.float32), bool(bank.is_color[row])
+    kind /= p_other
+    if textures is not None and len(textures) and kind < 0.5:
+        t = textures[int(rng.integers(len(textures)))].astype(np.float32)
+        is_color = bool(rng.random() < 0.5)
+        if not is_color:
+            t = np.repeat(t.mean(axis=2, keepdims=True), 3, axis=2)
+        return np.ascontiguousarray(t[:, ::-1] if rng.random() < 0.5 else t), is_color
+    if kind < 0.75:
+        return 255.0 - bank.clean[row].astype(np.float32), bool(bank.is_color[row])
+    return _mosaic(bank, [row] + [int(x) for x in rng.integers(0, len(bank.clean), 3)], bank.clean.shape[1])
+
+
+def fresh_lesion(arr: np.ndarray, is_color: bool, rng: np.random.Generator, *, present: bool = True):
+    """``(uint8 image, Lesion or None)``: ``arr`` with a new random lesion drawn on it (or none).
+
+    Stage 2 asks the lesion questions about a lesion drawn afresh at every step (same rules as the
+    dataset: :func:`medlite.calibration.micro_vqa.add_lesion`): with one fixed lesion per view the
+    decoder memorises views instead of reading the tower's lesion features.
+    """
+    from medlite.calibration.micro_vqa import Lesion, add_lesion
+
+    lesion = None
+    if present:
+        bright = bool(rng.random() < 0.5) or not dark_ok(arr)
+        lesion = Lesion(side="left" if rng.random() < 0.5 else "right", bright=bright)
+        arr, _ = add_lesion(arr, lesion, rng)
+    if not is_color:
+        arr = np.repeat(arr.mean(axis=2, keepdims=True), 3, axis=2)
+    return np.clip(arr, 0, 255).round().astype(np.uint8), lesion
 
 
 def warm_up_vision(model, bank: ViewBank, recipe, ctx, normalise, *, return_probes: bool = False):
@@ -139,18 +221,29 @@ def warm_up_vision(model, bank: ViewBank, recipe, ctx, normalise, *, return_prob
     rng = np.random.default_rng(recipe.seed + 2)
     order: list[int] = []
     losses: list[float] = []
+    textures = texture_backgrounds(bank.clean.shape[1], seed=recipe.seed)
     with ctx.progress("warm up vision tower", total=recipe.vision_steps) as advance:
         for _ in range(recipe.vision_steps):
             if len(order) < recipe.vision_batch:
                 order += torch.randperm(len(bank.clean), generator=gen).tolist()
             rows, order = order[:recipe.vision_batch], order[recipe.vision_batch:]
-            imgs, glob, toks = warmup_batch(bank, rows, rng, recipe.patch_size)
-            feats = tower(normalise(torch.from_numpy(imgs)), output_hidden_states=True).hidden_states[-1]
-            pooled = feats.mean(dim=1)
+            imgs, glob, toks = warmup_batch(bank, rows, rng, recipe.patch_size, textures=textures)
+            states = tower(normalise(torch.from_numpy(imgs)), output_hidden_states=True).hidden_states
+            local, feats = states[-2], states[-1]
+            # what the whole image shows from the mean of the tokens; whether / where / how bright a
+            # lesion is from their max (a few tokens carry it; averaging 49 of them drowns it) ...
+            pooled = (feats.mean(dim=1),) * 3 + (feats.amax(dim=1),) * 2
             y = torch.from_numpy(glob)
-            loss = sum(torch.nn.functional.cross_entropy(h(pooled), y[:, k], ignore_index=-100)
+            loss = sum(torch.nn.functional.cross_entropy(h(pooled[k]), y[:, k], ignore_index=-100)
                        for k, h in enumerate(heads) if (y[:, k] != -100).any())
-            loss = loss + torch.nn.functional.cross_entropy(token_head(feats).flatten(0, 1),
+            # ... and in *every* output token too, so the decoder's attention finds it anywhere
+            t = feats.shape[1]
+            for k in (3, 4):
+                if (y[:, k] != -100).any():
+                    loss = loss + torch.nn.functional.cross_entropy(
+                        heads[k](feats).flatten(0, 1), y[:, k].repeat_interleave(t), ignore_index=-100)
+            # where the lesion is, one layer below the output (the last layer spreads it)
+            loss = loss + torch.nn.functional.cross_entropy(token_head(local).flatten(0, 1),
                                                             torch.from_numpy(toks).flatten(), weight=token_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()

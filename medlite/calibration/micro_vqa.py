@@ -6,7 +6,10 @@ image from :func:`medlite.calibration.builtin.builtin_images`:
 
 * ``modality`` – "Is this a CT scan?", asked about the true modality and about a wrong one;
 * ``region``   – "Is this an image of the chest?" (true region / a wrong one; sources whose region
-  is unknown get no region question);
+  is unknown get no region question). *Training split only*: the built-in set has one source per
+  region, except head and abdomen (each once as CT and once as MR) and eye (a colour and a
+  greyscale fundus), so a region on an unseen source cannot be learned from it — a held-out region
+  score would only measure which training source the image resembles;
 * ``colour``   – "Is this a colour image?" / "Is this a greyscale image?";
 * ``lesion``, ``lesion_side``, ``lesion_brightness`` – a synthetic round lesion (bright or dark,
   blended into the anatomy at a known place) is inserted into half of the views: "Is there a
@@ -34,9 +37,8 @@ import numpy as np
 from medlite.calibration.types import CLOSED, MedImage, VqaSample
 from medlite.errors import DataError
 
-IMAGE_SIZE = 112            # the demo model's input size; views are rendered at this size
-LESION_GRID = 7             # lesions are centred in a cell of a 7 x 7 grid (= the demo model's patches)
-VERSION = "micro-med-vqa/5"  # bump when anything below changes the generated data
+IMAGE_SIZE = 56             # the demo model's input size; views are rendered at this size
+VERSION = "micro-med-vqa/7"  # bump when anything below changes the generated data
 
 # One held-out source per modality that has >= 2 sources, chosen so that its modality (and where
 # possible its region) is also represented in training: CT abdomen (train: CT head/spine, MR
@@ -157,51 +159,63 @@ def _photometric(arr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def _place_lesion(arr: np.ndarray, lesion: Lesion, rng: np.random.Generator) -> Placement:
-    """Pick a cell of the :data:`LESION_GRID` on the requested side where the lesion shows.
+    """Pick a centre on the requested side where the lesion shows against the tissue around it.
 
-    The lesion is centred in one cell (±4 % jitter) with a radius of 36–45 % of the cell, so it
-    lies inside that cell. At the demo model's 112 px / patch 16 that is exactly one patch: a
-    ViT trained for minutes from scratch only learns patch-local templates, and with lesions
-    straddling patches held-out lesion detection stayed near 0.7. The middle column is never used
-    (left/right must be unambiguous). Bright lesions prefer mid/dark tissue (cell mean 25–160),
-    dark ones brighter tissue (90–235), so the lesion sits in the anatomy and is visible.
+    The radius is 10–13 % of the image (at the demo model's 112 px / patch 16: about two patches
+    across, 4–9 patch tokens touched). Smaller, patch-sized discs were tried first: a ViT trained
+    for minutes from scratch on a dozen sources confused them with round anatomy (vertebrae, bowel
+    gas) and held-out lesion detection stayed near 0.6–0.7. The whole disc (rim included) lies in
+    one half of the image, so left/right is unambiguous. Bright lesions go where the local mean
+    grey is 20–150, dark ones where it is 100–235 (the lesion sits in anatomy and is visible);
+    when no candidate qualifies, one of the three closest is used.
     """
     size = arr.shape[0]
-    cell = size / LESION_GRID
-    radius = float(rng.uniform(0.36, 0.45) * cell)
-    half = LESION_GRID // 2
-    cols = range(0, half) if lesion.side == "left" else range(LESION_GRID - half, LESION_GRID)
+    radius = float(rng.uniform(0.10, 0.13) * size)
+    margin = radius + 3.0
+    half = size / 2.0
+    xs = np.arange(margin, half - margin + 1e-6, 3.0)
+    if lesion.side == "right":
+        xs = size - xs
+    ys = np.arange(margin, size - margin + 1e-6, 3.0)
     grey = arr.mean(axis=2)
-    lo, hi = (25.0, 160.0) if lesion.bright else (90.0, 235.0)
+    integral = np.pad(grey, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+    r = int(round(radius))
+    lo, hi = (20.0, 150.0) if lesion.bright else (100.0, 235.0)
     cands, dist = [], []
-    for row in range(LESION_GRID):
-        for col in cols:
-            y0, x0 = int(round(row * cell)), int(round(col * cell))
-            m = float(grey[y0:int(round(y0 + cell)), x0:int(round(x0 + cell))].mean())
-            cands.append((row, col))
+    for cy in ys:
+        for cx in xs:
+            y0, y1 = max(0, int(cy) - r), min(size, int(cy) + r)
+            x0, x1 = max(0, int(cx) - r), min(size, int(cx) + r)
+            m = (integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]) / ((y1 - y0) * (x1 - x0))
+            cands.append((float(cx), float(cy)))
             dist.append(max(lo - m, 0.0, m - hi))
     dist = np.asarray(dist)
     good = np.flatnonzero(dist == 0) if (dist == 0).any() else np.argsort(dist, kind="stable")[:3]
-    row, col = cands[int(good[rng.integers(len(good))])]
-    jitter = rng.uniform(-0.04, 0.04, size=2) * cell
-    return Placement((col + 0.5) * cell + float(jitter[0]), (row + 0.5) * cell + float(jitter[1]), radius, lesion.bright)
+    cx, cy = cands[int(good[rng.integers(len(good))])]
+    return Placement(cx, cy, radius, lesion.bright)
 
 
 def _draw_lesion(arr: np.ndarray, p: Placement, rng: np.random.Generator) -> np.ndarray:
-    """Blend a soft-edged disc towards near-white (bright) or near-black (dark).
+    """Blend a soft-edged disc towards near-white (bright) or near-black (dark), with a thin rim
+    of the opposite polarity.
 
-    15 % of the underlying texture is kept (the lesion sits *in* the tissue); the strong, uniform
-    contrast is what lets a few-million-parameter model learn "lesion" from a dozen sources and
-    recognise it on anatomy it has never seen.
+    10 % of the underlying texture is kept (the lesion sits *in* the tissue). The rim (a "halo",
+    2 px) is what sets the lesion apart from round anatomy of the same brightness; "bright" and
+    "dark" always describe the core.
     """
     size = arr.shape[0]
-    target = float(rng.uniform(215, 250)) if p.bright else float(rng.uniform(0, 25))
-    y0, y1 = max(0, int(p.cy - p.radius) - 2), min(size, int(p.cy + p.radius) + 3)
-    x0, x1 = max(0, int(p.cx - p.radius) - 2), min(size, int(p.cx + p.radius) + 3)
+    core = float(rng.uniform(225, 255)) if p.bright else float(rng.uniform(0, 20))
+    rim = float(rng.uniform(0, 30)) if p.bright else float(rng.uniform(225, 255))
+    outer = p.radius + 2.0
+    y0, y1 = max(0, int(p.cy - outer) - 2), min(size, int(p.cy + outer) + 3)
+    x0, x1 = max(0, int(p.cx - outer) - 2), min(size, int(p.cx + outer) + 3)
     yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
-    alpha = (0.85 * np.clip((p.radius - np.hypot(xx - p.cx, yy - p.cy)) / 1.5, 0.0, 1.0))[..., None]
+    d = np.hypot(xx - p.cx, yy - p.cy)
+    a_core = (0.9 * np.clip((p.radius - d) / 1.5, 0.0, 1.0))[..., None]
+    a_rim = (0.9 * np.clip((outer - d) / 1.0, 0.0, 1.0))[..., None] - a_core
     out = np.array(arr, dtype=np.float32, copy=True)
-    out[y0:y1, x0:x1] = np.clip(out[y0:y1, x0:x1] * (1.0 - alpha) + alpha * target, 0, 255)
+    patch = out[y0:y1, x0:x1]
+    out[y0:y1, x0:x1] = np.clip(patch * (1.0 - a_core - a_rim) + a_core * core + a_rim * rim, 0, 255)
     return out
 
 
@@ -296,8 +310,7 @@ def _questions(view: View, img: MedImage, regions: list[str], bal: _Balancer,
                rng: np.random.Generator) -> list[tuple[str, str, str]]:
     """``(question_type, question, answer)`` rows for one view, answers drawn by the balancer.
 
-    ``regions`` are the regions of the *training* sources: only they are asked about (as the true
-    or the wrong region), because a region seen in no training image cannot be recognised.
+    ``regions`` are the regions asked about (as the true or the wrong one): none on held-out images.
     """
     pick = lambda qs: qs[int(rng.integers(len(qs)))]  # noqa: E731
     rows = []
@@ -352,7 +365,7 @@ def micro_med_vqa(split: str = "train", *, seed: int = 0, ctx=None, size: int = 
                 + micro_med_vqa("test", seed=seed, ctx=ctx, size=size))
     images = builtin_images(strict=True, ctx=ctx)
     bank = SourceBank(images)
-    regions = sorted({im.region for im in images if im.image_id not in TEST_SOURCES} & set(REGION_PHRASES))
+    regions = [] if split == "test" else sorted({im.region for im in images} & set(REGION_PHRASES))
     bal, rng = _Balancer(_rng("answers", seed, split)), _rng("questions", seed, split)
     samples: list[VqaSample] = []
     for view in plan_views(images, bank, split, seed):

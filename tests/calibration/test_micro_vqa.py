@@ -36,7 +36,9 @@ def test_sizes_types_and_answers(train, test):
         assert s.answer in ("Yes", "No") and s.answer_type == "closed"
         assert dict(s.meta)["question_type"] in QUESTION_TYPES
         assert s.question in question_templates()
-    assert {dict(s.meta)["question_type"] for s in test} == set(QUESTION_TYPES)
+    assert {dict(s.meta)["question_type"] for s in train} == set(QUESTION_TYPES)
+    # region questions are training-only (one source per region: not learnable for unseen images)
+    assert {dict(s.meta)["question_type"] for s in test} == set(QUESTION_TYPES) - {"region"}
     assert len({s.qid for s in train + test}) == len(train) + len(test)
 
 
@@ -102,10 +104,10 @@ def test_lesion_is_where_the_answers_say(split):
     checked = 0
     for view in views[:: 3 if split == "train" else 1]:
         qs = by_view[view.key]
-        with_l, place = render_view(view, bank)
+        with_l, placement = render_view(view, bank)
         assert np.array_equal(np.asarray(with_l), np.asarray(qs["lesion"].load_image()))  # samples use this view
         if view.lesion is None:
-            assert qs["lesion"].answer == "No" and place is None and "lesion_side" not in qs
+            assert qs["lesion"].answer == "No" and placement is None and "lesion_side" not in qs
             continue
         without, _ = render_view(view, bank, with_lesion=False)
         diff = np.asarray(with_l, dtype=float).mean(axis=2) - np.asarray(without, dtype=float).mean(axis=2)
@@ -115,11 +117,17 @@ def test_lesion_is_where_the_answers_say(split):
         assert mass.max() >= 25, (view.key, mass.max())  # visible
         side = "left" if left > right else "right"
         assert min(left, right) == 0, view.key  # the whole disc is inside one half
+        ys, xs = np.nonzero(mass > 0)
+        # a disc of the placement's size (core + 2 px rim), where the placement says
+        assert abs(xs.mean() - placement.cx) < 2 and abs(ys.mean() - placement.cy) < 2, view.key
+        assert xs.max() - xs.min() <= 2 * placement.radius + 7, view.key
         side_q = qs["lesion_side"]
         asks = "left" if "left" in side_q.question else "right"
         assert (side_q.answer == "Yes") == (asks == side), (view.key, side_q.question, side_q.answer)
         bright_q = qs["lesion_brightness"]
-        is_bright = diff.sum() > 0
+        yy, xx = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE] + 0.5
+        core = np.hypot(xx - placement.cx, yy - placement.cy) <= 0.6 * placement.radius
+        is_bright = diff[core].mean() > 0  # the core (the rim has the opposite polarity)
         asks_bright = "bright" in bright_q.question
         assert (bright_q.answer == "Yes") == (asks_bright == is_bright), (view.key, bright_q.question)
         assert qs["lesion"].answer == "Yes"
