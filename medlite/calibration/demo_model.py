@@ -33,6 +33,7 @@ TOWER_REPO = "medlite/siglip-micro-patch8-56"
 MARKER = "medlite_demo.json"          # written last; its presence means the folder is complete
 MIN_ACCURACY = 0.85                   # held-out closed accuracy the demo model must reach
 _HASHED_MODULES = ("medlite.calibration.micro_vqa", "medlite.calibration.builtin", "medlite.calibration.demo_tokenizer",
+                   "medlite.calibration.demo_vision",
                    "medlite.calibration.demo_train", "medlite.calibration.demo_model", "medlite.checkpoints.writers")
 
 

@@ -161,7 +161,7 @@ def _photometric(arr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def _place_lesion(arr: np.ndarray, lesion: Lesion, rng: np.random.Generator) -> Placement:
     """Pick a centre on the requested side where the lesion shows against the tissue around it.
 
-    The radius is 10–13 % of the image (at the demo model's 112 px / patch 16: about two patches
+    The radius is 10–13 % of the image (at the demo model's 56 px / patch 8: about two patches
     across, 4–9 patch tokens touched). Smaller, patch-sized discs were tried first: a ViT trained
     for minutes from scratch on a dozen sources confused them with round anatomy (vertebrae, bowel
     gas) and held-out lesion detection stayed near 0.6–0.7. The whole disc (rim included) lies in
