@@ -23,6 +23,7 @@ def test_shipped_recipe_builds_passes_and_verifies_on_the_demo_model(name, tmp_p
     path = Path(res["artifact"])
     recipe = load_recipe(name).recipe
     assert path.parent.name == recipe.name and res["version"].startswith(recipe.version + "+")
+    assert path.parent.parent.name == "micro-tinyllava-med"  # named for the model, not its cache key
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["source"]["path"] == "builtin:demo-model" and manifest["source"]["files"]
     gates = {g["name"]: g for g in res["gates"]}

@@ -30,9 +30,10 @@ from pathlib import Path
 from medlite.calibration.demo_train import TEMPLATE, DemoRecipe, image_spec_for
 
 TOWER_REPO = "medlite/siglip-micro-patch8-56"
+NAME = "micro-tinyllava-med"         # the model name in artifact paths and summaries
 MARKER = "medlite_demo.json"          # written last; its presence means the folder is complete
 MIN_ACCURACY = 0.85                   # held-out closed accuracy the demo model must reach
-_HASHED_MODULES = ("medlite.calibration.micro_vqa", "medlite.calibration.builtin", "medlite.calibration.demo_tokenizer",
+_HASHED_MODULES = ("medlite.calibration.micro_vqa", "medlite.calibration.lesions", "medlite.calibration.builtin", "medlite.calibration.demo_tokenizer",
                    "medlite.calibration.demo_vision",
                    "medlite.calibration.demo_train", "medlite.calibration.demo_model", "medlite.checkpoints.writers")
 

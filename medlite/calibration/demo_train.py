@@ -53,16 +53,20 @@ class DemoRecipe:
     text_intermediate: int = 352
     vocab_size: int = 640
     # optimisation
-    steps: int = 1400
+    steps: int = 1500
     batch_size: int = 32
     lr: float = 2e-3
     warmup: int = 40
     weight_decay: float = 0.01
-    vision_steps: int = 1000      # stage 1: vision tower warm-up with linear probes
+    vision_steps: int = 1300      # stage 1: vision tower warm-up with linear probes
     vision_batch: int = 32
     vision_lr: float = 2e-3
     tower_lr_scale: float = 0.0   # stage 2 keeps the warmed-up tower frozen (it generalises; tuned, it memorises sources)
     captions: bool = True         # mix image descriptions into stage 2 (see caption_for)
+    direct_steps: int = 600       # stage-2 curriculum: two-form questions asked only in the positive form at first
+    choice_frac: float = 0.0      # share of side/brightness examples asked as "left or right?" (answer a word)
+    hard_repeat: int = 3          # side/brightness examples appear this many times per stage-2 epoch
+    ema: float = 0.995            # stage 2 keeps an exponential moving average of the weights (0: off)
     threads: int = 2
     seed: int = 0
 
@@ -82,8 +86,10 @@ def tokenizer_corpus() -> list[str]:
 
     captions = [f"{m.capitalize()} of {r}, colour, greyscale, no lesion, with a bright dark lesion on the left "
                 f"right side." for m in MODALITY_NAMES.values() for r in REGION_PHRASES.values()]
-    return ([tmpl.render(q, with_image=False) for q in qs + [CAPTION_QUESTION]]
-            + [f"{q} {a}" for q in qs for a in ("Yes", "No")] + captions)
+    choice = [SIDE_CHOICE, BRIGHT_CHOICE]
+    return ([tmpl.render(q, with_image=False) for q in qs + [CAPTION_QUESTION] + choice]
+            + [f"{q} {a}" for q in qs for a in ("Yes", "No")] + captions
+            + [f"{SIDE_CHOICE} Left Right", f"{BRIGHT_CHOICE} Bright Dark"])
 
 
 CAPTION_QUESTION = "Describe the image."
@@ -99,7 +105,8 @@ def caption_for(sample, lesion="view") -> str:
     predict the answer). ``lesion`` is the lesion actually drawn (a ``Lesion`` or None); the
     default describes the view's own.
     """
-    from medlite.calibration.micro_vqa import MODALITY_NAMES, REGION_PHRASES, Lesion
+    from medlite.calibration.lesions import Lesion
+    from medlite.calibration.micro_vqa import MODALITY_NAMES, REGION_PHRASES
 
     m = dict(sample.meta)
     if lesion == "view":
@@ -113,13 +120,25 @@ def caption_for(sample, lesion="view") -> str:
     return text + f", with a {'bright' if lesion.bright else 'dark'} lesion on the {lesion.side} side."
 
 
-def _fresh_example(sample, kind: str, bank, row: int, rng, textures) -> tuple:
-    """``(uint8 image, answer text)`` for a lesion / colour question or a caption asked about a
-    freshly drawn lesion (and, except for captions, maybe another background: see
-    :func:`medlite.calibration.demo_vision.random_background`)."""
-    from medlite.calibration.demo_vision import fresh_lesion, random_background
+SIDE_CHOICE = "Is the lesion on the left or the right side?"
+BRIGHT_CHOICE = "Is the lesion bright or dark?"
 
-    q = sample.question.lower()
+
+def _fresh_example(sample, kind: str, bank, row: int, rng, textures, form: str = "asked") -> tuple:
+    """``(uint8 image, question, answer text)`` for a lesion / colour question or a caption asked
+    about a freshly drawn lesion (and, except for captions, maybe another background: see
+    :func:`medlite.calibration.demo_vision.random_background`).
+
+    ``form`` concerns the questions asked in two opposite forms (colour / greyscale, left / right,
+    bright / dark): ``"asked"`` keeps the sample's question, ``"direct"`` asks the positive form
+    ("colour?", "left?", "bright?": the answer is the image feature itself, no interaction with
+    the question word to learn yet), ``"choice"`` (side / brightness only) asks "left or right?"
+    with the word as the answer.
+    """
+    from medlite.calibration.demo_vision import fresh_lesion, random_background
+    from medlite.calibration.micro_vqa import _BRIGHT_Q, _COLOUR_Q, _SIDE_Q
+
+    question = sample.question
     if kind == "caption":
         arr, is_color = bank.clean[row].astype(np.float32), bool(bank.is_color[row])
     else:
@@ -127,14 +146,23 @@ def _fresh_example(sample, kind: str, bank, row: int, rng, textures) -> tuple:
     present = kind in ("lesion_side", "lesion_brightness") or bool(rng.random() < 0.5)
     img, lesion = fresh_lesion(arr, is_color, rng, present=present)
     if kind == "caption":
-        return img, caption_for(sample, lesion)
+        return img, question, caption_for(sample, lesion)
+    if kind == "colour" and form == "direct":
+        question = _COLOUR_Q["colour"][int(rng.integers(len(_COLOUR_Q["colour"])))]
+    elif kind in ("lesion_side", "lesion_brightness") and form != "asked":
+        table, choice = (_SIDE_Q["left"], SIDE_CHOICE) if kind == "lesion_side" else (_BRIGHT_Q["bright"], BRIGHT_CHOICE)
+        if form == "choice":
+            word = lesion.side if kind == "lesion_side" else ("bright" if lesion.bright else "dark")
+            return img, choice, word.capitalize()
+        question = table[int(rng.integers(len(table)))]
+    q = question.lower()
     if kind == "colour":
-        return img, "Yes" if (("colour" in q) == is_color) else "No"
+        return img, question, "Yes" if (("colour" in q) == is_color) else "No"
     if kind == "lesion":
-        return img, "Yes" if lesion is not None else "No"
+        return img, question, "Yes" if lesion is not None else "No"
     if kind == "lesion_side":
-        return img, "Yes" if (("left" in q) == (lesion.side == "left")) else "No"
-    return img, "Yes" if (("bright" in q) == lesion.bright) else "No"
+        return img, question, "Yes" if (("left" in q) == (lesion.side == "left")) else "No"
+    return img, question, "Yes" if (("bright" in q) == lesion.bright) else "No"
 
 
 def build_config(recipe: DemoRecipe, text_vocab: int):
@@ -246,8 +274,11 @@ def train_demo(samples, recipe: DemoRecipe, *, ctx, on_step=None):
             if on_step is not None:
                 on_step(0, sum(vision_losses[-10:]) / len(vision_losses[-10:]))
         tower_ids = {id(p) for p in model.model.vision_tower.parameters()}
-        groups = [{"params": [p for p in model.parameters() if id(p) in tower_ids], "scale": recipe.tower_lr_scale},
-                  {"params": [p for p in model.parameters() if id(p) not in tower_ids], "scale": 1.0}]
+        groups = [{"params": [p for p in model.parameters() if id(p) not in tower_ids], "scale": 1.0}]
+        if recipe.tower_lr_scale:
+            groups.append({"params": [p for p in model.parameters() if id(p) in tower_ids], "scale": recipe.tower_lr_scale})
+        else:  # frozen: no gradients through the tower at all (a third of the step time)
+            model.model.vision_tower.requires_grad_(False)
         opt = torch.optim.AdamW(groups, lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.98))
 
         def lr_at(step: int) -> float:
@@ -256,14 +287,18 @@ def train_demo(samples, recipe: DemoRecipe, *, ctx, on_step=None):
             frac = (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
             return recipe.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
 
+        trained = [p for g in groups for p in g["params"]]
+        ema = [p.detach().clone() for p in trained] if recipe.ema else None
         gen = torch.Generator().manual_seed(recipe.seed)
+        hard = [i for i, f in enumerate(fresh) if f is not None and f[1] in ("lesion_side", "lesion_brightness")]
+        pool = list(range(len(encoded))) + hard * (recipe.hard_repeat - 1)
         order: list[int] = []
         losses: list[tuple[int, float]] = []
         running, since = 0.0, 0
         with ctx.progress("train demo model", total=recipe.steps) as advance:
             for step in range(recipe.steps):
                 if len(order) < recipe.batch_size:
-                    order += torch.randperm(len(encoded), generator=gen).tolist()
+                    order += [pool[j] for j in torch.randperm(len(pool), generator=gen).tolist()]
                 batch, order = order[:recipe.batch_size], order[recipe.batch_size:]
                 rows, images = [], []
                 for i in batch:
@@ -271,9 +306,16 @@ def train_demo(samples, recipe: DemoRecipe, *, ctx, on_step=None):
                         rows.append(encoded[i])
                         images.append(pixels_u8[img_index[i]])
                         continue
-                    img, answer = _fresh_example(fresh[i][0], fresh[i][1], bank, img_index[i], lesion_rng, textures)
+                    form = "direct" if step < recipe.direct_steps else "asked"
+                    if recipe.choice_frac and lesion_rng.random() < recipe.choice_frac:
+                        form = "choice"
+                    img, question, answer = _fresh_example(fresh[i][0], fresh[i][1], bank, img_index[i], lesion_rng,
+                                                           textures, form)
+                    prompt = prompts[i]
+                    if question != fresh[i][0].question and fresh[i][1] != "caption":
+                        prompt = encode_sample(tok, question, None, image_id, n_img)[0]
                     ans = tok.encode(answer, add_special_tokens=False).ids + [EOS]
-                    rows.append((prompts[i] + ans, [-100] * len(prompts[i]) + ans))
+                    rows.append((prompt + ans, [-100] * len(prompt) + ans))
                     images.append(torch.from_numpy(img))
                 width = max(len(x) for x, _ in rows)
                 ids = torch.full((len(batch), width), PAD, dtype=torch.long)
@@ -290,6 +332,9 @@ def train_demo(samples, recipe: DemoRecipe, *, ctx, on_step=None):
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
+                if ema is not None:
+                    with torch.no_grad():
+                        torch._foreach_lerp_(ema, trained, 1.0 - recipe.ema)
                 running += float(loss.detach())
                 since += 1
                 if (step + 1) % 25 == 0 or step + 1 == recipe.steps:
@@ -299,6 +344,10 @@ def train_demo(samples, recipe: DemoRecipe, *, ctx, on_step=None):
                         on_step(step + 1, losses[-1][1])
                 advance()
         model.eval()
+        if ema is not None:  # the averaged weights are the model (less step-to-step noise, generalises better)
+            with torch.no_grad():
+                for p, e in zip(trained, ema):
+                    p.copy_(e)
         with torch.no_grad():  # the <image> row of lm_head is never a prediction (architecture.md)
             model.lm_head.weight[image_id].zero_()
         history = {"loss": losses, "vision_loss": vision_losses[::10], "data_s": round(t_data, 2), "train_s": round(time.perf_counter() - t0 - t_data, 2),

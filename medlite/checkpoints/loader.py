@@ -61,6 +61,10 @@ def load_model(path, *, ctx, base=None, vision_tower=None, vision_weights=None, 
     with ctx.stage("load") as info:
         plan = plan_checkpoint(path, vision_tower=vision_tower, vision_weights=vision_weights, ctx=ctx)
         loaded = assemble(plan, dtype=_norm_dtype(dtype), template=template, ctx=ctx)
+        from medlite.calibration.demo_model import MARKER as DEMO_MARKER, NAME as DEMO_NAME
+
+        if (path / DEMO_MARKER).is_file():  # the demo cache folder is named by its key, not the model
+            loaded.source.name = DEMO_NAME
         n = loaded.param_breakdown()["total"]["params"]
         info["detail"] = (f"{path.name}: {plan.fmt} {plan.text_backbone}, {n / 1e6:.1f} M params, "
                           f"{loaded.num_image_tokens} image tokens")

@@ -143,23 +143,26 @@ def test_key_changes_with_the_recipe():
 
 
 @pytest.mark.slow
-def test_demo_model_trains_in_budget_and_answers_heldout(tmp_path):
-    """The real recipe from scratch: ≤ 5 min of training on 2 threads (10 min allowed here, the
-    machine is shared) and ≥ 0.85 held-out closed accuracy measured through the legacy loader."""
+def test_demo_model_answers_heldout_questions():
+    """The real recipe (the model every command uses, trained once per machine in the shared cache,
+    as `medlite build` does): >= 0.85 held-out closed accuracy, measured through the legacy loader
+    and the same evaluation `medlite eval` runs. The training time is a benchmark
+    (benchmarks/demo_model_training.py), not asserted here."""
     from medlite.calibration.evaluate import evaluate
     from medlite.calibration.scoring import score
     from medlite.checkpoints import load_model
 
-    ctx = RunContext(cache_dir=tmp_path, quiet=True)
-    t0 = time.perf_counter()
+    ctx = RunContext(quiet=True)
     path = dm.ensure_demo_model(ctx)
-    assert time.perf_counter() - t0 < 600
     loaded = load_model(path, ctx=ctx)
-    assert loaded.source.format == "legacy"
+    assert loaded.source.format == "legacy" and loaded.name == dm.NAME
     test = micro_med_vqa("test")
     result = evaluate(loaded, test, ctx=ctx)
     preds = [p["prediction"] for p in result["predictions"]]
     assert score(preds, test)["closed_accuracy"] == result["metrics"]["closed_accuracy"]
-    assert result["metrics"]["closed_accuracy"] >= 0.85, result["metrics"]
+    assert result["metrics"]["closed_accuracy"] >= dm.MIN_ACCURACY, result["metrics"]
+    # every question type is above chance, not only the easy ones carrying the mean
+    per_type = result["metrics"]["by_question_type"]
+    assert all(v["closed_accuracy"] >= 0.6 for v in per_type.values()), per_type
     card = json.loads((path / dm.MARKER).read_text())
     assert card["heldout"]["metrics"]["closed_accuracy"] == result["metrics"]["closed_accuracy"]
