@@ -143,6 +143,10 @@ def _cmd_ask(args, ctx) -> int:
 
         raise MedliteError("ask takes at most a model/artifact path and one question (quote the question)")
     path, question = (args.args[0], args.args[1]) if len(args.args) == 2 else (args.model, args.args[0])
+    if path:  # OUT/<model>/<recipe> means its latest artifact
+        from medlite.artifacts import resolve_artifact_path
+
+        path = str(resolve_artifact_path(Path(path)))
     args.model, args.question = path, question
     if path and (Path(path) / "medlite_runtime.json").is_file():
         from medlite.runtime.commands import cmd_ask_onnx

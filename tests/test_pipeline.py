@@ -115,6 +115,28 @@ def test_verify_names_a_tampered_file_and_damaged_artifacts_are_rebuilt(tmp_path
     assert rc == 0 and not res2["reused"] and af.verify_files(path) == []
 
 
+def test_ask_on_an_artifact_checks_its_hashes_and_follows_latest(tmp_path, recipe, tiny_ckpt, capsys):
+    import numpy as np
+    from PIL import Image
+
+    rc, res = build(tmp_path, recipe, tiny_ckpt, tmp_path / "q", capsys=capsys)
+    path = Path(res["artifact"])
+    img = tmp_path / "scan.png"
+    Image.fromarray((np.arange(64 * 64) % 251).reshape(64, 64).astype(np.uint8)).save(img)
+    ask = ["--quiet", "ask", "is there a lesion?", "--image", str(img), "--max-new-tokens", "4"]
+    assert main(ask[:2] + [str(path)] + ask[2:]) == 0
+    answer = capsys.readouterr().out
+    # OUT/<model>/<recipe> is its latest artifact
+    assert main(ask[:2] + [str(path.parent)] + ask[2:]) == 0
+    assert capsys.readouterr().out == answer
+    data = bytearray((path / "decoder.onnx").read_bytes())
+    data[len(data) // 3] ^= 0x01
+    (path / "decoder.onnx").write_bytes(bytes(data))
+    assert main(ask[:2] + [str(path)] + ask[2:]) != 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and "decoder.onnx: sha256 mismatch" in captured.err
+
+
 def test_killed_build_leaves_no_artifact_and_rerun_completes(tmp_path, recipe, tiny_ckpt):
     out = tmp_path / "k"
     parent = out / "tiny" / "exp-only"
