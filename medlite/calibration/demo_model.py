@@ -33,9 +33,13 @@ TOWER_REPO = "medlite/siglip-micro-patch8-56"
 NAME = "micro-tinyllava-med"         # the model name in artifact paths and summaries
 MARKER = "medlite_demo.json"          # written last; its presence means the folder is complete
 MIN_ACCURACY = 0.85                   # held-out closed accuracy the demo model must reach
-_HASHED_MODULES = ("medlite.calibration.micro_vqa", "medlite.calibration.lesions", "medlite.calibration.builtin", "medlite.calibration.demo_tokenizer",
-                   "medlite.calibration.demo_vision",
-                   "medlite.calibration.demo_train", "medlite.calibration.demo_model", "medlite.checkpoints.writers")
+_HASHED_MODULES = (
+    # the data: images decoded from the built-in files, the questions and lesions drawn on them
+    "medlite.calibration.builtin", "medlite.calibration.images", "medlite.calibration.dicom",
+    "medlite.calibration.pixels", "medlite.calibration.micro_vqa", "medlite.calibration.lesions",
+    # the training and the written checkpoint
+    "medlite.calibration.demo_tokenizer", "medlite.calibration.demo_vision", "medlite.calibration.demo_train",
+    "medlite.calibration.demo_model", "medlite.checkpoints.writers")
 
 
 def demo_model_key(recipe: DemoRecipe | None = None) -> str:

@@ -68,9 +68,30 @@ def _check_decoder(ds, path: Path) -> None:
                         f"installed plugin decodes it ({missing}); {JPEG_EXTRA_HINT}")
 
 
+def _preferred_plugin(ds) -> Optional[str]:
+    """``"pillow"`` when Pillow can decode this transfer syntax, else None (pydicom's own order).
+
+    Lossy JPEG decoders do not agree to the last grey level (libjpeg-turbo in Pillow vs libjpeg in
+    ``pylibjpeg-libjpeg``; measured on the built-in echo frames). Pillow is always installed, so
+    preferring it makes the decoded pixels — and everything computed from them: calibration sets,
+    Micro Med-VQA, the demo model's weights — the same whether or not the ``jpeg`` extra is present.
+    """
+    from pydicom.pixels import get_decoder
+
+    uid = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if uid is None or not uid.is_encapsulated:
+        return None
+    try:
+        return "pillow" if "pillow" in get_decoder(uid).available_plugins else None
+    except NotImplementedError:
+        return None
+
+
 def _dicom_frame(ds, path: Path, frame: int) -> np.ndarray:
     _check_decoder(ds, path)
-    ds.pixel_array_options(index=frame)  # decode only the frame we need
+    plugin = _preferred_plugin(ds)
+    # decode only the frame we need
+    ds.pixel_array_options(index=frame, **({"decoding_plugin": plugin} if plugin else {}))
     try:
         return np.asarray(ds.pixel_array)
     except Exception as e:  # plugin present but unable (e.g. 12-bit JPEG through Pillow)

@@ -355,3 +355,25 @@ def test_data_modules_stay_torch_free():
             "heavy = [m for m in ('torch', 'transformers', 'skimage', 'nibabel') if m in sys.modules]\n"
             "assert not heavy, heavy\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- decoder choice ------------------------------------------------------------------------------
+def test_lossy_jpeg_decodes_with_pillow_whether_or_not_pylibjpeg_is_installed():
+    """The built-in echo frames are JPEG baseline; decoders disagree by a few grey levels, so the
+    pixels (and the demo model trained on them) would depend on the optional extra. Pillow wins."""
+    from medlite.calibration.dicom import _dicom_frame
+
+    path = PYDICOM_FILES / "examples_ybr_color.dcm"
+    ds = pydicom.dcmread(path)
+    ours = _dicom_frame(ds, path, 0)
+    ref = pydicom.dcmread(path)
+    ref.pixel_array_options(index=0, decoding_plugin="pillow")
+    np.testing.assert_array_equal(ours, ref.pixel_array)
+    try:
+        import pylibjpeg  # noqa: F401  (the `jpeg` extra)
+    except ImportError:
+        return
+    other = pydicom.dcmread(path)
+    other.pixel_array_options(index=0, decoding_plugin="pylibjpeg")
+    # the choice matters: with the extra installed, pydicom alone would not give Pillow's pixels
+    assert np.abs(other.pixel_array.astype(int) - ours.astype(int)).max() > 0
