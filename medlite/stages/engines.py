@@ -192,6 +192,11 @@ def run(state, index: int, options) -> str:
     state.sections["engines"] = {"stage": f"stages[{index}].engines", "precision": options.precision,
                                  "memory": mem, "profiles": {e["name"]: [p["name"] for p in e["profiles"]]
                                                              for e in spec["engines"]}}
-    return (f"bundle for {t.name} · est. device memory {mem['total_bytes'] / 1e9:.2f} GB of "
+    return (f"bundle for {t.name} · est. device memory {_human_bytes(mem['total_bytes'])} of "
             f"{t.usable_memory_gb:g} GB · build on the device: engines/build_engines.sh")
+
+
+def _human_bytes(n: float) -> str:
+    """``0.93 GB`` / ``41.2 MB`` (the demo model's engines are megabytes; "0.00 GB" says nothing)."""
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
