@@ -1,0 +1,140 @@
+"""The build contract: what a stage is given (:class:`BuildState`) and what it returns (:class:`StageResult`).
+
+Two models, never confused:
+
+* the **source** — the untouched checkpoint. Before the first stage that changes weights runs, its
+  reference outputs on the evaluation split (answers, first-token logits, image embeddings) are
+  computed once and cached by source hash + evaluation set (:mod:`medlite.build.references`). Every
+  gate compares against those references, never against the working model. Stages that need the
+  source itself (distillation's teacher) ask for it with :meth:`BuildState.source_model`.
+* the **working model** — what compress stages transform in place (prune, distill, quantize) and what
+  export traces. It starts as the source's weights; when a later stage still needs the untouched
+  source, it is a copy.
+
+Export composes: compress stages do not write graphs themselves; they add to ``state.export_plan``
+the module swaps to apply while tracing a graph (e.g. quantized ``Linear`` → ``MatMulNBits``), the
+graph passes to run between trace and write (e.g. static Q/DQ insertion), each graph's runtime
+(TensorRT or ONNX Runtime only, with the reason) and its precision/quantization record, which goes
+into ``medlite_runtime.json`` and the manifest.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Optional
+
+# A module swap: called with the (export-dtype) model, returns a context manager that swaps modules
+# for the duration of one graph's trace and restores them afterwards.
+ModuleSwap = Callable[[Any], ContextManager]
+# A graph pass: ``<output>_from_<input>(proto, ctx: PassContext) -> proto``.
+GraphPass = Callable[[Any, "PassContext"], Any]
+
+TENSORRT, ONNXRUNTIME = "tensorrt", "onnxruntime"
+
+
+@dataclass
+class PassContext:
+    """What a graph pass may use besides the graph: which graph it is, the run context, the working
+    model (for calibration inputs) and the build state (calibration set, forward loop)."""
+
+    graph: str
+    ctx: Any
+    model: Any = None
+    state: Any = None
+    tmp_dir: Optional[Path] = None
+
+
+@dataclass
+class GraphPlan:
+    """How one graph (vision / embed / decoder) is exported."""
+
+    precision: Optional[str] = None          # float precision the graph is traced in (None: the export stage's)
+    swaps: list = field(default_factory=list)     # [(name, ModuleSwap)]
+    passes: list = field(default_factory=list)    # [(name, GraphPass)], after the standard passes
+    runtime: str = TENSORRT                  # TENSORRT | ONNXRUNTIME
+    runtime_reason: str = ""                 # why a graph is ONNX-Runtime only
+    quantization: dict = field(default_factory=dict)   # record for medlite_runtime.json and the manifest
+
+
+@dataclass
+class ExportPlan:
+    """Per-graph export plans, filled by compress stages, consumed by the export stage."""
+
+    graphs: dict = field(default_factory=dict)    # graph name -> GraphPlan
+
+    def graph(self, name: str) -> GraphPlan:
+        """The plan of ``name`` (created empty on first use)."""
+        return self.graphs.setdefault(name, GraphPlan())
+
+    def swaps_for(self, name: str, model) -> ContextManager:
+        """One context manager applying every swap registered for ``name``, in order."""
+        stack = contextlib.ExitStack()
+        for _, swap in self.graph(name).swaps:
+            stack.enter_context(swap(model))
+        return stack
+
+
+@dataclass
+class StageResult:
+    """What one stage did: the printed line, what changed, bytes, and what goes into manifest and report.
+
+    ``manifest`` must hold deterministic, JSON-able facts only (no timings, no temporary paths): it
+    is hashed into the artifact. ``report`` is markdown for report.md. ``ok=False`` marks a stage
+    that ran but failed one of its own checks (printed with ✗; the build fails).
+    """
+
+    summary: str
+    changed: list = field(default_factory=list)
+    bytes_before: Optional[int] = None
+    bytes_after: Optional[int] = None
+    manifest: dict = field(default_factory=dict)
+    report: list = field(default_factory=list)
+    ok: bool = True
+
+    def section(self) -> dict:
+        """The manifest section of this stage."""
+        out = dict(self.manifest)
+        if self.changed:
+            out["changed"] = list(self.changed)
+        if self.bytes_before is not None:
+            out["bytes_before"] = int(self.bytes_before)
+        if self.bytes_after is not None:
+            out["bytes_after"] = int(self.bytes_after)
+        return out
+
+
+@dataclass
+class BuildState:
+    """Everything the stages of one build share (no global state)."""
+
+    ctx: Any                          # medlite.context.RunContext
+    recipe: Any                       # medlite.recipes.schema.Recipe
+    target: Any                       # medlite.engines.targets.Target
+    work: Path                        # staging folder; becomes the artifact
+    source: Any                       # medlite.build.source.Source (references, lazy source model)
+    model: Any = None                 # the working LoadedModel (compress stages change .model in place)
+    eval_samples: list = field(default_factory=list)
+    calibration: Any = None           # medlite.calibration.calibset.CalibrationSet
+    export_plan: ExportPlan = field(default_factory=ExportPlan)
+    results: dict = field(default_factory=dict)    # "stages[i].name" -> StageResult
+    metrics: dict = field(default_factory=dict)
+    gates: list = field(default_factory=list)      # medlite.checks.Gate
+    rows: list = field(default_factory=list)       # per-question check rows
+    timings: dict = field(default_factory=dict)    # phase -> seconds (report only, not hashed)
+
+    def forward_loop(self, *, samples=None, batch_size: int = 8, description: str = "calibration forward"):
+        """The framework's forward loop over the calibration samples (or ``samples``) for the working model."""
+        from medlite.calibration.forward import ForwardLoop
+
+        if samples is None:
+            if self.calibration is None:
+                from medlite.errors import DataError
+
+                raise DataError("this stage needs the recipe's calibration section (medical image + question pairs)")
+            samples = self.calibration.samples
+        return ForwardLoop(self.model, samples, batch_size=batch_size, ctx=self.ctx, description=description)
+
+    def source_model(self):
+        """The untouched source ``LoadedModel`` (e.g. a distillation teacher)."""
+        return self.source.model()

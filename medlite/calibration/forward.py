@@ -1,0 +1,154 @@
+"""The framework's calibration forward loop: medical image + question pairs through the whole VLM.
+
+Every compress stage (quantize, prune, distill) sees the language model's inputs the same way the
+deployed model does: pixels → vision tower → projector → spliced at the expanded ``<image>``
+positions of the rendered prompt → language model. Stages attach their observers / forward hooks to
+the model and call :meth:`ForwardLoop.run` (or iterate :meth:`ForwardLoop.batches` for the inputs).
+
+Why not let each library (llm-compressor, onnxruntime.quantization) drive its own loop: their loops
+feed text-only ``input_ids``, so a VLM's language model would be calibrated without image tokens —
+729 of the ~800 positions of a TinyLLaVA-Med prompt. The splice here is the same one
+``LlavaForConditionalGeneration`` does (tested against it: tests/calibration/test_forward.py).
+
+Batches are left-padded (the runtime's layout) with per-row positions, so a row's results do not
+depend on which other rows share its batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+
+@dataclass
+class VlmInputs:
+    """One batch of samples as the language model sees them (tensors on CPU, no gradient)."""
+
+    samples: list                    # medlite VqaSample, one per row
+    pixel_values: Any                # [B, 3, S, S] in the model's dtype
+    input_ids: Any                   # [B, T] int64, <image> expanded to num_image_tokens ids, left-padded
+    attention_mask: Any              # [B, T] int64, 1 = real token
+    position_ids: Any                # [B, T] int64, 0.. per row (0 on padding)
+    image_embeds: Any                # [B, n_img, H] projector output
+    inputs_embeds: Any               # [B, T, H] token embeddings with image_embeds spliced in
+    image_positions: Any             # [B, T] bool, True where an image embedding sits
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def image_features(model, pixel_values):
+    """Projected image embeddings ``[B, n_img, H]`` exactly as ``LlavaModel.get_image_features``."""
+    cfg = model.config
+    feats = model.model.get_image_features(pixel_values=pixel_values,
+                                           vision_feature_layer=cfg.vision_feature_layer,
+                                           vision_feature_select_strategy=cfg.vision_feature_select_strategy)
+    feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats
+    if isinstance(feats, (list, tuple)):
+        import torch
+
+        feats = torch.stack(list(feats))
+    return feats
+
+
+def splice_image_embeds(model, input_ids, image_embeds, image_token_id: int):
+    """Token embeddings of ``input_ids`` with row ``i``'s image embeddings at its image positions."""
+    emb = model.model.language_model.get_input_embeddings()(input_ids)
+    where = input_ids == image_token_id
+    n_img = image_embeds.shape[1]
+    counts = where.sum(dim=1)
+    if bool((counts != n_img).any()):
+        raise ValueError(f"rows have {counts.tolist()} image positions; the vision tower gives {n_img}")
+    emb = emb.clone()
+    emb[where] = image_embeds.reshape(-1, image_embeds.shape[-1]).to(emb.dtype)
+    return emb, where
+
+
+class ForwardLoop:
+    """Calibration samples → :class:`VlmInputs` batches → the language model, with progress.
+
+    ``loaded`` supplies the processor (tokenizer, template, image spec); the weights come from the
+    ``model`` passed to :meth:`batches` / :meth:`run` (the working model of a build, which may be
+    pruned or quantized), defaulting to ``loaded.model``.
+    """
+
+    def __init__(self, loaded, samples: Sequence, *, batch_size: int = 8, ctx=None,
+                 description: str = "calibration forward"):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.loaded, self.samples, self.batch_size = loaded, list(samples), int(batch_size)
+        self.ctx, self.description = ctx, description
+        self._images: dict[str, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _image(self, sample):
+        # Several questions usually share an image: decode each source image once per loop.
+        key = f"{sample.image_id}\x00{sample.image_path}"
+        if key not in self._images:
+            self._images[key] = sample.load_image()
+        return self._images[key]
+
+    def _token_rows(self, chunk) -> tuple[list[list[int]], int]:
+        from medlite.checkpoints.generate import prompt_ids
+
+        rows = [prompt_ids(self.loaded, s.question) for s in chunk]
+        return rows, max(len(r) for r in rows)
+
+    def batch(self, chunk: Sequence, model=None) -> VlmInputs:
+        """The inputs of one batch of samples (computed with ``model``'s weights, no gradient)."""
+        import torch
+
+        from medlite.preprocess import preprocess
+
+        model = self.loaded.model if model is None else model
+        dtype = next(model.parameters()).dtype
+        rows, width = self._token_rows(chunk)
+        pad = self.loaded.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        pixels = torch.from_numpy(preprocess([self._image(s) for s in chunk], self.loaded.image_spec)).to(dtype)
+        with torch.no_grad():
+            img = image_features(model, pixels)
+            embeds, where = splice_image_embeds(model, ids, img, self.loaded.image_token_id)
+        return VlmInputs(list(chunk), pixels, ids, mask, pos, img, embeds, where)
+
+    def batches(self, model=None) -> Iterator[VlmInputs]:
+        """Every sample once, in order, ``batch_size`` rows at a time."""
+        for i in range(0, len(self.samples), self.batch_size):
+            yield self.batch(self.samples[i:i + self.batch_size], model)
+
+    def run(self, model=None, *, on_batch: Optional[Callable[[VlmInputs, Any], None]] = None,
+            lm_head: bool = True) -> int:
+        """Forward every batch through the language model (and ``lm_head``) without gradients.
+
+        Hooks the caller registered on ``model`` see real image tokens. ``on_batch(inputs, logits)``
+        is called after each batch (``logits`` is None when ``lm_head`` is False). Returns the
+        number of samples run.
+        """
+        import torch
+
+        model = self.loaded.model if model is None else model
+        done = 0
+        progress = self.ctx.progress(self.description, total=len(self.samples)) if self.ctx else None
+        advance = progress.__enter__() if progress else (lambda n=1: None)
+        try:
+            for inp in self.batches(model):
+                with torch.no_grad():
+                    out = model.model.language_model(inputs_embeds=inp.inputs_embeds,
+                                                     attention_mask=inp.attention_mask,
+                                                     position_ids=inp.position_ids, use_cache=False,
+                                                     return_dict=True)
+                    logits = model.lm_head(out.last_hidden_state) if lm_head else None
+                if on_batch is not None:
+                    on_batch(inp, logits)
+                done += len(inp)
+                advance(len(inp))
+        finally:
+            if progress:
+                progress.__exit__(None, None, None)
+        return done
+
+
+__all__ = ["ForwardLoop", "VlmInputs", "image_features", "splice_image_embeds"]
