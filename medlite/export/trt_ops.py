@@ -13,8 +13,12 @@ per operator whether it is supported, the TensorRT data types it takes and its r
   parser casts INT64 weights and shape tensors down to INT32, so inside a graph INT64 counts as
   INT32 (and is counted, to keep it small); graph inputs and outputs must not be INT64, because
   the binding would silently become INT32;
-* the restrictions that can be decided statically (``axes`` must be an initializer, zero points must
-  be zero, pooling rank, Resize modes, ...). Restrictions that cannot are reported as notes.
+* the restrictions that can be decided statically (``axes`` must be an initializer, pooling rank,
+  Resize modes, ...). Restrictions that cannot are reported as notes;
+* every QuantizeLinear/DequantizeLinear against TensorRT 8.5's explicit-quantization rules
+  (:mod:`medlite.export.qdq_rules`: INT8 only, zero point 0, constant FP32 scales, per-tensor
+  activation scales, per-channel weight scales along the output-channel axis), kind ``restriction``
+  with the detail starting ``qdq <rule>:``.
 """
 from __future__ import annotations
 
@@ -41,7 +45,8 @@ _IO_TYPES = {"FP32", "FP16", "INT32", "INT8", "BOOL", "UINT8"}
 
 @dataclass
 class TrtIssue:
-    """One reason the graph would not parse: ``kind`` is opset | domain | unsupported | dtype | restriction | io."""
+    """One reason the graph would not parse or build: ``kind`` is opset | domain | unsupported | dtype |
+    restriction | io (a Q/DQ restriction's ``detail`` starts with ``qdq <rule>:``, see :mod:`medlite.export.qdq_rules`)."""
 
     kind: str
     op: str
@@ -179,19 +184,6 @@ def _input_const(idx: int, what: str) -> Callable:
     return check
 
 
-def _zero_point(idx: int) -> Callable:
-    def check(node, g: _Graph):
-        if len(node.input) <= idx or not node.input[idx]:
-            return None
-        v = g.value(node.input[idx])
-        if v is None:
-            return f"zero point {node.input[idx]!r} must be a constant"
-        if np.any(v != 0):
-            return f"zero point {node.input[idx]!r} must be 0"
-        return None
-    return check
-
-
 def _pool_rank(node, g: _Graph):
     shape = g.shapes.get(node.input[0])
     if shape is not None and len(shape) not in (4, 5):
@@ -237,8 +229,10 @@ _RESTRICTIONS: dict[str, Callable] = {
     "Unsqueeze": _input_const(1, "axes"),
     "CumSum": _input_const(1, "axis"),
     "TopK": _input_const(1, "K"),
-    "DequantizeLinear": _zero_point(2),
-    "QuantizeLinear": _zero_point(2),
+    # Q/DQ: the zero-point rule and the rest of TensorRT 8.5's explicit-quantization rules are
+    # checked by medlite.export.qdq_rules (one issue per node and rule).
+    "DequantizeLinear": lambda node, g: None,
+    "QuantizeLinear": lambda node, g: None,
     "AveragePool": _pool_rank,
     "MaxPool": _pool_rank,
     "Resize": _resize,
@@ -299,6 +293,10 @@ def trt_check_from_onnx(model: Union[onnx.ModelProto, str, Path], *, table: Opti
                 res.issues.append(TrtIssue("restriction", op, node.name, problem))
         elif entry.get("restrictions"):
             unchecked_restrictions.add(op)
+    from medlite.export.qdq_rules import qdq_issues
+
+    for q in qdq_issues(model):
+        res.issues.append(TrtIssue("restriction", q.op, q.node, f"qdq {q.rule}: {q.detail}"))
     res.int64_tensors = len(int64)
     res.untyped_tensors = len(untyped)
     for op in sorted(unchecked_restrictions):
