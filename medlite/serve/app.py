@@ -1,0 +1,191 @@
+"""The Starlette app of ``medlite serve``: one static page and three JSON/SSE endpoints.
+
+* ``GET /`` — the page (``static/index.html`` + ``app.js`` + ``style.css``, no build step, no CDN);
+* ``GET /api/info`` — artifact, version, precision, gate results, providers, limits;
+* ``POST /api/preview`` — multipart ``file`` (+ ``frame``, ``window``): the image as the model sees it;
+* ``POST /api/ask`` — the same fields + ``question``: ``text/event-stream`` of ``queued``, ``start``,
+  ``token`` (``{"text": piece}``), then ``done`` (answer, latency, tokens, tokens/s) or ``error``.
+  HTTP 503 with ``Retry-After`` when the bounded queue is full.
+
+Uploads are read into memory (size-checked while they arrive), decoded in a private temporary
+folder that is deleted before the response starts, and never logged by name or content.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.responses import FileResponse, JSONResponse, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from medlite.serve.info import serve_info
+from medlite.serve.uploads import (ServeLimits, UploadError, decode_upload, display_name, model_view,
+                                   parse_frame, parse_window, png_data_url)
+from medlite.serve.worker import Job, ModelWorker, QueueFull
+
+STATIC = Path(__file__).with_name("static")
+log = logging.getLogger("medlite.serve")
+_FORM_OVERHEAD = 64 * 1024     # multipart framing + the small text fields
+_PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'",
+                 "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
+
+
+def _error(e: UploadError) -> JSONResponse:
+    return JSONResponse({"error": str(e)}, status_code=e.status)
+
+
+async def read_form(request, limits: ServeLimits):
+    """The multipart form, read into memory with the upload limit enforced while it arrives."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise UploadError("send the scan as multipart/form-data (field 'file')", status=415)
+    budget = limits.max_upload_bytes + _FORM_OVERHEAD
+    too_big = UploadError(f"the upload is larger than this server accepts ({limits.max_upload_bytes:,} bytes; "
+                          "medlite serve --max-upload-mb)", status=413)
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > budget:
+        raise too_big
+    body = bytearray()
+    async for chunk in request.stream():
+        body.extend(chunk)
+        if len(body) > budget:
+            raise too_big
+
+    async def whole():
+        yield bytes(body)
+
+    # Starlette spools file parts above 1 MB to an unnamed temporary file; keep them in memory instead.
+    parser = type("_InMemoryParser", (MultiPartParser,), {"spool_max_size": budget + 1})
+    try:
+        return await parser(request.headers, whole(), max_files=1, max_fields=8,
+                            max_part_size=_FORM_OVERHEAD).parse()
+    except MultiPartException as e:
+        raise UploadError(f"malformed upload: {e}") from None
+
+
+async def _decode_form(form, limits: ServeLimits, tmp_root: Optional[Path]):
+    upload = form.get("file")
+    if not isinstance(upload, UploadFile):
+        raise UploadError("no file in the upload (form field 'file')")
+    data = await upload.read()
+    await upload.close()
+    frame, window = parse_frame(form.get("frame")), parse_window(form.get("window"))
+    t0 = time.perf_counter()
+    decoded = await run_in_threadpool(decode_upload, data, upload.filename, frame=frame, window=window,
+                                      limits=limits, tmp_root=tmp_root)
+    log.info("decoded a %s upload (%d bytes) in %.3f s", decoded.kind, len(data), time.perf_counter() - t0)
+    return decoded, display_name(upload.filename)
+
+
+def _question(form, limits: ServeLimits) -> str:
+    q = str(form.get("question") or "").strip()
+    if not q:
+        raise UploadError("ask a question about the image")
+    if len(q) > limits.max_question_chars:
+        raise UploadError(f"the question has {len(q)} characters; at most {limits.max_question_chars}")
+    return q
+
+
+def _sse(event: str, data: dict) -> str:
+    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def _stream(job: Job, events: asyncio.Queue):
+    """SSE events of one job; leaving early (client gone) cancels it."""
+    try:
+        yield _sse("queued", {"position": job.ticket.position})
+        while True:
+            event, data = await events.get()
+            yield _sse(event, data)
+            if event in ("done", "error"):
+                return
+    finally:
+        job.cancelled.set()
+
+
+def create_app(vlm, *, artifact=None, folder: Optional[Path] = None, limits: ServeLimits = ServeLimits(),
+               tmp_root: Optional[Path] = None, allowed_hosts: Optional[list[str]] = None) -> Starlette:
+    """The ASGI app serving ``vlm`` (an opened ``OnnxVlm``).
+
+    ``artifact``: the hash-checked :class:`medlite.artifacts.Artifact` (its manifest feeds the page);
+    ``tmp_root``: parent of the private per-upload folders (default: the system temp dir);
+    ``allowed_hosts``: Host headers accepted (``["127.0.0.1", "localhost"]`` on loopback guards
+    against DNS rebinding; None accepts any).
+    """
+    worker = ModelWorker(vlm, max_queue=limits.max_queue, max_new_tokens=limits.max_new_tokens)
+    info = serve_info(vlm, artifact, folder=folder, limits=limits)
+    spec = vlm.config.image_spec
+
+    async def index(request):
+        return FileResponse(STATIC / "index.html", headers=_PAGE_HEADERS)
+
+    async def api_info(request):
+        return JSONResponse(info)
+
+    async def preview(request):
+        try:
+            decoded, name = await _decode_form(await read_form(request, limits), limits, tmp_root)
+        except UploadError as e:
+            return _error(e)
+
+        def images() -> tuple[str, str]:
+            return png_data_url(model_view(decoded.image, spec)), png_data_url(decoded.image, max_side=768)
+
+        seen, windowed = await run_in_threadpool(images)
+        w, h = decoded.image.size
+        return JSONResponse({"name": name, "kind": decoded.kind, "modality": decoded.modality,
+                             "n_frames": decoded.n_frames, "frame": decoded.frame, "width": w, "height": h,
+                             "notes": list(decoded.notes), "warnings": list(decoded.warnings),
+                             "model_view": seen, "model_size": spec.size, "windowed": windowed})
+
+    async def ask(request):
+        try:
+            ticket = worker.admit()
+        except QueueFull as e:
+            return JSONResponse({"error": str(e), "retry_after": e.retry_after}, status_code=503,
+                                headers={"Retry-After": str(e.retry_after)})
+        try:
+            form = await read_form(request, limits)
+            question = _question(form, limits)
+            decoded, _ = await _decode_form(form, limits, tmp_root)
+        except UploadError as e:
+            ticket.release()
+            return _error(e)
+        except BaseException:
+            ticket.release()
+            raise
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+
+        def emit(event: str, data: dict) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, (event, data))
+            except RuntimeError:   # the event loop is gone (server shutting down)
+                pass
+
+        job = Job(decoded.image, question, emit, ticket)
+        worker.submit(job)   # the worker owns the ticket from here on
+        return StreamingResponse(_stream(job, events), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        await run_in_threadpool(worker.close)
+
+    routes = [Route("/", index), Route("/api/info", api_info), Route("/api/preview", preview, methods=["POST"]),
+              Route("/api/ask", ask, methods=["POST"]), Mount("/static", StaticFiles(directory=STATIC), name="static")]
+    middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)] if allowed_hosts else []
+    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
+    app.state.worker = worker
+    return app
