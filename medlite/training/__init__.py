@@ -1,0 +1,1 @@
+"""The framework's reusable trainer (seeded, resumable, early stopping): :mod:`medlite.training.trainer`."""

@@ -1,0 +1,38 @@
+"""Shared fixtures of the prune / distill tests: a random tiny checkpoint, a calibration set of
+Micro Med-VQA train pairs, and a BuildState around a working copy."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from medlite.context import RunContext
+
+
+@pytest.fixture(scope="session")
+def cctx(tmp_path_factory):
+    return RunContext(cache_dir=tmp_path_factory.mktemp("compress-cache"), quiet=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_path(cctx, tmp_path_factory):
+    from medlite.checkpoints.random_ckpt import write_random_checkpoint
+
+    return write_random_checkpoint("tiny", tmp_path_factory.mktemp("ckpt") / "tiny", fmt="legacy", ctx=cctx)
+
+
+@pytest.fixture(scope="session")
+def calib(cctx):
+    from medlite.calibration.calibset import build_calibration_set
+    from medlite.evaluation.vqa import load_dataset
+
+    return build_calibration_set(load_dataset("builtin:micro-med-vqa", split="train"), 16, ctx=cctx, cache=False)
+
+
+def make_state(ctx, loaded, calib, *, source=None, work=None, eval_samples=()):
+    """A BuildState whose working model is ``loaded`` and whose source model is ``source``."""
+    from medlite.build.contract import BuildState
+
+    src = SimpleNamespace(model=lambda: source)
+    return BuildState(ctx=ctx, recipe=None, target=None, work=work, source=src, model=loaded,
+                      calibration=calib, eval_samples=list(eval_samples))
