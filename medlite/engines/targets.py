@@ -67,12 +67,25 @@ def _xavier(name: str, description: str, memory: float, usable: float, bandwidth
                "no 2:4 sparsity speed-up on Volta",) + notes)
 
 
+def _cpu(name: str, description: str, arch: str, memory: float, usable: float, bandwidth: float) -> Target:
+    # CPU-only clinics (a laptop, no GPU): ONNX Runtime's CPU EP runs everything, no TensorRT, no
+    # engines stage. Memory/bandwidth are planning assumptions for a common machine of the class
+    # (docs/cpu.md), not a data sheet: dual-channel DDR4-3200 (51.2 GB/s) for x86-64, LPDDR4X for arm64.
+    return Target(name=name, description=description, arch=arch, jetpack="-", tensorrt="none", cuda="-",
+                  max_opset=17, trt_precisions=(), ort_precisions=("fp32", "int8", "int4"), unsupported_ops=(),
+                  memory_gb=memory, usable_memory_gb=usable, bandwidth_gbs=bandwidth,
+                  notes=("ONNX Runtime CPU execution provider only (MLAS kernels); no TensorRT engines",
+                         "fp16 graphs are slow on CPU: use fp32, int8 or int4 (docs/cpu.md)"))
+
+
 TARGETS: dict[str, Target] = {t.name: t for t in (
     _xavier("jetson-xavier-agx-32gb", "Jetson AGX Xavier 32 GB", 32.0, 28.0, 137.0),
     _xavier("jetson-xavier-agx-64gb", "Jetson AGX Xavier 64 GB", 64.0, 58.0, 137.0),
     _xavier("jetson-xavier-nx-8gb", "Jetson Xavier NX 8 GB", 8.0, 5.5, 51.2,
             ("the desktop session alone takes ~1 GB: run headless",)),
     _xavier("jetson-xavier-nx-16gb", "Jetson Xavier NX 16 GB", 16.0, 13.0, 51.2),
+    _cpu("cpu-x86_64", "x86-64 laptop or desktop, 8 GB RAM, no GPU", "x86_64", 8.0, 5.0, 51.2),
+    _cpu("cpu-arm64", "arm64 laptop or single-board computer, 8 GB RAM, no GPU", "arm64", 8.0, 5.0, 17.0),
 )}
 
 

@@ -246,13 +246,16 @@ def _run_sequential(model, cached: list, lm_head: bool, ctx) -> None:
                 advance(1)
 
 
-def quantize_language_model(model, loop, opts: LlmcOptions, *, ctx=None) -> dict[str, QuantizedLinear]:
+def quantize_language_model(model, loop, opts: LlmcOptions, *, ctx=None,
+                            on_quantized=None) -> dict[str, QuantizedLinear]:
     """Quantize the language model of ``model`` (a Llava) in place with llm-compressor; return the results.
 
     ``loop`` is a :class:`~medlite.calibration.forward.ForwardLoop` over the calibration samples.
     Afterwards every quantized Linear holds llm-compressor's dequantized (fake-quant) weights and is
     a plain ``nn.Linear`` again (no compressed-tensors hooks remain), so the working model runs
     anywhere; the returned records hold the integers, scales and zero points the quantizer chose.
+    ``on_quantized(model)`` is called while llm-compressor's fake-quant forward is still installed
+    (tests compare against it).
     """
     from llmcompressor.core import LifecycleCallbacks, create_session
     from llmcompressor.utils.helpers import DisableQuantization, calibration_forward_context
@@ -278,6 +281,8 @@ def quantize_language_model(model, loop, opts: LlmcOptions, *, ctx=None) -> dict
         records = {n: record_from_module(n, model.get_submodule(q), opts.symmetric,
                                          k=model.get_submodule(n).in_features)
                    for n, q in mapping.items() if n != "lm_head" or head_bits}
+        if on_quantized is not None:
+            on_quantized(model)
         strip_quantization(model)
     for name, rec in records.items():   # bake the quantizer's fake-quant weights into plain Linear
         lin = model.get_submodule(name)

@@ -1,0 +1,103 @@
+"""The quantize stage's ``llm: w4a16`` part: llm-compressor GPTQ / AWQ / RTN → MatMulNBits decoder.
+
+:func:`apply_w4a16` quantizes the working model's language model in place (calibrated through the
+whole VLM with the framework's forward loop), keeps the quantizer's integers, scales and zero
+points, and registers on ``state.export_plan.graph("decoder")`` the module swap that makes the
+decoder export emit ``com.microsoft::MatMulNBits`` with exactly those tensors. The decoder graph is
+marked ONNX-Runtime-only: TensorRT 8.5 has no INT4.
+"""
+from __future__ import annotations
+
+from medlite.compress.int4.rules import INT4_RUNTIME_REASON
+
+FORMAT = "com.microsoft.MatMulNBits"
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("llmcompressor", "compressed-tensors"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:  # pragma: no cover - llmcompressor always brings both
+            out[pkg] = None
+    return out
+
+
+def llmc_options(opts):
+    """The recipe's quantize options → :class:`~medlite.compress.int4.llmc.LlmcOptions`."""
+    from medlite.compress.int4.llmc import LlmcOptions
+
+    return LlmcOptions(algorithm=opts.algorithm, group_size=int(opts.group_size), symmetric=bool(opts.symmetric),
+                       act_order=bool(opts.act_order), lm_head=opts.lm_head)
+
+
+def pack_records(records: dict) -> dict:
+    """``{name: QuantizedLinear}`` → ``{name: (PackedNBits, bias)}`` for :func:`matmul_nbits_swap`."""
+    from medlite.compress.int4.pack import pack_matmul_nbits
+
+    return {n: (pack_matmul_nbits(r.qweight.numpy(), r.scales.numpy(), r.zero_points.numpy(), bits=r.bits,
+                                  block_size=r.group_size,
+                                  g_idx=None if r.g_idx is None else r.g_idx.numpy()),
+                None if r.bias is None else r.bias.numpy())
+            for n, r in records.items()}
+
+
+def quantization_record(opts, records: dict, packed: dict, samples: int) -> dict:
+    """The decoder's quantization record (medlite_runtime.json, manifest): deterministic facts only."""
+    bits = sorted({r.bits for r in records.values()})
+    return {"method": "w4a16", "format": FORMAT, "algorithm": opts.algorithm, "group_size": int(opts.group_size),
+            "symmetric": bool(opts.symmetric), "act_order": bool(opts.act_order and opts.algorithm == "gptq"),
+            "lm_head": opts.lm_head, "bits": bits, "layers": len(records),
+            "packed_bytes": int(sum(p.nbytes() for p, _ in packed.values())),
+            "calibration_samples": int(samples), "libraries": _versions()}
+
+
+def apply_w4a16(state, index: int, opts):
+    """Quantize ``state.model``'s language model to W4A16 and plan its MatMulNBits export.
+
+    Returns a :class:`~medlite.build.contract.StageResult`. Only the language model's Linear layers
+    (and ``lm_head`` when ``opts.lm_head`` is int4/int8) change; the vision tower and projector are
+    never touched.
+    """
+    from medlite.build.contract import ONNXRUNTIME, StageResult
+    from medlite.compress.int4.llmc import quantize_language_model
+    from medlite.compress.int4.swap import matmul_nbits_swap
+
+    ctx = state.ctx
+    samples = list(state.calibration.samples) if state.calibration is not None else None
+    if samples is not None and opts.samples is not None and opts.samples < len(samples):
+        samples = samples[: int(opts.samples)]
+    loop = state.forward_loop(samples=samples, description=f"{opts.algorithm.upper()} calibration")
+    model = state.model.model
+    before = sum(int(model.get_submodule(n).weight.numel()) * model.get_submodule(n).weight.element_size()
+                 for n in _target_names(model, opts))
+    records = quantize_language_model(model, loop, llmc_options(opts), ctx=ctx)
+    packed = pack_records(records)
+    plan = state.export_plan.graph("decoder")
+    plan.swaps.append(("matmul_nbits", matmul_nbits_swap(packed)))
+    plan.runtime = ONNXRUNTIME
+    plan.runtime_reason = INT4_RUNTIME_REASON
+    plan.quantization = quantization_record(opts, records, packed, len(loop))
+    after = plan.quantization["packed_bytes"]
+    head = "" if opts.lm_head == "fp16" else f", lm_head {opts.lm_head}"
+    summary = (f"LLM W4A16 {opts.algorithm.upper()} g{opts.group_size} "
+               f"{'sym' if opts.symmetric else 'asym'}{head}: {len(records)} Linear → MatMulNBits, "
+               f"{before / 1e6:.1f} → {after / 1e6:.1f} MB · {len(loop)} calibration samples · ONNX Runtime only")
+    report = [f"- language model: {len(records)} Linear layers → `{FORMAT}` ({opts.algorithm}, group "
+              f"{opts.group_size}, {'symmetric' if opts.symmetric else 'asymmetric'}"
+              f"{', act-order' if opts.act_order and opts.algorithm == 'gptq' else ''}), lm_head {opts.lm_head}",
+              f"- calibrated on {len(loop)} image + question pairs through the whole VLM (real image tokens)",
+              f"- decoder.onnx runs on ONNX Runtime only: {INT4_RUNTIME_REASON}"]
+    return StageResult(summary=summary, changed=sorted(records), bytes_before=before, bytes_after=after,
+                       manifest={"w4a16": plan.quantization}, report=report)
+
+
+def _target_names(model, opts) -> list:
+    from medlite.compress.int4.llmc import language_linear_names
+
+    return language_linear_names(model, lm_head=opts.lm_head != "fp16")
+
+
+__all__ = ["FORMAT", "apply_w4a16", "llmc_options", "pack_records", "quantization_record"]
