@@ -98,7 +98,10 @@ def cmd_serve(args, ctx) -> int:
         raise MedliteError(f"--host {args.host} exposes patient images to the network; add --allow-remote to do it "
                            "on purpose (no authentication, no TLS)")
     try:
-        import multipart  # noqa: F401  (python-multipart, needed by Starlette's form parser)
+        import importlib.util
+
+        if not (importlib.util.find_spec("python_multipart") or importlib.util.find_spec("multipart")):
+            raise ImportError(name="python-multipart")   # Starlette's form parser needs it
         import uvicorn
 
         from medlite.serve.app import create_app

@@ -96,7 +96,9 @@ class ModelWorker:
         self._counter: Optional[_CountingSession] = None
         sessions = getattr(vlm, "sessions", None)
         if isinstance(sessions, dict) and "decoder" in sessions:
-            self._counter = sessions["decoder"] = _CountingSession(sessions["decoder"])
+            if not isinstance(sessions["decoder"], _CountingSession):   # one counter per opened model
+                sessions["decoder"] = _CountingSession(sessions["decoder"])
+            self._counter = sessions["decoder"]
         self._thread = threading.Thread(target=self._loop, name="medlite-serve-model", daemon=True)
         self._thread.start()
 

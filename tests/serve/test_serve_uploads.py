@@ -4,12 +4,11 @@ upload's private folder is gone afterwards."""
 from __future__ import annotations
 
 import stat
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from serve_helpers import png_header_only
 
 from medlite.preprocess import ImageSpec, preprocess
 from medlite.serve import uploads
@@ -19,15 +18,6 @@ try:
     from medlite.imaging.images import decode_image, load_image
 except ImportError:  # before the issue-12 move
     from medlite.calibration.images import decode_image, load_image
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height, with a few bytes of image data (never allocated)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)   # 8-bit greyscale
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 def same_pixels(a, b) -> bool:

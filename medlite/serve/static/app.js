@@ -37,7 +37,7 @@ function renderInfo(info) {
     box.append(field("artifact", el("span", "bare ONNX export: no manifest, no hash check, no gates", "bad")));
   }
   box.append(field("precision", info.precision));
-  const providers = [...new Set(Object.values(info.providers || {}))].join(", ");
+  const providers = [...new Set(Object.values(info.providers || {}).flat())].join(", ");
   box.append(field("runs on", providers || "?"), field("image", `${info.image_size} px, ${info.num_image_tokens} tokens`));
   renderGates(a);
   const sel = $("window");
@@ -121,7 +121,7 @@ function handle(item, { event, data }) {
   const a = item.querySelector(".a"), s = item.querySelector(".stats");
   if (event === "queued") s.textContent = data.position > 0 ? `queued behind ${data.position} request(s)…` : "starting…";
   else if (event === "start") s.textContent = "answering…";
-  else if (event === "token") a.textContent += data.text;
+  else if (event === "token") { a.textContent += data.text; item.dataset.pieces = Number(item.dataset.pieces || 0) + 1; }
   else if (event === "done") { a.textContent = data.answer; s.textContent = stats(data); item.dataset.state = "done"; }
   else if (event === "error") { s.textContent = data.message; item.dataset.state = "error"; }
 }
