@@ -1,0 +1,141 @@
+"""W4A16 through llm-compressor → MatMulNBits decoder, against independent references (tiny random model).
+
+* the MatMulNBits initializers unpack to exactly the integers / scales / zero points llm-compressor's
+  modules hold (integers recomputed here in numpy from its scale and zero point);
+* ONNX Runtime's logits of the MatMulNBits decoder equal the PyTorch forward of the model while
+  llm-compressor's own fake-quant forward is installed.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+
+@pytest.fixture(scope="module")
+def quantized(cctx, tiny_path, calib):
+    """GPTQ asymmetric g32 with an int4 lm_head, plus llm-compressor's own state and logits."""
+    from medlite.calibration.forward import ForwardLoop
+    from medlite.checkpoints import load_model
+    from medlite.compress.int4.llmc import LlmcOptions, quantize_language_model
+
+    loaded = load_model(tiny_path, ctx=cctx)
+    vision_before = {k: v.clone() for k, v in loaded.model.model.vision_tower.state_dict().items()}
+    loop = ForwardLoop(loaded, calib.samples[:8], batch_size=4)
+    probe = loop.batch(calib.samples[8:10])
+    seen = {}
+
+    def capture(model):
+        for name, m in model.named_modules():
+            if hasattr(m, "weight_scale"):
+                zp = getattr(m, "weight_zero_point", None)
+                seen[name.removesuffix(".inner")] = (m.weight.detach().clone(), m.weight_scale.detach().clone(),
+                                                     None if zp is None else zp.detach().clone())
+        with torch.no_grad():
+            out = model.model.language_model(inputs_embeds=probe.inputs_embeds, attention_mask=probe.attention_mask,
+                                             position_ids=probe.position_ids)
+            seen["__logits__"] = model.lm_head(out.last_hidden_state).numpy()
+
+    records = quantize_language_model(loaded.model, loop, LlmcOptions("gptq", 32, symmetric=False, lm_head="int4"),
+                                      on_quantized=capture)
+    return SimpleNamespace(loaded=loaded, records=records, seen=seen, probe=probe, vision_before=vision_before)
+
+
+def _decoder(q, tmp_path):
+    from medlite.compress.int4.stage import pack_records
+    from medlite.compress.int4.swap import matmul_nbits_swap
+    from medlite.export.graphs import decoder_onnx_from_model
+
+    with matmul_nbits_swap(pack_records(q.records))(q.loaded.model):
+        proto = decoder_onnx_from_model(q.loaded.model, opset=17, metadata={})
+    path = tmp_path / "decoder.onnx"
+    onnx.save(proto, str(path))
+    return proto, path
+
+
+def test_only_language_model_quantized(quantized):
+    names = set(quantized.records)
+    assert "lm_head" in names and len(names) == 15
+    assert all(n.startswith("model.language_model.") or n == "lm_head" for n in names)
+    after = quantized.loaded.model.model.vision_tower.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in quantized.vision_before.items())
+
+
+def test_initializers_unpack_to_the_quantizers_values(quantized, tmp_path):
+    from medlite.compress.int4.pack import unpack_matmul_nbits
+
+    proto, _ = _decoder(quantized, tmp_path)
+    inits = {t.name: t for t in proto.graph.initializer}
+    nodes = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nodes) == 15 and all(n.domain == "com.microsoft" for n in nodes)
+    checked = 0
+    for node in nodes:
+        attrs = {a.name: a.i for a in node.attribute}
+        B, sc, zp = (numpy_helper.to_array(inits[i]) for i in node.input[1:4])
+        q, sc, zp = unpack_matmul_nbits(B, sc, zp, K=attrs["K"], N=attrs["N"], bits=attrs["bits"],
+                                        block_size=attrs["block_size"])
+        # Which layer: the one whose llm-compressor scales match exactly.
+        name = next(n for n, (w, s, z) in quantized.seen.items()
+                    if n != "__logits__" and s.shape == sc.shape and np.array_equal(s.numpy(), sc))
+        w, s, z = (t.double().numpy() for t in quantized.seen[name])
+        k = attrs["K"]
+        g = np.arange(w.shape[1]) // attrs["block_size"]
+        ints = np.clip(np.round(w / s[:, g] + z[:, g]), -8, 7)[:, :k]   # compressed-tensors' signed int4
+        np.testing.assert_array_equal(q, ints + 8)
+        np.testing.assert_array_equal(zp, z + 8)
+        assert attrs["bits"] == 4 and attrs["block_size"] == 32
+        checked += 1
+    assert checked == 15
+
+
+def test_onnxruntime_logits_equal_llmcompressor_fake_quant(quantized, tmp_path):
+    import onnxruntime as ort
+
+    _, path = _decoder(quantized, tmp_path)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    p = quantized.probe
+    tc = quantized.loaded.model.config.text_config
+    b = p.inputs_embeds.shape[0]
+    feed = {"inputs_embeds": p.inputs_embeds.numpy(),
+            "attention_mask": np.concatenate([np.zeros((b, 1), np.int32), p.attention_mask.int().numpy()], 1),
+            "position_ids": p.position_ids.int().numpy()}
+    hd = tc.hidden_size // tc.num_attention_heads
+    for i in range(tc.num_hidden_layers):
+        for kind in ("key", "value"):
+            feed[f"past_key_values.{i}.{kind}"] = np.zeros((b, tc.num_key_value_heads, 1, hd), np.float32)
+    logits = sess.run(["logits"], feed)[0]
+    ref = quantized.seen["__logits__"]
+    real = p.attention_mask.bool().numpy()
+    rel = np.abs(logits[real] - ref[real]).max() / np.abs(ref[real]).max()
+    assert rel <= 1e-3, rel
+
+
+def test_stage_registers_swap_and_runtime(cctx, tiny_path, calib):
+    """apply_w4a16 through the build contract: ORT-only decoder plan with a quantization record."""
+    from medlite.build.contract import ONNXRUNTIME, BuildState
+    from medlite.checkpoints import load_model
+    from medlite.compress.int4.stage import apply_w4a16
+    from medlite.export.graphs import decoder_onnx_from_model
+
+    loaded = load_model(tiny_path, ctx=cctx)
+    state = BuildState(ctx=cctx, recipe=None, target=None, work=None, source=None, model=loaded, calibration=calib)
+    opts = SimpleNamespace(vision="fp16", llm="w4a16", lm_head="int8", algorithm="rtn", group_size=128,
+                           symmetric=True, act_order=False, samples=4)
+    res = apply_w4a16(state, 0, opts)
+    plan = state.export_plan.graph("decoder")
+    assert plan.runtime == ONNXRUNTIME and "TensorRT 8.5" in plan.runtime_reason
+    rec = plan.quantization
+    assert rec["format"] == "com.microsoft.MatMulNBits" and rec["calibration_samples"] == 4
+    assert rec["bits"] == [4, 8] and rec["layers"] == 15 and rec["group_size"] == 128
+    assert 0 < res.bytes_after < res.bytes_before and res.ok and len(res.changed) == 15
+    with state.export_plan.swaps_for("decoder", loaded.model):
+        proto = decoder_onnx_from_model(loaded.model, opset=17, metadata={})
+    bits = sorted(next(a.i for a in n.attribute if a.name == "bits") for n in proto.graph.node
+                  if n.op_type == "MatMulNBits")
+    assert bits == [4] * 14 + [8]
+    assert not any(isinstance(m, type(loaded.model.lm_head)) and m.__class__.__name__ == "MatMulNBitsLinear"
+                   for m in loaded.model.modules())   # swaps restored after the trace
