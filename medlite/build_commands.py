@@ -85,7 +85,7 @@ def cmd_validate(args, ctx) -> int:
 def cmd_plan(args, ctx) -> int:
     """Show the stages, the files they write and estimated sizes, without running anything."""
     from medlite.engines.targets import TARGETS
-    from medlite.pipeline import ModelChoice
+    from medlite.model_choice import ModelChoice
     from medlite.recipes.registry import STAGES
     from medlite.stages import plan
 
@@ -96,7 +96,7 @@ def cmd_plan(args, ctx) -> int:
     from medlite.checkpoints import inspect_checkpoint
 
     if choice.path is None:
-        from medlite.calibration.demo_model import ensure_demo_model
+        from medlite.demo.model import ensure_demo_model
 
         folder = ensure_demo_model(ctx)
     else:
@@ -150,7 +150,8 @@ def cmd_plan(args, ctx) -> int:
 @_json_errors
 def cmd_build(args, ctx) -> int:
     """Run a recipe; exit 1 with one line per failed gate when a gate fails."""
-    from medlite.pipeline import ModelChoice, build
+    from medlite.model_choice import ModelChoice
+    from medlite.pipeline import build
 
     resolved = _load(args, ctx)
     if not ctx.json_mode:

@@ -3,7 +3,7 @@
 Metrics, on the held-out evaluation split (never the calibration images):
 
 * ``source_closed_acc`` / ``artifact_closed_acc`` and ``closed_acc_drop`` (points = percent of the
-  closed questions), scored with :func:`medlite.calibration.scoring.score`;
+  closed questions), scored with :func:`medlite.evaluation.scoring.score`;
 * ``agreement``: fraction of questions whose normalised answers are identical;
 * ``mean_kl``: mean KL(source ‖ artifact) of the first answer token's distribution, in nats;
 * ``vision_cosine``: mean over images of the mean per-token cosine of the projected image embeddings.
@@ -74,7 +74,7 @@ def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def agreement(a: Sequence[str], b: Sequence[str]) -> float:
     """Fraction of pairs whose normalised answers are identical (scoring's normalisation)."""
-    from medlite.calibration.scoring import normalize
+    from medlite.evaluation.scoring import normalize
 
     if len(a) != len(b):
         raise ValueError(f"{len(a)} vs {len(b)} answers")
@@ -215,7 +215,7 @@ def select_samples(samples: list, max_samples: Optional[int]) -> list:
 
 def compare(reference, candidate, samples: list, options: Any, ctx) -> CheckResult:
     """Run ``reference`` and ``candidate`` on every sample and apply the gates in ``options``."""
-    from medlite.calibration.scoring import score
+    from medlite.evaluation.scoring import score
 
     ref_answers, cand_answers, kls, rows = [], [], [], []
     cosines: dict[str, float] = {}
@@ -250,7 +250,7 @@ def compare(reference, candidate, samples: list, options: Any, ctx) -> CheckResu
         "min_vision_cosine": sig(float(np.min(list(cosines.values())))) if cosines else None,
     }
     for r in rows:
-        from medlite.calibration.scoring import normalize
+        from medlite.evaluation.scoring import normalize
 
         r["agree"] = normalize(r["source"]) == normalize(r["artifact"])
     return CheckResult(metrics=metrics, rows=rows, gates=evaluate_gates(metrics, options))

@@ -20,36 +20,7 @@ from typing import Any, Optional
 
 from medlite import artifacts as af
 from medlite.errors import DataError
-
-DEMO_SOURCE = "builtin:demo-model"
-
-
-@dataclass
-class ModelChoice:
-    """Which checkpoint a command uses, and the loader options from the command line."""
-
-    path: Optional[str] = None           # None: the built-in demo model
-    base: Optional[str] = None
-    vision_tower: Optional[str] = None
-    vision_weights: Optional[str] = None
-    template: Optional[str] = None
-
-    @classmethod
-    def from_args(cls, args, recipe=None, recipe_source: Optional[str] = None) -> "ModelChoice":
-        """``--model`` wins over the recipe's ``model`` (resolved relative to the recipe file)."""
-        path = getattr(args, "model", None)
-        if path is None and recipe is not None and recipe.model:
-            p = Path(recipe.model).expanduser()
-            if not p.is_absolute() and recipe_source:
-                p = Path(recipe_source).parent / p
-            path = str(p)
-        def absolute(p):
-            # One spelling per folder: loader notes and the runtime config quote these paths, and the
-            # same checkpoint given as "ckpt" or "/abs/ckpt" must give byte-identical artifacts.
-            return str(Path(p).expanduser().resolve()) if p else None
-
-        return cls(absolute(path), absolute(getattr(args, "base", None)), absolute(getattr(args, "vision_tower", None)),
-                   getattr(args, "vision_weights", None), getattr(args, "template", None))
+from medlite.model_choice import ModelChoice, load_source
 
 
 @dataclass
@@ -78,21 +49,6 @@ class BuildResult:
 
 
 # -- inputs ---------------------------------------------------------------------------------------
-def load_source(choice: ModelChoice, ctx) -> tuple[Any, str]:
-    """Load the checkpoint; returns ``(LoadedModel, source label for the manifest)``."""
-    from medlite.checkpoints import load_model
-
-    if choice.path is None:
-        from medlite.calibration.demo_model import ensure_demo_model
-
-        path, label = ensure_demo_model(ctx), DEMO_SOURCE
-    else:
-        path, label = Path(choice.path), choice.path
-    loaded = load_model(path, ctx=ctx, base=choice.base, vision_tower=choice.vision_tower,
-                        vision_weights=choice.vision_weights, template=choice.template)
-    return loaded, label
-
-
 def model_summary(loaded) -> str:
     """``micro-tinyllava-med (legacy format) · 6.1 M params · 49 image tokens``."""
     params = loaded.param_breakdown()["total"]["params"]
@@ -104,7 +60,7 @@ def model_summary(loaded) -> str:
 def load_calibration(recipe, ctx) -> tuple[Any, str, str]:
     """The recipe's calibration set: ``(CalibrationSet, content hash, summary line)``."""
     from medlite.calibration.calibset import build_calibration_set
-    from medlite.calibration.vqa import load_dataset
+    from medlite.evaluation.vqa import load_dataset
 
     spec = recipe.calibration
     samples = load_dataset(spec.dataset, images_dir=spec.images, split=spec.split)
@@ -118,7 +74,7 @@ def load_evaluation(recipe, calibration, ctx) -> list:
     Official splits are not image-disjoint (VQA-RAD, SLAKE), so overlapping questions are dropped
     with a warning rather than silently scored on images the compression stages have seen.
     """
-    from medlite.calibration.vqa import load_dataset
+    from medlite.evaluation.vqa import load_dataset
 
     ev = recipe.evaluation
     samples = load_dataset(ev.dataset, images_dir=ev.images, split=ev.split)

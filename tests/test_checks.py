@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from medlite import checks
-from medlite.calibration.types import VqaSample
+from medlite.evaluation.samples import VqaSample
 from medlite.recipes.schema import CheckOptions
 
 

@@ -1,21 +1,15 @@
-"""Medical data for medlite: image loading, the built-in image set, VQA datasets, scoring and
-calibration sets.
+"""Calibration sets for medlite: image+question pairs chosen (stratified, image-disjoint from the
+held-out set) to calibrate quantization and pruning.
 
-Kept light and torch-free: the submodules are imported on first use of a name below, so that
-``import medlite.calibration`` costs nothing (the on-device runtime imports only what it needs).
+Image loading lives in :mod:`medlite.imaging`, VQA datasets and scoring in :mod:`medlite.evaluation`,
+the built-in demo model in :mod:`medlite.demo`. Submodules are imported on first use of a name below,
+so ``import medlite.calibration`` costs nothing.
 """
 from __future__ import annotations
 
 import importlib
 
-_EXPORTS = {
-    "load_image": "images", "load_images": "images", "decode_image": "images",
-    "builtin_images": "builtin",
-    "load_dataset": "vqa", "load_answers_jsonl": "vqa",
-    "score": "scoring",
-    "build_calibration_set": "calibset", "CalibrationSet": "calibset",
-    "MedImage": "types", "VqaSample": "types",
-}
+_EXPORTS = {"build_calibration_set": "calibset", "CalibrationSet": "calibset"}
 
 __all__ = sorted(_EXPORTS)
 

@@ -36,8 +36,8 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from medlite.calibration.pixels import MODALITIES
-from medlite.calibration.types import OPEN, VqaSample
+from medlite.imaging.pixels import MODALITIES
+from medlite.evaluation.samples import OPEN, VqaSample
 from medlite.errors import DataError
 
 VERSION = "medlite-calibset/1"

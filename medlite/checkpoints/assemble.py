@@ -48,6 +48,7 @@ class Plan:
     lm_head_bias: bool = False
     existing_image_token_id: Optional[int] = None  # HF Llava sources already have one
     tied_lm_head_source: Optional[tuple[TensorPool, str]] = None  # a duplicate lm_head in a tied model
+    name: str = ""                       # model name recorded by the writer (else the folder name)
 
     def source_of(self, key: str) -> Optional[tuple[TensorPool, str]]:
         best = None
@@ -222,7 +223,8 @@ def assemble(plan: Plan, *, dtype: Optional[str] = None, meta: bool = False, has
             files.update({prefix + k: v for k, v in pool.file_hashes().items()})
     source = SourceInfo(format=plan.fmt, path=str(plan.path), files=files, text_backbone=plan.text_backbone,
                         dtype=plan.pools[0].main_dtype(), vision_weights=plan.vision_weights,
-                        vision_tower=plan.vision_tower, name=plan.path.name, notes=notes)
+                        vision_tower=plan.vision_tower, name=plan.name or plan.path.name,
+                        notes=notes)
     return LoadedModel(model=model, tokenizer=tok, image_spec=plan.image_spec, template=template_for(tname),
                        image_token_id=image_id, num_image_tokens=plan.num_image_tokens,
                        eos_token_ids=sp["eos_token_ids"], bos_token_id=sp["bos_token_id"],

@@ -16,11 +16,9 @@ def _opt(args, name, default=None):
 
 
 def _resolve_path(path, ctx) -> Path:
-    if path is None:
-        from medlite.calibration.demo_model import ensure_demo_model
+    from medlite.model_choice import ModelChoice
 
-        return Path(ensure_demo_model(ctx))
-    return Path(path).expanduser()
+    return ModelChoice(path=path).folder(ctx)
 
 
 # -- inspect ---------------------------------------------------------------------------------------
@@ -154,7 +152,7 @@ def _load_image(path, frame, ctx):
     if not p.is_file():
         raise DataError(f"{p}: image file not found")
     try:
-        from medlite.calibration.images import load_image
+        from medlite.imaging.images import load_image
     except ImportError:
         from PIL import Image
 
@@ -165,12 +163,10 @@ def _load_image(path, frame, ctx):
 def cmd_ask(args, ctx) -> int:
     """Greedy answer from the PyTorch reference model, streamed to stdout."""
     from medlite.checkpoints.generate import answer
-    from medlite.checkpoints.loader import load_model
+    from medlite.model_choice import load_from_args
 
     image = _load_image(args.image, _opt(args, "frame"), ctx)
-    loaded = load_model(_opt(args, "model"), ctx=ctx, base=_opt(args, "base"),
-                        vision_tower=_opt(args, "vision_tower"), vision_weights=_opt(args, "vision_weights"),
-                        template=_opt(args, "template"))
+    loaded = load_from_args(args, ctx)
 
     def emit(piece: str) -> None:
         sys.stdout.write(piece)

@@ -77,6 +77,12 @@ def _medlite_json(path: Path) -> dict:
         raise CheckpointError(f"{f}: invalid JSON ({e})") from None
 
 
+def recorded_name(path: Path) -> Optional[str]:
+    """The model name recorded in ``medlite_source.json`` by the writer that made the folder, or None."""
+    name = _medlite_json(Path(path)).get("name")
+    return name if isinstance(name, str) and name else None
+
+
 def _template(path: Path, default: str, notes: list[str], *, why: str) -> str:
     recorded = _medlite_json(path).get("template")
     if isinstance(recorded, dict):

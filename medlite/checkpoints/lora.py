@@ -162,7 +162,7 @@ def _same_dir(named: str, base_dir: Path) -> bool:
 
 
 def _prepare(path, *, base, vision_tower, vision_weights, ctx) -> Prepared:
-    from medlite.checkpoints.loader import plan_checkpoint
+    from medlite.checkpoints.planning import plan_checkpoint
 
     adapter_dir = Path(path).expanduser()
     cfg = read_adapter_config(adapter_dir)
@@ -222,9 +222,9 @@ def _load(path, *, ctx, base, vision_tower, vision_weights, dtype, template, met
     import torch
 
     from medlite.checkpoints.assemble import assemble
-    from medlite.checkpoints.loader import _norm_dtype
+    from medlite.checkpoints.planning import norm_dtype
 
-    dtype = _norm_dtype(dtype) if not meta else None
+    dtype = norm_dtype(dtype) if not meta else None
     prep = _prepare(path, base=base, vision_tower=vision_tower, vision_weights=vision_weights, ctx=ctx)
     # fp32 for the merge itself (W + s·BA in half precision would round twice); cast afterwards
     loaded = assemble(prep.plan, dtype=None if meta else "float32", meta=meta, hash_files=not meta,

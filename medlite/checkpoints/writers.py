@@ -137,7 +137,7 @@ def _dtype_name(dtype) -> str:
 def write_checkpoint(model, tokenizer, out_dir, *, fmt: str = "legacy", image_spec, template_name: str,
                      text_backbone: str = "llama", dtype=None, max_shard_bytes: Optional[int] = None,
                      include_vision: bool = True, vision_tower_repo: str = "google/siglip-so400m-patch14-384",
-                     vision_tower_copy_dir=None) -> Path:
+                     vision_tower_copy_dir=None, name: Optional[str] = None) -> Path:
     """Write a canonical ``LlavaForConditionalGeneration`` + tokenizer in a source format.
 
     ``legacy`` / ``factory`` drop the appended image-token row (and ``<image>`` from the tokenizer),
@@ -145,7 +145,9 @@ def write_checkpoint(model, tokenizer, out_dir, *, fmt: str = "legacy", image_sp
     write a separate tower copy (``vision_tower_copy_dir``: config.json + preprocessor_config.json +
     weights) for ``--vision-tower``; its config has one layer more than the canonical tower (TinyLLaVA
     deletes the last layer on load), filled with a copy of the last kept layer. bos / eos / pad ids for
-    the tokenizer files come from ``model.config.text_config`` (BOS only for Llama backbones).
+    the tokenizer files come from ``model.config.text_config`` (BOS only for Llama backbones). ``name``,
+    when given, is recorded in ``medlite_source.json``: loaders use it instead of the folder name
+    (a cache folder named by a hash still yields artifacts named for the model).
     """
     import torch
 
@@ -202,7 +204,8 @@ def write_checkpoint(model, tokenizer, out_dir, *, fmt: str = "legacy", image_sp
     (out / "config.json").write_text(json.dumps(conf, indent=2, default=str))
     bos, eos, pad = _special_ids(tok, tcfg, text_backbone)
     write_tokenizer_files(out, tok, bos=bos, eos=eos, pad=pad, add_bos=bos is not None)
-    write_medlite_json(out, format=fmt, template=template_name, image_spec=image_spec.to_dict())
+    extra = {"name": name} if name else {}
+    write_medlite_json(out, format=fmt, template=template_name, image_spec=image_spec.to_dict(), **extra)
     if vision_tower_copy_dir is not None:
         write_tower_copy(model, vision_tower_copy_dir, image_spec=image_spec, dtype=dtype)
     return out

@@ -12,15 +12,11 @@ def cmd_export(args, ctx) -> int:
     directly, so a 1.5 B model never exists in fp32 in memory. Prints a summary to stderr and the
     ExportResult as JSON on stdout with ``--json``.
     """
-    from medlite.checkpoints import load_model
+    from medlite.model_choice import load_from_args
     from medlite.export import export_onnx
 
     precision = getattr(args, "precision", "fp32") or "fp32"
-    loaded = load_model(getattr(args, "model", None), ctx=ctx, base=getattr(args, "base", None),
-                        vision_tower=getattr(args, "vision_tower", None),
-                        vision_weights=getattr(args, "vision_weights", None),
-                        dtype="float16" if precision == "fp16" else "float32",
-                        template=getattr(args, "template", None))
+    loaded = load_from_args(args, ctx, dtype="float16" if precision == "fp16" else "float32")
     res = export_onnx(loaded, args.out, ctx=ctx, precision=precision, opset=int(getattr(args, "opset", 17) or 17))
     if ctx.json_mode:
         json.dump(res.to_dict(), sys.stdout, indent=1, sort_keys=True)

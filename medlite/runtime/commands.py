@@ -25,7 +25,7 @@ def cmd_ask_onnx(args, ctx) -> int:
     vlm = OnnxVlm.open(args.model, ctx=ctx)
     image = args.image
     if getattr(args, "frame", None) is not None:
-        from medlite.calibration.images import load_image
+        from medlite.imaging.images import load_image
 
         image = load_image(args.image, frame=args.frame, ctx=ctx)
     else:

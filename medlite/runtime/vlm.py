@@ -28,7 +28,7 @@ def load_input_image(image, ctx=None):
     if not path.is_file():
         raise DataError(f"{path}: image not found")
     try:
-        from medlite.calibration.images import load_image
+        from medlite.imaging.images import load_image
     except ImportError:  # a runtime-only install without the calibration package
         from PIL import Image
 

@@ -50,7 +50,8 @@ def rerun_checks(path: Path, manifest: dict, args, ctx) -> dict:
     """
     from medlite import artifacts as af
     from medlite.checks import TorchReference, compare, compare_metrics, select_samples
-    from medlite.pipeline import DEMO_SOURCE, ModelChoice, load_evaluation, load_source
+    from medlite.model_choice import DEMO_SOURCE, ModelChoice, load_source
+    from medlite.pipeline import load_evaluation
     from medlite.recipes.loader import parse_yaml, validate_data
     from medlite.runtime import OnnxVlm
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from medlite.calibration import calibset
 from medlite.calibration.calibset import allocate, build_calibration_set
-from medlite.calibration.types import VqaSample
+from medlite.evaluation.samples import VqaSample
 from medlite.context import RunContext
 from medlite.errors import DataError
 

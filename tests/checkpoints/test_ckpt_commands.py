@@ -92,7 +92,7 @@ def test_ask_streams_the_reference_answer(random_ckpt, ctx, photo, tmp_path, cap
     q = "Is the tissue malignant?"
     assert main(["ask", str(src), q, "--image", str(img), "--max-new-tokens", "5"]) == 0
     printed = capsys.readouterr().out
-    from medlite.calibration.images import load_image
+    from medlite.imaging.images import load_image
 
     want = answer(load_model(src, ctx=ctx), load_image(img), q, max_new_tokens=5)
     assert printed == want + "\n"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("medlite.calibration.demo_model", reason="the demo model module has not landed yet")
+pytest.importorskip("medlite.demo.model", reason="the demo model module has not landed yet")
 
 from medlite.context import RunContext  # noqa: E402
 
@@ -17,8 +17,8 @@ BATCH = 16
 
 @pytest.fixture(scope="module")
 def demo():
-    from medlite.calibration.demo_model import ensure_demo_model
-    from medlite.calibration.vqa import load_dataset
+    from medlite.demo.model import ensure_demo_model
+    from medlite.evaluation.vqa import load_dataset
     from medlite.checkpoints import load_model
 
     ctx = RunContext(quiet=True)

@@ -50,7 +50,7 @@ def test_cli_ask_on_onnx_export_with_dicom_without_torch(rt_export):
             "'--max-new-tokens', '8']))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    from medlite.calibration.images import load_image
+    from medlite.imaging.images import load_image
 
     expected = OnnxVlm.open(rt_export).answer(load_image(dcm), "which organ is this ?", max_new_tokens=8)
     assert proc.stdout.strip() == expected

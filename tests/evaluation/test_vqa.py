@@ -1,4 +1,4 @@
-"""VQA dataset readers on real annotation samples (tests/calibration/fixtures, see its README)."""
+"""VQA dataset readers on real annotation samples (tests/evaluation/fixtures, see its README)."""
 from __future__ import annotations
 
 import json
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from medlite.calibration.scoring import score
-from medlite.calibration.vqa import describe, detect_format, load_answers_jsonl, load_dataset
+from medlite.evaluation.scoring import score
+from medlite.evaluation.vqa import describe, detect_format, load_answers_jsonl, load_dataset
 from medlite.errors import DataError
 
 FIX = Path(__file__).parent / "fixtures"
@@ -166,9 +166,9 @@ def test_answers_jsonl_errors(tmp_path):
 
 def test_builtin_dispatch_is_lazy(monkeypatch):
     calls = []
-    fake = types.ModuleType("medlite.calibration.micro_vqa")
+    fake = types.ModuleType("medlite.demo.micro_vqa")
     fake.micro_med_vqa = lambda split: calls.append(split) or ["sample"]
-    monkeypatch.setitem(sys.modules, "medlite.calibration.micro_vqa", fake)
+    monkeypatch.setitem(sys.modules, "medlite.demo.micro_vqa", fake)
     assert load_dataset("builtin:micro-med-vqa", split="train") == ["sample"] and calls == ["train"]
     with pytest.raises(DataError, match="unknown built-in dataset 'nope'.*builtin:micro-med-vqa"):
         load_dataset("builtin:nope")

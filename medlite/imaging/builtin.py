@@ -3,7 +3,7 @@
 Nothing here downloads. ``pydicom.data.get_testdata_file`` fetches names listed in pydicom's
 ``urls.json`` over the network (and retries for ~21 s without one), so it is never called: files
 are located on disk inside the package folders (found with ``importlib.util.find_spec``, which
-does not import the package) and decoded by :mod:`medlite.calibration.images`.
+does not import the package) and decoded by :mod:`medlite.imaging.images`.
 
 Sources (see docs/data.md for the full table):
 
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from medlite.calibration.types import MedImage
+from medlite.imaging.types import MedImage
 from medlite.errors import DataError
 
 
@@ -127,7 +127,7 @@ class BuiltinCache:
 
 
 def _decode(entry: BuiltinEntry, frame: Optional[int]):
-    from medlite.calibration.images import decode_image
+    from medlite.imaging.images import decode_image
 
     path = entry_path(entry)
     d = decode_image(path, frame=frame, window=entry.window)

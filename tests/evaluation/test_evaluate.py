@@ -1,6 +1,6 @@
 """``evaluate`` / ``medlite eval`` / ``medlite demo model`` on a tiny trained legacy checkpoint.
 
-The metrics must equal :func:`medlite.calibration.scoring.score` on predictions made independently
+The metrics must equal :func:`medlite.evaluation.scoring.score` on predictions made independently
 (one ``generate.answer`` call per question), so batching and bookkeeping cannot change a number.
 """
 from __future__ import annotations
@@ -13,15 +13,15 @@ import pytest
 import torch
 from PIL import Image
 
-from medlite.calibration import demo_model as dm
-from medlite.calibration.demo_train import image_spec_for, train_demo
-from medlite.calibration.evaluate import evaluate
-from medlite.calibration.micro_vqa import micro_med_vqa
-from medlite.calibration.scoring import score
+from medlite.demo import model as dm
+from medlite.demo.train import image_spec_for, train_demo
+from medlite.evaluation.evaluate import evaluate
+from medlite.demo.micro_vqa import micro_med_vqa
+from medlite.evaluation.scoring import score
 from medlite.cli import main
 from medlite.context import RunContext
 
-from medlite.calibration.demo_train import DemoRecipe
+from medlite.demo.train import DemoRecipe
 
 # small enough to train in seconds (plumbing, not accuracy); the same shape as test_demo_model's
 TINY = DemoRecipe(image_size=56, patch_size=8, vision_hidden=32, vision_layers=1, vision_heads=2,
@@ -107,7 +107,7 @@ def test_cli_eval_human_report_on_a_file_dataset_with_open_questions(tiny_ckpt, 
     text = capsys.readouterr().out
     assert "closed accuracy (whole word)" in text and "closed substring (LLaVA-Med rule)" in text
     assert "by modality" in text
-    from medlite.calibration.vqa import load_dataset
+    from medlite.evaluation.vqa import load_dataset
 
     samples = load_dataset(tmp_path / "VQA_RAD Dataset Public.json", images_dir=tmp_path / "images", split="all")[:10]
     if any(s.answer_type == "open" for s in samples):

@@ -1,4 +1,4 @@
-"""DICOM decoding for :mod:`medlite.calibration.images` (pydicom; torch-free).
+"""DICOM decoding for :mod:`medlite.imaging.images` (pydicom; torch-free).
 
 Greyscale: stored values → Modality LUT (LUT sequence, or rescale slope/intercept, also from
 enhanced multi-frame functional groups) → VOI (VOI LUT sequence, else the first window centre/width
@@ -13,7 +13,7 @@ from typing import Optional
 
 import numpy as np
 
-from medlite.calibration.pixels import (DecodedImage, fixed_or_percentile, linear_window,
+from medlite.imaging.pixels import (DecodedImage, fixed_or_percentile, linear_window,
                                         normalize_modality, percentile_window, to_rgb8,
                                         window_is_useless)
 from medlite.errors import DataError

@@ -7,8 +7,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from medlite.calibration import builtin
-from medlite.calibration.builtin import ENTRIES, builtin_images, entry_path
+from medlite.imaging import builtin
+from medlite.imaging.builtin import ENTRIES, builtin_images, entry_path
 from medlite.errors import DataError
 
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from medlite.calibration.scoring import (closed_correct, normalize, score, substring_match, token_recall,
+from medlite.evaluation.scoring import (closed_correct, normalize, score, substring_match, token_recall,
                                          yes_no)
-from medlite.calibration.types import VqaSample
+from medlite.evaluation.samples import VqaSample
 from medlite.errors import DataError
 
 

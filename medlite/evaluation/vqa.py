@@ -22,8 +22,8 @@ import dataclasses
 import json
 from pathlib import Path
 
-from medlite.calibration.pixels import normalize_modality
-from medlite.calibration.types import CLOSED, OPEN, VqaSample
+from medlite.imaging.pixels import normalize_modality
+from medlite.evaluation.samples import CLOSED, OPEN, VqaSample
 from medlite.errors import DataError
 
 BUILTIN_DATASETS = ("micro-med-vqa",)
@@ -53,7 +53,7 @@ def load_dataset(spec, *, images_dir=None, split: str = "test", lang: str = "en"
         if name not in BUILTIN_DATASETS:
             raise DataError(f"unknown built-in dataset {name!r}; available: "
                             + ", ".join(f"builtin:{n}" for n in BUILTIN_DATASETS))
-        from medlite.calibration.micro_vqa import micro_med_vqa  # lazy: it may build images
+        from medlite.demo.micro_vqa import micro_med_vqa  # lazy: it may build images
 
         return micro_med_vqa(split)
     path = _resolve_json(Path(spec_s).expanduser(), split)

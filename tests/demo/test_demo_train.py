@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medlite.calibration.demo_train import BRIGHT_CHOICE, SIDE_CHOICE, _fresh_example, caption_for, tokenizer_corpus
-from medlite.calibration.demo_vision import render_views
-from medlite.calibration.micro_vqa import micro_med_vqa
+from medlite.demo.train import BRIGHT_CHOICE, SIDE_CHOICE, _fresh_example, caption_for, tokenizer_corpus
+from medlite.demo.vision import render_views
+from medlite.demo.micro_vqa import micro_med_vqa
 from medlite.context import RunContext
 
 
@@ -42,7 +42,7 @@ def _lesion_from_pixels(img: np.ndarray, background: np.ndarray):
 @pytest.mark.parametrize("kind", ["lesion_side", "lesion_brightness"])
 @pytest.mark.parametrize("form", ["asked", "direct", "choice"])
 def test_side_and_brightness_answers_match_the_drawn_pixels(bank_and_samples, kind, form, monkeypatch):
-    import medlite.calibration.demo_vision as dv
+    import medlite.demo.vision as dv
 
     bank, samples = bank_and_samples
     # lesions on the view itself (not a texture / mosaic), so the lesion-free image is known

@@ -14,7 +14,7 @@ the dozen training *sources*, not of lesions. So the tower is trained first with
   detection a *local* feature — the kind that carries over to anatomy never seen in training.
 
 The lesions of this stage are drawn fresh at every step on lesion-free views (with Micro Med-VQA's
-own :func:`medlite.calibration.lesions.add_lesion`), and a quarter of the images are 2×2 mosaics
+own :func:`medlite.demo.lesions.add_lesion`), and a quarter of the images are 2×2 mosaics
 of four views or intensity-inverted views: a dozen sources give few backgrounds, and a lesion
 detector must not learn them. Global labels of mosaics / inverted images are ignored.
 """
@@ -41,7 +41,7 @@ class ViewBank:
 
 def render_views(samples, ctx) -> ViewBank:
     """Render the views of Micro Med-VQA ``samples`` (their ``image_fn`` is a ``ViewImage``)."""
-    from medlite.calibration.micro_vqa import REGION_PHRASES
+    from medlite.demo.micro_vqa import REGION_PHRASES
 
     regions = tuple(sorted(REGION_PHRASES))
     rows: dict[int, int] = {}
@@ -124,7 +124,7 @@ def texture_backgrounds(size: int, per_file: int = 24, seed: int = 0) -> np.ndar
 def warmup_batch(bank: ViewBank, rows, rng: np.random.Generator, patch: int, recipe_mosaic: float = 0.125,
                  recipe_invert: float = 0.125, textures: np.ndarray | None = None, recipe_texture: float = 0.25):
     """``(uint8 images [B,H,W,3], global targets [B,5], token targets [B,P])`` for one step."""
-    from medlite.calibration.lesions import Lesion, add_lesion
+    from medlite.demo.lesions import Lesion, add_lesion
 
     size = bank.clean.shape[1]
     n = len(bank.clean)
@@ -187,10 +187,10 @@ def fresh_lesion(arr: np.ndarray, is_color: bool, rng: np.random.Generator, *, p
     """``(uint8 image, Lesion or None)``: ``arr`` with a new random lesion drawn on it (or none).
 
     Stage 2 asks the lesion questions about a lesion drawn afresh at every step (same rules as the
-    dataset: :func:`medlite.calibration.lesions.add_lesion`): with one fixed lesion per view the
+    dataset: :func:`medlite.demo.lesions.add_lesion`): with one fixed lesion per view the
     decoder memorises views instead of reading the tower's lesion features.
     """
-    from medlite.calibration.lesions import Lesion, add_lesion
+    from medlite.demo.lesions import Lesion, add_lesion
 
     lesion = None
     if present:

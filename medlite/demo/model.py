@@ -27,7 +27,7 @@ import os
 import shutil
 from pathlib import Path
 
-from medlite.calibration.demo_train import TEMPLATE, DemoRecipe, image_spec_for
+from medlite.demo.train import TEMPLATE, DemoRecipe, image_spec_for
 
 TOWER_REPO = "medlite/siglip-micro-patch8-56"
 NAME = "micro-tinyllava-med"         # the model name in artifact paths and summaries
@@ -35,11 +35,11 @@ MARKER = "medlite_demo.json"          # written last; its presence means the fol
 MIN_ACCURACY = 0.85                   # held-out closed accuracy the demo model must reach
 _HASHED_MODULES = (
     # the data: images decoded from the built-in files, the questions and lesions drawn on them
-    "medlite.calibration.builtin", "medlite.calibration.images", "medlite.calibration.dicom",
-    "medlite.calibration.pixels", "medlite.calibration.micro_vqa", "medlite.calibration.lesions",
+    "medlite.imaging.builtin", "medlite.imaging.images", "medlite.imaging.dicom",
+    "medlite.imaging.pixels", "medlite.demo.micro_vqa", "medlite.demo.lesions",
     # the training and the written checkpoint
-    "medlite.calibration.demo_tokenizer", "medlite.calibration.demo_vision", "medlite.calibration.demo_train",
-    "medlite.calibration.demo_model", "medlite.checkpoints.writers")
+    "medlite.demo.tokenizer", "medlite.demo.vision", "medlite.demo.train",
+    "medlite.demo.model", "medlite.checkpoints.writers")
 
 
 def demo_model_key(recipe: DemoRecipe | None = None) -> str:
@@ -50,7 +50,7 @@ def demo_model_key(recipe: DemoRecipe | None = None) -> str:
     import torch
     import transformers
 
-    from medlite.calibration.micro_vqa import VERSION
+    from medlite.demo.micro_vqa import VERSION
 
     recipe = recipe or DemoRecipe()
     h = hashlib.sha256()
@@ -105,12 +105,12 @@ def build_demo_model(out: Path, *, ctx, recipe: DemoRecipe | None = None, key: s
     """Train the demo model and write it (legacy format) into ``out``; returns the model card dict.
 
     The held-out Micro Med-VQA accuracy is measured through the *written* checkpoint
-    (``load_model`` → batched greedy answers → :func:`medlite.calibration.scoring.score`).
+    (``load_model`` → batched greedy answers → :func:`medlite.evaluation.scoring.score`).
     """
     import torch
 
-    from medlite.calibration.demo_train import train_demo
-    from medlite.calibration.micro_vqa import VERSION, micro_med_vqa
+    from medlite.demo.train import train_demo
+    from medlite.demo.micro_vqa import VERSION, micro_med_vqa
     from medlite.checkpoints import load_model, write_checkpoint
 
     recipe = recipe or DemoRecipe()
@@ -124,11 +124,12 @@ def build_demo_model(out: Path, *, ctx, recipe: DemoRecipe | None = None, key: s
     with ctx.stage("write") as info:
         spec = image_spec_for(recipe)
         write_checkpoint(model, tok, out, fmt="legacy", image_spec=spec, template_name=TEMPLATE,
-                         text_backbone="llama", dtype=torch.float32, vision_tower_repo=TOWER_REPO)
+                         text_backbone="llama", dtype=torch.float32, vision_tower_repo=TOWER_REPO,
+                         name=NAME)
         write_tower_config(model, out, spec)
         info["detail"] = f"legacy TinyLLaVA checkpoint in {out.name}"
     del model
-    from medlite.calibration.evaluate import evaluate
+    from medlite.evaluation.evaluate import evaluate
 
     loaded = load_model(out, ctx=ctx)
     test = micro_med_vqa("test", seed=recipe.seed, ctx=ctx, size=recipe.image_size)

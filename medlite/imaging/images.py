@@ -29,10 +29,10 @@ from typing import Optional
 
 import numpy as np
 
-from medlite.calibration.dicom import DICOM_SUFFIXES, JPEG_EXTRA_HINT, decode_dicom, dicom_header
-from medlite.calibration.pixels import (MODALITIES, PERCENTILES, DecodedImage,
+from medlite.imaging.dicom import DICOM_SUFFIXES, JPEG_EXTRA_HINT, decode_dicom, dicom_header
+from medlite.imaging.pixels import (MODALITIES, PERCENTILES, DecodedImage,
                                         fixed_or_percentile, normalize_modality, to_rgb8)
-from medlite.calibration.types import MedImage
+from medlite.imaging.types import MedImage
 from medlite.errors import DataError
 
 __all__ = ["MODALITIES", "PERCENTILES", "DecodedImage", "JPEG_EXTRA_HINT", "decode_image", "load_image",

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from medlite.calibration import demo_model as dm
-from medlite.calibration.demo_tokenizer import BOS, EOS, PAD, UNK, train_demo_tokenizer
-from medlite.calibration.demo_train import DemoRecipe, encode_sample, image_spec_for, tokenizer_corpus, train_demo
-from medlite.calibration.micro_vqa import micro_med_vqa
+from medlite.demo import model as dm
+from medlite.demo.tokenizer import BOS, EOS, PAD, UNK, train_demo_tokenizer
+from medlite.demo.train import DemoRecipe, encode_sample, image_spec_for, tokenizer_corpus, train_demo
+from medlite.demo.micro_vqa import micro_med_vqa
 from medlite.context import RunContext
 
 # A recipe small enough to train in seconds: checks plumbing, not accuracy.
@@ -148,8 +148,8 @@ def test_demo_model_answers_heldout_questions():
     as `medlite build` does): >= 0.85 held-out closed accuracy, measured through the legacy loader
     and the same evaluation `medlite eval` runs. The training time is a benchmark
     (benchmarks/demo_model_training.py), not asserted here."""
-    from medlite.calibration.evaluate import evaluate
-    from medlite.calibration.scoring import score
+    from medlite.evaluation.evaluate import evaluate
+    from medlite.evaluation.scoring import score
     from medlite.checkpoints import load_model
 
     ctx = RunContext(quiet=True)

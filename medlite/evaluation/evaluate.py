@@ -1,7 +1,7 @@
 """``medlite eval``: answer a VQA dataset with a checkpoint and score it.
 
 Predictions come from the PyTorch reference generation (:func:`medlite.checkpoints.generate.answer_batch`,
-greedy, equal to ``answer`` row by row); scores from :func:`medlite.calibration.scoring.score`, so the
+greedy, equal to ``answer`` row by row); scores from :func:`medlite.evaluation.scoring.score`, so the
 numbers printed here are the numbers the build gates compare against.
 """
 from __future__ import annotations
@@ -9,12 +9,12 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Sequence
 
-from medlite.calibration.types import VqaSample
+from medlite.evaluation.samples import VqaSample
 
 
 def _group_by(preds: list[str], samples: Sequence[VqaSample], key) -> dict:
     """``score`` on each group of samples (the same keys, without the nested per-modality table)."""
-    from medlite.calibration.scoring import score
+    from medlite.evaluation.scoring import score
 
     groups: dict[str, list[int]] = defaultdict(list)
     for i, s in enumerate(samples):
@@ -33,7 +33,7 @@ def evaluate(loaded, samples: Sequence[VqaSample], *, ctx, batch_size: int = 32,
     [{qid, question, answer, prediction, answer_type, modality, image_id, correct...}], "model": ...}``.
     Questions are batched (left padding); generation stops early once every row has ended.
     """
-    from medlite.calibration.scoring import score, score_one
+    from medlite.evaluation.scoring import score, score_one
     from medlite.checkpoints.generate import answer_batch
 
     samples = list(samples)

@@ -2,8 +2,8 @@
 
 A lesion is a soft-edged disc with a bright or dark core and a thin rim of the opposite polarity,
 placed wholly in one half of the image where it shows against the tissue around it. The same
-rules draw the dataset's lesions (:mod:`medlite.calibration.micro_vqa`) and the fresh lesions the
-demo model's training draws at every step (:mod:`medlite.calibration.demo_vision`).
+rules draw the dataset's lesions (:mod:`medlite.demo.micro_vqa`) and the fresh lesions the
+demo model's training draws at every step (:mod:`medlite.demo.vision`).
 """
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ def _draw_lesion(arr: np.ndarray, p: Placement, rng: np.random.Generator) -> np.
 def add_lesion(arr: np.ndarray, lesion: Lesion, rng: np.random.Generator) -> tuple[np.ndarray, Placement]:
     """Place and draw one lesion on a float ``[H, W, 3]`` 0..255 image (the generator's own rules).
 
-    Used by :func:`medlite.calibration.micro_vqa.render_view` and by the demo model's vision warm-up, which draws fresh lesions on
+    Used by :func:`medlite.demo.micro_vqa.render_view` and by the demo model's vision warm-up, which draws fresh lesions on
     lesion-free views so the tower sees many more lesion placements than the dataset holds.
     """
     placement = _place_lesion(arr, lesion, rng)

@@ -20,7 +20,7 @@ import unicodedata
 from collections.abc import Mapping
 from typing import Optional, Sequence
 
-from medlite.calibration.types import CLOSED, OPEN, VqaSample
+from medlite.evaluation.samples import CLOSED, OPEN, VqaSample
 from medlite.errors import DataError
 
 ARTICLES = frozenset({"a", "an", "the"})
@@ -118,7 +118,7 @@ def _aggregate(rows: list[dict]) -> dict:
 
 def align_predictions(predictions, samples: Sequence[VqaSample]) -> list[str]:
     """Predictions as a list parallel to ``samples``: a list of the same length, or a mapping
-    qid → text (e.g. from :func:`medlite.calibration.vqa.load_answers_jsonl`)."""
+    qid → text (e.g. from :func:`medlite.evaluation.vqa.load_answers_jsonl`)."""
     if isinstance(predictions, Mapping):
         keyed = {str(k): v for k, v in predictions.items()}
         missing = [s.qid for s in samples if str(s.qid) not in keyed]

@@ -1,4 +1,4 @@
-"""CLI handlers for ``medlite eval`` and ``medlite demo model``: ``cmd_x(args, ctx) -> int``."""
+"""CLI handler for ``medlite eval``: ``cmd_eval(args, ctx) -> int``."""
 from __future__ import annotations
 
 import json
@@ -6,19 +6,6 @@ import os
 from pathlib import Path
 
 from medlite.errors import DataError
-
-
-def cmd_demo_model(args, ctx) -> int:
-    """Build (first use, or ``--force``) or locate the built-in demo model; print its path on stdout."""
-    from medlite.calibration.demo_model import MARKER, ensure_demo_model
-
-    path = ensure_demo_model(ctx, force=bool(getattr(args, "force", False)))
-    card = json.loads((path / MARKER).read_text())
-    acc = (card.get("heldout", {}).get("metrics") or {}).get("closed_accuracy")
-    if acc is not None:
-        ctx.info(f"demo model: legacy TinyLLaVA-Med, Micro Med-VQA held-out closed accuracy {acc:.3f}")
-    print(path)
-    return 0
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
@@ -35,9 +22,9 @@ def cmd_eval(args, ctx) -> int:
     and per-modality / per-question-type tables; ``--out`` writes predictions + metrics as JSON and
     ``--json`` prints that JSON (without the predictions) on stdout.
     """
-    from medlite.calibration.evaluate import evaluate, print_report
-    from medlite.calibration.vqa import load_dataset
-    from medlite.checkpoints import load_model
+    from medlite.evaluation.evaluate import evaluate, print_report
+    from medlite.evaluation.vqa import load_dataset
+    from medlite.model_choice import load_from_args
 
     dataset = getattr(args, "dataset", None) or "builtin:micro-med-vqa"
     split = getattr(args, "split", None) or "test"
@@ -49,9 +36,7 @@ def cmd_eval(args, ctx) -> int:
                 raise DataError(f"--limit must be at least 1, got {limit}")
             samples = samples[:limit]
         info["detail"] = f"{dataset} [{split}]: {len(samples)} questions"
-    loaded = load_model(getattr(args, "model", None), ctx=ctx, base=getattr(args, "base", None),
-                        vision_tower=getattr(args, "vision_tower", None),
-                        vision_weights=getattr(args, "vision_weights", None), template=getattr(args, "template", None))
+    loaded = load_from_args(args, ctx)
     result = evaluate(loaded, samples, ctx=ctx)
     result["dataset"] = {"spec": str(dataset), "split": split, "n": len(samples), "limit": limit}
     out = getattr(args, "out", None)

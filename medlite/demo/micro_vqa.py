@@ -2,7 +2,7 @@
 
 The set exists so that the built-in demo model can be trained and every build can be gated on a
 *medical* accuracy number without downloading anything. Every question is about a real clinical
-image from :func:`medlite.calibration.builtin.builtin_images`:
+image from :func:`medlite.imaging.builtin.builtin_images`:
 
 * ``modality`` – "Is this a CT scan?", asked about the true modality and about a wrong one;
 * ``region``   – "Is this an image of the chest?" (true region / a wrong one; sources whose region
@@ -34,8 +34,9 @@ from typing import Optional
 
 import numpy as np
 
-from medlite.calibration.lesions import Lesion, Placement, add_lesion
-from medlite.calibration.types import CLOSED, MedImage, VqaSample
+from medlite.demo.lesions import Lesion, Placement, add_lesion
+from medlite.evaluation.samples import CLOSED, VqaSample
+from medlite.imaging.types import MedImage
 from medlite.errors import DataError
 
 IMAGE_SIZE = 56             # the demo model's input size; views are rendered at this size
@@ -270,7 +271,7 @@ def micro_med_vqa(split: str = "train", *, seed: int = 0, ctx=None, size: int = 
     """
     if split not in VIEWS_PER_SOURCE and split != "all":
         raise DataError(f"Micro Med-VQA has splits 'train', 'test' and 'all', not {split!r}")
-    from medlite.calibration.builtin import builtin_images
+    from medlite.imaging.builtin import builtin_images
 
     if split == "all":
         return (micro_med_vqa("train", seed=seed, ctx=ctx, size=size)

@@ -1,33 +1,14 @@
-"""Data types shared by image loading, VQA datasets, calibration sets and checks (torch-free)."""
+"""One VQA question about one image: the sample type datasets, calibration sets and checks share (torch-free)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from medlite.errors import DataError
+
 CLOSED = "closed"
 OPEN = "open"
-
-
-@dataclass(frozen=True)
-class MedImage:
-    """One 2-D medical image ready for a model: an RGB ``PIL.Image`` plus where it came from.
-
-    ``image_id`` identifies the *source* image (all frames/slices/augmentations of one file share
-    it) so that splits can be made disjoint by source image.
-    """
-
-    image_id: str
-    modality: str            # CT, MR, CR, US, NM, fundus, pathology, ...
-    region: str              # chest, head, abdomen, ... or "unknown"
-    source: str              # file path or "pydicom:CT_small.dcm" style locator
-    loader: Callable[[], "object"] = field(compare=False, repr=False)  # -> PIL.Image.Image (RGB)
-    frame: Optional[int] = None
-    is_color: bool = False
-
-    def load(self):
-        """Return the image as an RGB ``PIL.Image.Image``."""
-        return self.loader()
 
 
 @dataclass(frozen=True)
@@ -50,9 +31,7 @@ class VqaSample:
         if self.image_fn is not None:
             return self.image_fn()
         if self.image_path is None:
-            from medlite.errors import DataError
-
             raise DataError(f"sample {self.qid}: no image")
-        from medlite.calibration.images import load_image
+        from medlite.imaging.images import load_image  # lazy: scoring needs no image decoders
 
         return load_image(self.image_path)

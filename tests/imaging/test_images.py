@@ -14,7 +14,7 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEGExtended12Bit, generate_uid
 
-from medlite.calibration.images import (JPEG_EXTRA_HINT, decode_image, load_image, load_images,
+from medlite.imaging.images import (JPEG_EXTRA_HINT, decode_image, load_image, load_images,
                                         normalize_modality)
 from medlite.errors import DataError
 
@@ -348,10 +348,10 @@ def test_data_modules_stay_torch_free():
     import subprocess
     import sys
 
-    code = ("import sys, medlite.calibration as c\n"
-            "import medlite.calibration.images, medlite.calibration.builtin, medlite.calibration.vqa\n"
-            "import medlite.calibration.scoring, medlite.calibration.calibset\n"
-            "assert callable(c.load_image) and callable(c.score)\n"
+    code = ("import sys, medlite.imaging as c, medlite.evaluation as e\n"
+            "import medlite.imaging.images, medlite.imaging.builtin, medlite.imaging.dicom, medlite.evaluation.vqa\n"
+            "import medlite.evaluation.scoring, medlite.calibration.calibset\n"
+            "assert callable(c.load_image) and callable(e.score)\n"
             "heavy = [m for m in ('torch', 'transformers', 'skimage', 'nibabel') if m in sys.modules]\n"
             "assert not heavy, heavy\n")
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -361,7 +361,7 @@ def test_data_modules_stay_torch_free():
 def test_lossy_jpeg_decodes_with_pillow_whether_or_not_pylibjpeg_is_installed():
     """The built-in echo frames are JPEG baseline; decoders disagree by a few grey levels, so the
     pixels (and the demo model trained on them) would depend on the optional extra. Pillow wins."""
-    from medlite.calibration.dicom import _dicom_frame
+    from medlite.imaging.dicom import _dicom_frame
 
     path = PYDICOM_FILES / "examples_ybr_color.dcm"
     ds = pydicom.dcmread(path)

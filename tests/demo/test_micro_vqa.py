@@ -6,8 +6,8 @@ import collections
 import numpy as np
 import pytest
 
-from medlite.calibration.builtin import builtin_images
-from medlite.calibration.micro_vqa import (IMAGE_SIZE, QUESTION_TYPES, TEST_SOURCES, SourceBank, micro_med_vqa,
+from medlite.imaging.builtin import builtin_images
+from medlite.demo.micro_vqa import (IMAGE_SIZE, QUESTION_TYPES, TEST_SOURCES, SourceBank, micro_med_vqa,
                                            plan_views, question_templates, render_view)
 from medlite.errors import DataError
 

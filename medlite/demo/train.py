@@ -19,8 +19,8 @@ from typing import Optional
 
 import numpy as np
 
-from medlite.calibration.demo_tokenizer import BOS, EOS, PAD, train_demo_tokenizer
-from medlite.calibration.micro_vqa import IMAGE_SIZE, question_templates
+from medlite.demo.tokenizer import BOS, EOS, PAD, train_demo_tokenizer
+from medlite.demo.micro_vqa import IMAGE_SIZE, question_templates
 from medlite.preprocess import ImageSpec
 from medlite.prompting import TEMPLATES, encode_prompt, expand_image_tokens
 
@@ -82,7 +82,7 @@ def tokenizer_corpus() -> list[str]:
     """What the tokenizer is trained on: rendered prompts of every question + the answers."""
     tmpl = TEMPLATES[TEMPLATE]
     qs = question_templates()
-    from medlite.calibration.micro_vqa import MODALITY_NAMES, REGION_PHRASES
+    from medlite.demo.micro_vqa import MODALITY_NAMES, REGION_PHRASES
 
     captions = [f"{m.capitalize()} of {r}, colour, greyscale, no lesion, with a bright dark lesion on the left "
                 f"right side." for m in MODALITY_NAMES.values() for r in REGION_PHRASES.values()]
@@ -105,8 +105,8 @@ def caption_for(sample, lesion="view") -> str:
     predict the answer). ``lesion`` is the lesion actually drawn (a ``Lesion`` or None); the
     default describes the view's own.
     """
-    from medlite.calibration.lesions import Lesion
-    from medlite.calibration.micro_vqa import MODALITY_NAMES, REGION_PHRASES
+    from medlite.demo.lesions import Lesion
+    from medlite.demo.micro_vqa import MODALITY_NAMES, REGION_PHRASES
 
     m = dict(sample.meta)
     if lesion == "view":
@@ -127,7 +127,7 @@ BRIGHT_CHOICE = "Is the lesion bright or dark?"
 def _fresh_example(sample, kind: str, bank, row: int, rng, textures, form: str = "asked") -> tuple:
     """``(uint8 image, question, answer text)`` for a lesion / colour question or a caption asked
     about a freshly drawn lesion (and, except for captions, maybe another background: see
-    :func:`medlite.calibration.demo_vision.random_background`).
+    :func:`medlite.demo.vision.random_background`).
 
     ``form`` concerns the questions asked in two opposite forms (colour / greyscale, left / right,
     bright / dark): ``"asked"`` keeps the sample's question, ``"direct"`` asks the positive form
@@ -135,8 +135,8 @@ def _fresh_example(sample, kind: str, bank, row: int, rng, textures, form: str =
     the question word to learn yet), ``"choice"`` (side / brightness only) asks "left or right?"
     with the word as the answer.
     """
-    from medlite.calibration.demo_vision import fresh_lesion, random_background
-    from medlite.calibration.micro_vqa import _BRIGHT_Q, _COLOUR_Q, _SIDE_Q
+    from medlite.demo.vision import fresh_lesion, random_background
+    from medlite.demo.micro_vqa import _BRIGHT_Q, _COLOUR_Q, _SIDE_Q
 
     question = sample.question
     if kind == "caption":
@@ -238,7 +238,7 @@ def train_demo(samples, recipe: DemoRecipe, *, ctx, on_step=None):
         image_id = tok.token_to_id("<image>")
         assert image_id == text_vocab, (image_id, text_vocab)
         n_img = recipe.num_image_tokens
-        from medlite.calibration.demo_vision import render_views, warm_up_vision
+        from medlite.demo.vision import render_views, warm_up_vision
 
         bank = render_views(samples, ctx)
         if bank.shown.shape[1] != recipe.image_size:
@@ -258,7 +258,7 @@ def train_demo(samples, recipe: DemoRecipe, *, ctx, on_step=None):
                 fresh.append((s, "caption"))
         prompts = [x[: len(x) - sum(1 for v in y if v != -100)] for x, y in encoded]
         lesion_rng = np.random.default_rng(recipe.seed + 3)
-        from medlite.calibration.demo_vision import texture_backgrounds
+        from medlite.demo.vision import texture_backgrounds
 
         textures = texture_backgrounds(recipe.image_size, seed=recipe.seed + 4)
         pixels_u8 = torch.from_numpy(bank.shown)

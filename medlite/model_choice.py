@@ -1,0 +1,83 @@
+"""Which model a command uses, from its command-line arguments — one place for every handler.
+
+``--model PATH`` (or a recipe's ``model``) names a checkpoint folder; without one, commands use the
+built-in demo model (:mod:`medlite.demo`), trained on first use. The loader options
+(``--base``, ``--vision-tower``, ``--vision-weights``, ``--template``) travel with the choice.
+
+Lives outside :mod:`medlite.checkpoints` so that the loader never imports the demo model (the demo
+model imports the loader to write and evaluate itself).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+DEMO_SOURCE = "builtin:demo-model"
+
+
+def _absolute(p) -> Optional[str]:
+    # One spelling per folder: loader notes and the runtime config quote these paths, and the same
+    # checkpoint given as "ckpt" or "/abs/ckpt" must give byte-identical artifacts.
+    return str(Path(p).expanduser().resolve()) if p else None
+
+
+@dataclass
+class ModelChoice:
+    """Which checkpoint a command uses, and the loader options from the command line."""
+
+    path: Optional[str] = None           # None: the built-in demo model
+    base: Optional[str] = None
+    vision_tower: Optional[str] = None
+    vision_weights: Optional[str] = None
+    template: Optional[str] = None
+
+    @classmethod
+    def from_args(cls, args, recipe=None, recipe_source: Optional[str] = None) -> "ModelChoice":
+        """``--model`` wins over the recipe's ``model`` (resolved relative to the recipe file)."""
+        path = getattr(args, "model", None)
+        if path is None and recipe is not None and getattr(recipe, "model", None):
+            p = Path(recipe.model).expanduser()
+            if not p.is_absolute() and recipe_source:
+                p = Path(recipe_source).parent / p
+            path = str(p)
+        return cls(_absolute(path), _absolute(getattr(args, "base", None)),
+                   _absolute(getattr(args, "vision_tower", None)), getattr(args, "vision_weights", None),
+                   getattr(args, "template", None))
+
+    @property
+    def label(self) -> str:
+        """The source as the manifest records it: the folder, or :data:`DEMO_SOURCE`."""
+        return self.path or DEMO_SOURCE
+
+    def folder(self, ctx) -> Path:
+        """The checkpoint folder: ``path``, or the demo model's cache folder (built on first use)."""
+        if self.path is None:
+            from medlite.demo.model import ensure_demo_model
+
+            return Path(ensure_demo_model(ctx))
+        return Path(self.path).expanduser()
+
+    def load(self, ctx, *, dtype=None):
+        """The :class:`~medlite.checkpoints.LoadedModel` (``dtype`` None: float32)."""
+        from medlite.checkpoints import load_model
+
+        return load_model(self.folder(ctx), ctx=ctx, base=self.base, vision_tower=self.vision_tower,
+                          vision_weights=self.vision_weights, dtype=dtype, template=self.template)
+
+    def inspect(self, ctx):
+        """Like :meth:`load` on the ``meta`` device: shapes, sizes and notes, no tensor data read."""
+        from medlite.checkpoints import inspect_checkpoint
+
+        return inspect_checkpoint(self.folder(ctx), ctx=ctx, base=self.base, vision_tower=self.vision_tower,
+                                  vision_weights=self.vision_weights, template=self.template)
+
+
+def load_source(choice: ModelChoice, ctx, *, dtype=None) -> tuple[Any, str]:
+    """Load the chosen checkpoint; returns ``(LoadedModel, source label for the manifest)``."""
+    return choice.load(ctx, dtype=dtype), choice.label
+
+
+def load_from_args(args, ctx, *, dtype=None):
+    """The model a command's ``--model`` (+ loader options) names, or the demo model without one."""
+    return ModelChoice.from_args(args).load(ctx, dtype=dtype)
