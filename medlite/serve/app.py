@@ -114,51 +114,44 @@ async def _stream(job: Job, events: asyncio.Queue):
         job.cancelled.set()
 
 
-def create_app(vlm, *, artifact=None, folder: Optional[Path] = None, limits: ServeLimits = ServeLimits(),
-               tmp_root: Optional[Path] = None, allowed_hosts: Optional[list[str]] = None) -> Starlette:
-    """The ASGI app serving ``vlm`` (an opened ``OnnxVlm``).
+class _Api:
+    """The request handlers, sharing one worker, one page description and the limits."""
 
-    ``artifact``: the hash-checked :class:`medlite.artifacts.Artifact` (its manifest feeds the page);
-    ``tmp_root``: parent of the private per-upload folders (default: the system temp dir);
-    ``allowed_hosts``: Host headers accepted (``["127.0.0.1", "localhost"]`` on loopback guards
-    against DNS rebinding; None accepts any).
-    """
-    worker = ModelWorker(vlm, max_queue=limits.max_queue, max_new_tokens=limits.max_new_tokens)
-    info = serve_info(vlm, artifact, folder=folder, limits=limits)
-    spec = vlm.config.image_spec
+    def __init__(self, worker: ModelWorker, info: dict, spec, limits: ServeLimits, tmp_root: Optional[Path]):
+        self.worker, self.info, self.spec, self.limits, self.tmp_root = worker, info, spec, limits, tmp_root
 
-    async def index(request):
+    async def index(self, request):
         return FileResponse(STATIC / "index.html", headers=_PAGE_HEADERS)
 
-    async def api_info(request):
-        return JSONResponse(info)
+    async def api_info(self, request):
+        return JSONResponse(self.info)
 
-    async def preview(request):
+    async def preview(self, request):
         try:
-            decoded, name = await _decode_form(await read_form(request, limits), limits, tmp_root)
+            decoded, name = await _decode_form(await read_form(request, self.limits), self.limits, self.tmp_root)
         except UploadError as e:
             return _error(e)
 
         def images() -> tuple[str, str]:
-            return png_data_url(model_view(decoded.image, spec)), png_data_url(decoded.image, max_side=768)
+            return png_data_url(model_view(decoded.image, self.spec)), png_data_url(decoded.image, max_side=768)
 
         seen, windowed = await run_in_threadpool(images)
         w, h = decoded.image.size
         return JSONResponse({"name": name, "kind": decoded.kind, "modality": decoded.modality,
                              "n_frames": decoded.n_frames, "frame": decoded.frame, "width": w, "height": h,
                              "notes": list(decoded.notes), "warnings": list(decoded.warnings),
-                             "model_view": seen, "model_size": spec.size, "windowed": windowed})
+                             "model_view": seen, "model_size": self.spec.size, "windowed": windowed})
 
-    async def ask(request):
+    async def ask(self, request):
         try:
-            ticket = worker.admit()
+            ticket = self.worker.admit()
         except QueueFull as e:
             return JSONResponse({"error": str(e), "retry_after": e.retry_after}, status_code=503,
                                 headers={"Retry-After": str(e.retry_after)})
         try:
-            form = await read_form(request, limits)
-            question = _question(form, limits)
-            decoded, _ = await _decode_form(form, limits, tmp_root)
+            form = await read_form(request, self.limits)
+            question = _question(form, self.limits)
+            decoded, _ = await _decode_form(form, self.limits, self.tmp_root)
         except UploadError as e:
             ticket.release()
             return _error(e)
@@ -174,17 +167,32 @@ def create_app(vlm, *, artifact=None, folder: Optional[Path] = None, limits: Ser
                 pass
 
         job = Job(decoded.image, question, emit, ticket)
-        worker.submit(job)   # the worker owns the ticket from here on
+        self.worker.submit(job)   # the worker owns the ticket from here on
         return StreamingResponse(_stream(job, events), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+
+def create_app(vlm, *, artifact=None, folder: Optional[Path] = None, limits: ServeLimits = ServeLimits(),
+               tmp_root: Optional[Path] = None, allowed_hosts: Optional[list[str]] = None) -> Starlette:
+    """The ASGI app serving ``vlm`` (an opened ``OnnxVlm``).
+
+    ``artifact``: the hash-checked :class:`medlite.artifacts.Artifact` (its manifest feeds the page);
+    ``tmp_root``: parent of the private per-upload folders (default: the system temp dir);
+    ``allowed_hosts``: Host headers accepted (``["127.0.0.1", "localhost"]`` on loopback guards
+    against DNS rebinding; None accepts any). ``app.state.worker`` is the model's queue.
+    """
+    worker = ModelWorker(vlm, max_queue=limits.max_queue, max_new_tokens=limits.max_new_tokens)
+    api = _Api(worker, serve_info(vlm, artifact, folder=folder, limits=limits), vlm.config.image_spec, limits,
+               tmp_root)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
         await run_in_threadpool(worker.close)
 
-    routes = [Route("/", index), Route("/api/info", api_info), Route("/api/preview", preview, methods=["POST"]),
-              Route("/api/ask", ask, methods=["POST"]), Mount("/static", StaticFiles(directory=STATIC), name="static")]
+    routes = [Route("/", api.index), Route("/api/info", api.api_info),
+              Route("/api/preview", api.preview, methods=["POST"]), Route("/api/ask", api.ask, methods=["POST"]),
+              Mount("/static", StaticFiles(directory=STATIC), name="static")]
     middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)] if allowed_hosts else []
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
     app.state.worker = worker

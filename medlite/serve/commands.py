@@ -44,10 +44,13 @@ def _is_loopback(host: str) -> bool:
 
 def _open(path_arg: str, ctx):
     """(artifact or None, folder, OnnxVlm): hash-checked like ``medlite ask``."""
-    from medlite.artifacts import MANIFEST, open_artifact, resolve_artifact_path
+    from medlite.artifacts import LATEST, MANIFEST, open_artifact, resolve_artifact_path
     from medlite.runtime import OnnxVlm
 
-    folder = resolve_artifact_path(Path(path_arg))
+    given = Path(path_arg)
+    if given.name == LATEST and given.is_file():   # OUT/<model>/<recipe>/latest names the newest passing version
+        given = given.parent
+    folder = resolve_artifact_path(given)
     artifact = None
     if (folder / MANIFEST).is_file():
         artifact = open_artifact(folder)   # ArtifactError names every changed, missing or extra file

@@ -62,18 +62,13 @@ class Job:
     queued_at: float = field(default_factory=time.perf_counter)
 
 
-class _CountingSession:
-    """Counts decoder runs (one per generated token) around an ONNX Runtime session."""
-
-    def __init__(self, inner):
-        self.inner, self.calls = inner, 0
-
-    def run(self, *args, **kwargs):
-        self.calls += 1
-        return self.inner.run(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
+def count_tokens(vlm, text: str) -> Optional[int]:
+    """Tokens in an answer: the text re-tokenized (the runtime's decoding loop is not instrumented;
+    for the demo model this equals the generated ids, tested in tests/serve). None without a tokenizer."""
+    tok = getattr(vlm, "tokenizer", None)
+    if tok is None or not text:
+        return 0 if tok is not None else None
+    return len(tok.encode(text, add_special_tokens=False).ids)
 
 
 def _stream_keyword(vlm) -> str:
@@ -93,12 +88,6 @@ class ModelWorker:
         self._jobs: "queue.Queue[Optional[Job]]" = queue.Queue()   # bounded by admission
         self._recent: deque = deque(maxlen=8)                       # seconds per answer
         self._stream_kw = _stream_keyword(vlm)
-        self._counter: Optional[_CountingSession] = None
-        sessions = getattr(vlm, "sessions", None)
-        if isinstance(sessions, dict) and "decoder" in sessions:
-            if not isinstance(sessions["decoder"], _CountingSession):   # one counter per opened model
-                sessions["decoder"] = _CountingSession(sessions["decoder"])
-            self._counter = sessions["decoder"]
         self._thread = threading.Thread(target=self._loop, name="medlite-serve-model", daemon=True)
         self._thread.start()
 
@@ -149,8 +138,6 @@ class ModelWorker:
     def _run(self, job: Job) -> None:
         waited = time.perf_counter() - job.queued_at
         job.emit("start", {"waited_s": round(waited, 3)})
-        if self._counter is not None:
-            self._counter.calls = 0
         t0 = time.perf_counter()
         first: list[float] = []
 
@@ -179,7 +166,7 @@ class ModelWorker:
         job.emit("done", self._stats(answer, seconds, first[0] if first else None, waited))
 
     def _stats(self, answer: str, seconds: float, first_s: Optional[float], waited: float) -> dict:
-        tokens = self._counter.calls if self._counter is not None else None
+        tokens = count_tokens(self.vlm, answer)
         log.info("answered in %.3f s (%s tokens, waited %.3f s)", seconds, tokens, waited)
         return {"answer": answer, "latency_s": round(seconds, 4), "first_text_s": None if first_s is None
                 else round(first_s, 4), "tokens": tokens, "waited_s": round(waited, 4),

@@ -59,14 +59,14 @@ def multipart(fields: dict, file: tuple[str, bytes] | None) -> tuple[bytes, str]
 
 
 def post(url: str, fields: dict, file: tuple[str, bytes] | None, timeout: float = 120) -> tuple[int, dict, bytes]:
-    """(status, headers, body) of a multipart POST; HTTP errors are returned, not raised."""
+    """(status, lower-cased headers, body) of a multipart POST; HTTP errors are returned, not raised."""
     body, ctype = multipart(fields, file)
     req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": ctype})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, dict(r.headers), r.read()
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
     except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read()
+        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
 
 
 def get_json(url: str, timeout: float = 30) -> dict:

@@ -82,8 +82,7 @@ def test_streamed_answer_equals_the_runtime(server, reference, ct_small):
     image = load_image(ct_small)
     expected = reference.answer(image, QUESTION)
     assert done["answer"] == expected and "".join(d["text"] for e, d in events if e == "token") == expected
-    ids = reference.generate_ids([image], [QUESTION])[0]
-    assert len(ids) <= done["tokens"] <= len(ids) + 1          # one decoder run per token (+ the stop token)
+    assert done["tokens"] == len(reference.generate_ids([image], [QUESTION])[0]) > 0   # the generated ids
     assert done["latency_s"] > 0 and done["tokens_per_s"] > 0
 
 
@@ -127,7 +126,7 @@ def test_upload_size_limit(vlm, artifact, ct_small, tmp_path):
                                tmp_root=tmp_path)) as s:
         for endpoint in ("preview", "ask"):
             status, _, body = post(f"{s.url}/api/{endpoint}", {"question": QUESTION}, ("ct.dcm", ct_small.read_bytes()))
-            assert status == 413 and "10,000 bytes" in json.loads(body)["error"]
+            assert status == 413 and "at most 10,000" in json.loads(body)["error"]
         assert s.app.state.worker.busy == 0
     assert list(tmp_path.iterdir()) == []
 
@@ -136,7 +135,7 @@ class GatedVlm:
     """The real runtime, held at a gate so that requests pile up deterministically."""
 
     def __init__(self, vlm):
-        self.vlm, self.config, self.providers = vlm, vlm.config, vlm.providers
+        self.vlm, self.config, self.providers, self.tokenizer = vlm, vlm.config, vlm.providers, vlm.tokenizer
         self.gate, self.entered = threading.Event(), threading.Event()
         self._kw = _stream_keyword(vlm)
 
@@ -181,7 +180,7 @@ def test_queue_limit_gives_503_and_keeps_every_admitted_answer(vlm, reference, c
         _wait(lambda: worker.busy == 0)
     for i in range(4):
         status, headers, body = results[f"x{i}"]
-        assert status == 503 and int(headers["Retry-After"]) >= 1 and "busy" in body["error"]
+        assert status == 503 and int(headers["retry-after"]) >= 1 and "busy" in body["error"]
     for i, want in enumerate(expected):
         status, _, events = results[i]
         assert status == 200 and events[-1][0] == "done", events[-1]
@@ -236,3 +235,26 @@ assert not bad, bad
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_a_client_that_leaves_is_stopped_and_frees_its_slot(vlm, ct_small, tmp_path, caplog):
+    import socket
+
+    from serve_helpers import multipart
+
+    caplog.set_level(logging.INFO)
+    gated = GatedVlm(vlm)
+    with LiveServer(create_app(gated, limits=ServeLimits(max_queue=0), tmp_root=tmp_path)) as s:
+        body, ctype = multipart({"question": QUESTION}, ("ct.dcm", ct_small.read_bytes()))
+        port = int(s.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+            conn.sendall(f"POST /api/ask HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {ctype}\r\n"
+                         f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            assert b"event: queued" in conn.recv(65536) or b"event: queued" in conn.recv(65536)
+            assert gated.entered.wait(60) and s.app.state.worker.busy == 1
+        time.sleep(0.5)                                  # the server notices the closed connection
+        gated.gate.set()
+        _wait(lambda: s.app.state.worker.busy == 0)
+        status, _, events = ask(s.url, ("ct.dcm", ct_small.read_bytes()))   # the slot is free again
+        assert status == 200 and events[-1][0] == "done"
+    assert "request cancelled by the client" in caplog.text
