@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from medlite.errors import MedliteError
+from medlite.fileio import replace_into_place, sha256_file, write_text_atomic
 
 MANIFEST = "manifest.json"
 RECIPE_FILE = "recipe.yaml"
@@ -43,15 +44,6 @@ class ArtifactError(MedliteError):
 
 
 # -- hashing and versions -------------------------------------------------------------------------
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in chunks (graphs can be GBs)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def canonical_json(obj: Any) -> str:
     """Stable JSON text for hashing: sorted keys, no whitespace variation, UTF-8."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
@@ -178,27 +170,14 @@ class Staging:
 
     def commit(self) -> Path:
         """Move the finished folder to ``parent/<version>``, replacing an older copy if present."""
-        old = None
-        if self.final.exists():
-            old = self.parent / f".old-{self.version}-{os.getpid()}"
-            os.rename(self.final, old)
-        os.rename(self.path, self.final)
+        replace_into_place(self.path, self.final)
         self.committed = True
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
         return self.final
 
     def __exit__(self, *exc) -> bool:
         if not self.committed and self.path.exists():
             shutil.rmtree(self.path, ignore_errors=True)
         return False
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file + ``os.replace`` so readers never see a partial file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def update_latest(parent: Path, version: str) -> None:

@@ -14,6 +14,10 @@ class DataError(MedliteError):
     """An image, dataset or calibration file is missing or unreadable."""
 
 
+class OutputError(MedliteError):
+    """An output path (``--out``) cannot be written: checked before any work starts."""
+
+
 class ExportError(MedliteError):
     """An export produced or would produce an invalid graph."""
 

@@ -8,16 +8,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from medlite.units import human_bytes
+
 REPORT_MD, REPORT_JSON = "report.md", "report.json"
 MAX_ROWS = 500          # per-question rows kept in report.json
 MAX_MD_DISAGREEMENTS = 20
-
-
-def _fmt_bytes(n: int) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} B"
 
 
 def _files(folder: Path) -> dict[str, int]:
@@ -68,10 +63,10 @@ def report_md(manifest: dict, rows: list[dict], files: dict[str, int]) -> str:
             out.append(f"- ONNX {e['precision']} opset {e['opset']}; TensorRT {t['tensorrt']} operator check: {trt}")
         if "engines" in sec:
             mem = sec["engines"]["memory"]
-            out.append(f"- estimated device memory {_fmt_bytes(mem['total_bytes'])} of {t['usable_memory_gb']} GB "
-                       f"usable (engines {_fmt_bytes(mem['vision_engine_bytes'] + mem['decoder_engine_bytes'])}, "
-                       f"embedding table {_fmt_bytes(mem['embedding_table_bytes'])}, KV cache "
-                       f"{_fmt_bytes(mem['kv_cache_bytes'])} at {mem['max_context_tokens']} tokens); not included: "
+            out.append(f"- estimated device memory {human_bytes(mem['total_bytes'])} of {t['usable_memory_gb']} GB "
+                       f"usable (engines {human_bytes(mem['vision_engine_bytes'] + mem['decoder_engine_bytes'])}, "
+                       f"embedding table {human_bytes(mem['embedding_table_bytes'])}, KV cache "
+                       f"{human_bytes(mem['kv_cache_bytes'])} at {mem['max_context_tokens']} tokens); not included: "
                        f"{mem['not_included']}")
             out.append("- build the TensorRT engines on the Jetson: `engines/build_engines.sh` "
                        "(engines are not portable across GPUs or TensorRT versions)")
@@ -94,7 +89,7 @@ def report_md(manifest: dict, rows: list[dict], files: dict[str, int]) -> str:
             out.append("Every answer of the artifact equals the source model's (after normalisation).")
         out.append("")
     out += ["## Files", "", "| file | size |", "|---|---|"]
-    out += [f"| {name} | {_fmt_bytes(size)} |" for name, size in files.items()]
+    out += [f"| {name} | {human_bytes(size)} |" for name, size in files.items()]
     out += ["", f"Every file's sha256 is in `manifest.json`; `medlite verify {m['model']}/{m['recipe']['name']}/"
                 f"{m['version']}` re-checks them and re-runs the gates.", ""]
     if m.get("warnings"):

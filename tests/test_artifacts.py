@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from medlite import artifacts as af
+from medlite.fileio import sha256_file
 
 SRC = {"model.safetensors": "ab" * 32, "config.json": "cd" * 32}
 INFO = {"format": "legacy", "path": "/data/ckpt", "files": SRC, "adapter": None, "vision_tower": None,
@@ -55,7 +56,7 @@ def test_manifest_hashes_every_file_but_itself_and_volatile(tmp_path):
     path = _artifact(tmp_path)
     m = json.loads((path / af.MANIFEST).read_text())
     assert sorted(m["files"]) == ["decoder.onnx", "sub/engines.json"]
-    assert m["files"]["decoder.onnx"] == {"sha256": af.sha256_file(path / "decoder.onnx"), "bytes": 1024}
+    assert m["files"]["decoder.onnx"] == {"sha256": sha256_file(path / "decoder.onnx"), "bytes": 1024}
     import hashlib
 
     assert m["files"]["sub/engines.json"]["sha256"] == hashlib.sha256(b'{"a": 1}').hexdigest()

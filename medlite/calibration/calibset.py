@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ import numpy as np
 from medlite.imaging.pixels import MODALITIES
 from medlite.evaluation.samples import OPEN, VqaSample
 from medlite.errors import DataError
+from medlite.fileio import sha256_file, write_json_atomic
 
 VERSION = "medlite-calibset/1"
 SYNTHETIC = "synthetic"
@@ -161,14 +161,10 @@ def _take_round_robin(pool: list[VqaSample], k: int, seed: int, stratum: str) ->
 # -- hashing -----------------------------------------------------------------------------------
 def _file_sha256(path: Path, memo: dict) -> str:
     if path not in memo:
-        h = hashlib.sha256()
         try:
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
+            memo[path] = sha256_file(path)
         except OSError as e:
             raise DataError(f"{path}: cannot read calibration image: {e}") from None
-        memo[path] = h.hexdigest()
     return memo[path]
 
 
@@ -208,16 +204,6 @@ def _input_key(samples: Sequence[VqaSample], params: dict) -> str:
 
 
 # -- cache -------------------------------------------------------------------------------------
-def _write_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _read_cache(root: Path, key: str, by_qid: dict) -> Optional[tuple[list, list, str]]:
@@ -321,10 +307,10 @@ def build_calibration_set(samples: Sequence[VqaSample], n: int, *, seed: int = 0
     digest = content_hash(chosen, held, params)
     cs = CalibrationSet(chosen, held, digest, seed, stratify, notes)
     if cache and not any(s.modality == SYNTHETIC for s in chosen):
-        _write_atomic(root / f"{digest}.json", {"version": VERSION, "input_key": key, **cs.to_dict(),
-                                                "samples": [s.qid for s in chosen],
-                                                "heldout": [s.qid for s in held]})
-        _write_atomic(root / "index" / f"{key}.json", {"content_hash": digest})
+        write_json_atomic(root / f"{digest}.json", {"version": VERSION, "input_key": key, **cs.to_dict(),
+                                                    "samples": [s.qid for s in chosen],
+                                                    "heldout": [s.qid for s in held]}, indent=1)
+        write_json_atomic(root / "index" / f"{key}.json", {"content_hash": digest}, indent=1)
     return cs
 
 

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from medlite.errors import CheckpointError, DataError
+from medlite.fileio import staged_folder
+from medlite.units import common_unit, human_bytes
 
 
 def _opt(args, name, default=None):
@@ -61,10 +60,6 @@ def _fmt_n(n: int) -> str:
     return f"{n / 1e9:.3f} B" if n >= 1e9 else f"{n / 1e6:.2f} M" if n >= 1e5 else str(n)
 
 
-def _fmt_b(b: int) -> str:
-    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
-
-
 def cmd_inspect(args, ctx) -> int:
     """Format, backbone, architecture, parameters and bytes per component, notes."""
     path = _resolve_path(_opt(args, "path"), ctx)
@@ -81,10 +76,15 @@ def cmd_inspect(args, ctx) -> int:
               f"· source dtype {rep['source_dtype']}")
     for k, v in rep["architecture"].items():
         out.print(f"  {k:<15}{v}")
-    table = Table("component", "params", f"bytes ({rep['source_dtype']})", title="parameters")
-    for name in ("vision_tower", "projector", "llm", "embeddings", "total"):
+    names = ("vision_tower", "projector", "llm", "embeddings", "total")
+    unit = common_unit(rep["params"][n]["bytes"] for n in names)   # one unit: the column compares
+    table = Table(title="parameters")
+    table.add_column("component")
+    table.add_column("params", justify="right")
+    table.add_column(f"bytes ({rep['source_dtype']})", justify="right")
+    for name in names:
         p = rep["params"][name]
-        table.add_row(name, _fmt_n(p["params"]), _fmt_b(p["bytes"]))
+        table.add_row(name, _fmt_n(p["params"]), human_bytes(p["bytes"], unit))
     out.print(table)
     out.print(f"  image tokens   {rep['num_image_tokens']} (token id {rep['image_token_id']})")
     out.print(f"  template       {rep['template']}   eos {rep['eos_token_ids']}  bos {rep['bos_token_id']}")
@@ -108,9 +108,7 @@ def write_canonical(loaded, out_dir, *, ctx) -> Path:
     out = Path(out_dir).expanduser()
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"{out}: exists and is not empty; remove it or choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_folder(out) as tmp:
         loaded.model.save_pretrained(tmp)
         write_tokenizer_files(tmp, loaded.tokenizer, bos=loaded.bos_token_id, eos=loaded.eos_token_ids,
                               pad=loaded.pad_token_id, add_bos=loaded.bos_token_id is not None)
@@ -121,12 +119,6 @@ def write_canonical(loaded, out_dir, *, ctx) -> Path:
                 "eos_token_ids": loaded.eos_token_ids, "bos_token_id": loaded.bos_token_id,
                 "pad_token_id": loaded.pad_token_id}
         (tmp / "medlite_source.json").write_text(json.dumps(meta, indent=2, default=str))
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if loaded.model.lm_head.bias is not None:
         ctx.warn(f"{out}: lm_head has a bias ({loaded.source.text_backbone}); medlite keeps it, but plain "
                  f"transformers LlavaForConditionalGeneration has no lm_head bias and drops it (changed logits)")
@@ -188,20 +180,12 @@ def cmd_demo_random(args, ctx) -> int:
     out = Path(args.out).expanduser()
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"{out}: exists and is not empty; remove it or choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
     seed = int(_opt(args, "seed", 0) or 0)
     with ctx.stage("random") as info:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        try:
+        with staged_folder(out) as tmp:
             write_random_checkpoint(preset.name, tmp, fmt=args.format, seed=seed, ctx=ctx)
-            if out.exists():
-                out.rmdir()
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-        info["detail"] = f"{preset.name} ({args.format}, seed {seed}) → {out}  {size / 2**20:.1f} MiB"
+        info["detail"] = f"{preset.name} ({args.format}, seed {seed}) → {out}  {human_bytes(size)}"
     if preset.notes:
         ctx.info(f"  {preset.notes}")
     return 0

@@ -25,8 +25,9 @@ from typing import Optional
 from medlite.checkpoints.lora_keys import (PEFT_PREFIX, NameMap, check_lora_options, full_tensor_name,
                                           normalise_non_lora, read_adapter_config, split_lora_key, strip_peft_prefix)
 from medlite.checkpoints.lora_merge import FullTensor, Prepared, check_modules, dropped_by_base, merge_lora
-from medlite.checkpoints.pool import TensorPool, _list_preview, sha256_file
+from medlite.checkpoints.pool import TensorPool, _list_preview
 from medlite.errors import CheckpointError
+from medlite.fileio import sha256_file
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 NON_LORA = "non_lora_trainables.bin"

@@ -14,7 +14,6 @@ Shapes and dtypes of safetensors files come from their headers, so planning/insp
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from medlite.errors import CheckpointError
+from medlite.fileio import sha256_file
 
 # safetensors dtype names -> torch dtype names
 _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
@@ -69,18 +69,6 @@ def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]
                                   f"data section {data_len} bytes) — the file is truncated")
         out[name] = (_ST_DTYPES.get(dtype, dtype.lower()), shape)
     return out
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in 4 MB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
 
 
 def _load_bin(path: Path) -> dict:

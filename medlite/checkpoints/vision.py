@@ -93,7 +93,7 @@ class TowerCopy:
         if pool is not None and prefix is None:
             raise CheckpointError(f"--vision-tower {path}: weight files hold no SigLIP vision transformer "
                                   f"(no '*embeddings.patch_embedding.weight')")
-        from medlite.checkpoints.pool import sha256_file
+        from medlite.fileio import sha256_file
 
         files = {p.name: sha256_file(p) for p in sorted(path.iterdir()) if p.is_file()}
         return cls(path, dict(vcfg), pre, pool, prefix, files)

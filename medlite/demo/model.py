@@ -28,6 +28,7 @@ import shutil
 from pathlib import Path
 
 from medlite.demo.train import TEMPLATE, DemoRecipe, image_spec_for
+from medlite.fileio import replace_into_place
 
 TOWER_REPO = "medlite/siglip-micro-patch8-56"
 NAME = "micro-tinyllava-med"         # the model name in artifact paths and summaries
@@ -148,7 +149,7 @@ def build_demo_model(out: Path, *, ctx, recipe: DemoRecipe | None = None, key: s
 
 def _clean_stale(root: Path, key: str) -> None:
     """Remove temporary folders left by killed builds of ``key`` (we hold its lock: none is live)."""
-    for p in root.glob(f".tmp-{key}-*"):
+    for p in [*root.glob(f".tmp-{key}-*"), *root.glob(f".old-{key}-*")]:
         shutil.rmtree(p, ignore_errors=True)
 
 
@@ -173,13 +174,7 @@ def ensure_demo_model(ctx, *, force: bool = False, recipe: DemoRecipe | None = N
         tmp = root / f".tmp-{key}-{os.getpid()}"
         try:
             build_demo_model(tmp, ctx=ctx, recipe=recipe, key=key)
-            if final.exists():
-                old = root / f".tmp-{key}-{os.getpid()}-old"
-                os.rename(final, old)
-                os.rename(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(tmp, final)
+            replace_into_place(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return final

@@ -2,17 +2,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from medlite.errors import DataError
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+from medlite.fileio import write_json_atomic
 
 
 def cmd_eval(args, ctx) -> int:
@@ -41,7 +34,7 @@ def cmd_eval(args, ctx) -> int:
     result["dataset"] = {"spec": str(dataset), "split": split, "n": len(samples), "limit": limit}
     out = getattr(args, "out", None)
     if out:
-        _write_json_atomic(Path(out), result)
+        write_json_atomic(Path(out), result)
     if getattr(args, "json", False):
         print(json.dumps({k: v for k, v in result.items() if k != "predictions"}, indent=2, default=str))
     else:

@@ -12,7 +12,7 @@ from typing import Sequence
 import onnx
 
 from medlite.errors import ExportError
-from medlite.export.files import (EMBED_TABLE_FILE, EMBED_TABLE_NAME, check_onnx_file, sha256_file,
+from medlite.export.files import (EMBED_TABLE_FILE, EMBED_TABLE_NAME, check_onnx_file,
                                   tie_lm_head_to_table, write_onnx)
 from medlite.export.graph_passes import op_counts
 from medlite.export.graphs import (decoder_onnx_from_model, embed_onnx_from_model, text_dims,
@@ -20,6 +20,8 @@ from medlite.export.graphs import (decoder_onnx_from_model, embed_onnx_from_mode
 from medlite.export.precision import check_fp32_islands, model_for_precision
 from medlite.export.runtime_config import graph_spec_from_onnx, runtime_config_from_loaded
 from medlite.export.trt_ops import trt_check_from_onnx
+from medlite.fileio import sha256_file
+from medlite.units import human_bytes
 from medlite.runtime.config import CONFIG_FILE, GRAPHS
 
 MIN_OPSET, MAX_OPSET = 14, 17   # 17: TensorRT 8.5's maximum; 14: oldest the TorchScript exporter handles here
@@ -126,7 +128,7 @@ def _export_one(name: str, model, loaded, out: Path, res: ExportResult, specs: d
             res.fp32_ops[name] = check_fp32_islands(skeleton, name)
         specs[name] = graph_spec_from_onnx(skeleton, path.name, [p.name for p in written[1:]])
         size = sum(p.stat().st_size for p in written)
-        info["detail"] = (f"→ {path.name} {size / 1e6:.1f} MB, {sum(res.ops[name].values())} nodes, "
+        info["detail"] = (f"→ {path.name} {human_bytes(size)}, {sum(res.ops[name].values())} nodes, "
                           f"TensorRT 8.5 {'ok' if trt.ok else f'{len(trt.issues)} issue(s)'}")
         if not trt.ok:
             msg = f"{path.name} would not parse on TensorRT 8.5:\n{trt.summary()}"

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import sys
 
+from medlite.units import common_unit, human_bytes
+
 
 def cmd_export(args, ctx) -> int:
     """Handler for ``medlite export [--model PATH] --out DIR [--precision fp32|fp16] [--opset N]``.
@@ -23,9 +25,10 @@ def cmd_export(args, ctx) -> int:
         sys.stdout.write("\n")
         return 0
     total = sum(f["bytes"] for f in res.files.values())
-    ctx.info(f"[bold]{res.out_dir}[/]: {len(res.files)} files, {total / 1e6:.1f} MB, {res.precision}, opset "
+    ctx.info(f"[bold]{res.out_dir}[/]: {len(res.files)} files, {human_bytes(total)}, {res.precision}, opset "
              f"{res.opset}, TensorRT 8.5 op check {'passed' if res.trt_ok else 'FAILED'}")
+    unit = common_unit(f["bytes"] for f in res.files.values())   # one unit: the column compares
     for name, f in sorted(res.files.items()):
-        ctx.info(f"  {name:<22}{f['bytes'] / 1e6:>10.1f} MB")
+        ctx.info(f"  {name:<22}{human_bytes(f['bytes'], unit):>12}")
     ctx.info(f"ask it: medlite ask {res.out_dir} \"QUESTION\" --image IMAGE")
     return 0

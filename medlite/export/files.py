@@ -13,7 +13,6 @@ Layout written into an export folder:
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Iterable
 
@@ -139,13 +138,6 @@ def check_onnx_file(path: Path) -> None:
         raise ExportError(f"{path}: onnx.checker rejected the graph: {e}") from e
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 16 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def tie_lm_head_to_table(model: onnx.ModelProto, table: np.ndarray) -> bool:

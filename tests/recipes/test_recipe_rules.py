@@ -1,5 +1,4 @@
 """Stage ordering rules, target capability checks and key=value overrides."""
-import filecmp
 import textwrap
 
 import pytest
@@ -7,6 +6,7 @@ import yaml
 
 from medlite.errors import RecipeError
 from medlite.recipes import builtin_recipes, load_recipe
+from medlite.recipes.loader import builtin_dir
 from medlite.recipes.registry import CHAIN, REQUIRES_EARLIER, STAGES, order_errors
 
 from recipe_helpers import GOOD, write
@@ -56,16 +56,30 @@ def test_order_rules_are_data_and_cover_every_pair():
     assert set(REQUIRES_EARLIER) <= set(STAGES)
 
 
-def test_unimplemented_stages_are_refused_at_validation(tmp_path):
-    text = recipe_with("- prune: {}\n- distill: {}\n- export: {}\n")
+def test_a_registry_stage_without_runner_is_refused_at_validation(tmp_path, monkeypatch):
+    """Every stage comes from the registry; an entry without a runner (not implemented) is refused."""
+    import dataclasses
+
+    from medlite.recipes import registry
+
+    monkeypatch.setitem(registry.STAGES, "prune", dataclasses.replace(registry.STAGES["prune"], runner=None))
+    text = recipe_with("- prune: {mlp: 0.25}\n- export: {}\n")
     text = text.replace("stages:", "calibration: {samples: 8}\nstages:")
     errs = errors_of(write(tmp_path, text))
     assert [e for e in errs if "not implemented" in e] == [
         "stages[0].prune: stage 'prune' is not implemented in this version (medlite 0.1.0); remove it to build "
-        "this recipe (line 6)",
-        "stages[1].distill: stage 'distill' is not implemented in this version (medlite 0.1.0); remove it to build "
-        "this recipe (line 7)"]
-    assert len(errs) == 2
+        "this recipe (line 6)"]
+
+
+def test_each_stage_owns_its_rules_plan_and_options():
+    from medlite.recipes.base import Closed
+
+    for name, spec in STAGES.items():
+        assert spec.implemented and issubclass(spec.options, Closed), name
+        assert spec.rules is not None and spec.plan is not None, name
+        assert spec.runner.count(":") == 1, name
+    assert STAGES["distill"].needs_source and all(STAGES[n].changes_weights for n in ("prune", "distill", "quantize"))
+    assert not any(STAGES[n].changes_weights for n in ("export", "engines", "check"))
 
 
 # -- targets --------------------------------------------------------------------------------------
@@ -142,10 +156,11 @@ def test_every_shipped_recipe_validates_and_repo_copies_match():
     shipped = builtin_recipes()
     assert "xavier-agx-fp16" in shipped
     repo = Path(__file__).resolve().parents[2] / "recipes"
-    assert sorted(p.stem for p in repo.glob("*.yaml")) == sorted(shipped), \
-        "recipes/ must hold exactly the shipped recipes (medlite/recipes_builtin is the source of truth)"
+    # one source of truth: recipes/ in the repository is a link to the packaged folder, not a copy
+    assert repo.is_symlink() and repo.resolve() == builtin_dir().resolve(), \
+        "recipes/ must be a link to medlite/recipes_builtin (the packaged source of truth)"
     for name, path in shipped.items():
         r = load_recipe(path).recipe
         assert r.name == name, f"{path}: name must equal the file name"
-        assert filecmp.cmp(path, repo / path.name, shallow=False), f"recipes/{path.name} differs from {path}"
+        assert load_recipe(f"recipes/{name}.yaml").recipe == r   # the repository path people type
         assert load_recipe(name).recipe == r           # addressable by name too

@@ -1,0 +1,90 @@
+"""medlite.fileio (hashes, atomic writes, rename into place, writability) and medlite.units."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from medlite.errors import OutputError
+from medlite.fileio import (ensure_writable_dir, ensure_writable_file, replace_into_place, sha256_file,
+                            staged_folder, write_json_atomic, write_text_atomic)
+from medlite.units import common_unit, human_bytes
+
+
+def read_only_dir(tmp_path: Path) -> Path:
+    """A folder this process cannot write in: chmod 555 for a normal user; root ignores permission
+    bits, so for root a path on the read-only sysfs mount."""
+    if os.geteuid() != 0:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        return ro
+    sysfs = Path("/sys")
+    if not sysfs.is_dir():
+        pytest.skip("running as root and no read-only mount to try")
+    return sysfs
+
+
+def test_sha256_file_equals_hashlib(tmp_path):
+    p = tmp_path / "blob"
+    data = os.urandom(5_000_001)
+    p.write_bytes(data)
+    assert sha256_file(p, chunk=1 << 16) == hashlib.sha256(data).hexdigest()
+
+
+def test_atomic_writes_leave_no_temporary_files(tmp_path):
+    write_text_atomic(tmp_path / "a" / "x.txt", "hello")
+    write_json_atomic(tmp_path / "a" / "y.json", {"p": Path("/x")})
+    assert (tmp_path / "a" / "x.txt").read_text() == "hello"
+    assert json.loads((tmp_path / "a" / "y.json").read_text()) == {"p": "/x"}
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["x.txt", "y.json"]
+
+
+def test_replace_into_place_and_staged_folder(tmp_path):
+    final = tmp_path / "out"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    with staged_folder(final) as tmp:
+        (tmp / "new.txt").write_text("new")
+        assert not (final / "new.txt").exists()       # nothing visible until the block succeeds
+    assert sorted(p.name for p in final.iterdir()) == ["new.txt"]
+    with pytest.raises(RuntimeError):
+        with staged_folder(final) as tmp:
+            (tmp / "half.txt").write_text("x")
+            raise RuntimeError("killed")
+    assert sorted(p.name for p in final.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]   # no leftovers
+    f = tmp_path / "f.txt"
+    (tmp_path / "g.txt").write_text("2")
+    f.write_text("1")
+    replace_into_place(tmp_path / "g.txt", f)
+    assert f.read_text() == "2" and not (tmp_path / "g.txt").exists()
+
+
+def test_writable_checks_give_one_line(tmp_path):
+    assert ensure_writable_dir(tmp_path / "new" / "deeper", "--out") == tmp_path / "new" / "deeper"
+    assert not (tmp_path / "new").exists()            # checking creates nothing
+    ro = read_only_dir(tmp_path)
+    with pytest.raises(OutputError) as e:
+        ensure_writable_dir(ro / "artifacts", "--out")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"--out {ro / 'artifacts'}: cannot write in {ro}")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="is a file, not a folder"):
+        ensure_writable_dir(tmp_path / "file" / "sub", "--out")
+    with pytest.raises(OutputError, match="is a folder; give a file name"):
+        ensure_writable_file(tmp_path, "--out")
+    with pytest.raises(OutputError, match="cannot write"):
+        ensure_writable_file(ro / "result.json", "--out")
+
+
+def test_human_bytes_one_decimal_vocabulary():
+    assert [human_bytes(n) for n in (12, 7_800, 45_600_000, 1_230_000_000)] == [
+        "12 B", "7.80 kB", "45.60 MB", "1.23 GB"]
+    sizes = [1_620_000, 327_690_000_000, 900]
+    unit = common_unit(sizes)
+    assert unit == "GB" and [human_bytes(n, unit) for n in sizes] == ["0.00 GB", "327.69 GB", "0.00 GB"]
+    assert human_bytes(1_620_000, "kB", digits=1) == "1620.0 kB"
