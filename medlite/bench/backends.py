@@ -1,0 +1,119 @@
+"""The two things ``medlite bench`` times: an ONNX artifact on ONNX Runtime, a checkpoint on PyTorch eager.
+
+Each backend gives ``encode(image)`` and ``generate(image, question) -> RunTimes`` (timed with a
+:class:`~medlite.bench.measure.StepClock`), its runtime/precision/thread count, and the prompt length.
+"""
+from __future__ import annotations
+
+from medlite.bench.measure import RunTimes, StepClock
+
+
+class OrtBackend:
+    """An export / artifact folder through :class:`medlite.runtime.OnnxVlm` (torch-free)."""
+
+    kind = "artifact"
+
+    def __init__(self, folder, *, ctx, max_new_tokens: int, ignore_eos: bool, threads=None):
+        from medlite.runtime import OnnxVlm
+        from medlite.runtime.sessions import physical_cores
+
+        self.vlm = OnnxVlm.open(folder, providers=["CPUExecutionProvider"], ctx=ctx)
+        self.max_new_tokens, self.ignore_eos = int(max_new_tokens), bool(ignore_eos)
+        self.threads = int(threads or physical_cores())
+        used = sorted({p for ps in self.vlm.providers.values() for p in ps})
+        self.runtime = f"onnxruntime ({', '.join(used)})"
+        cfg = self.vlm.config
+        parts = []
+        for name, g in sorted(cfg.graphs.items()):
+            q = getattr(g, "quantization", None) or {}
+            parts.append(f"{name} {q.get('method') or getattr(g, 'precision', '') or cfg.precision}")
+        self.precision = ", ".join(parts)
+
+    def prompt_tokens(self, question: str) -> int:
+        return len(self.vlm.prompt_ids(question))
+
+    def encode(self, image):
+        return self.vlm.image_embeddings(image)
+
+    def generate(self, image, question: str) -> RunTimes:
+        from medlite.runtime.decoding import greedy_generate
+
+        vlm, c = self.vlm, self.vlm.config
+        clock = StepClock()
+        stops = tuple(s for s in c.template.stop if s)
+        first = vlm._first([image], [question])
+        (ids,) = greedy_generate(
+            clock.wrap_decoder(vlm._decoder), vlm._embed, first, max_new_tokens=self.max_new_tokens,
+            stop_ids=set() if self.ignore_eos else set(c.eos_token_ids), suppress_ids=list(c.suppress_token_ids),
+            is_stopped=(lambda _r, _g: False) if self.ignore_eos else
+            (lambda _r, g: any(s in vlm._text(g) for s in stops)), on_step=clock.token)
+        return clock.result(ids)
+
+    def answer_text(self, ids: list) -> str:
+        from medlite.prompting import clean_answer
+
+        return clean_answer(self.vlm._text(ids), tuple(s for s in self.vlm.config.template.stop if s))
+
+
+class TorchBackend:
+    """A checkpoint in PyTorch eager (the model's own dtype, usually fp32 on CPU)."""
+
+    kind = "checkpoint"
+    runtime = "pytorch eager"
+
+    def __init__(self, loaded, *, max_new_tokens: int, ignore_eos: bool):
+        import torch
+
+        self.loaded = loaded
+        self.max_new_tokens, self.ignore_eos = int(max_new_tokens), bool(ignore_eos)
+        self.threads = int(torch.get_num_threads())
+        self.precision = str(next(loaded.model.parameters()).dtype).replace("torch.", "")
+
+    def prompt_tokens(self, question: str) -> int:
+        from medlite.checkpoints.generate import prompt_ids
+
+        return len(prompt_ids(self.loaded, question))
+
+    def encode(self, image):
+        from medlite.checkpoints.generate import image_embeddings
+
+        return image_embeddings(self.loaded, image)
+
+    def generate(self, image, question: str) -> RunTimes:
+        import torch
+
+        from medlite.checkpoints.generate import _forward, _pick, _stop_hit, pixel_values, prompt_ids
+
+        lm = self.loaded
+        clock = StepClock()
+        lang = lm.model.model.language_model
+        started: list = []
+        pre = lang.register_forward_pre_hook(lambda *_: started.append(__import__("time").perf_counter()))
+        post = lang.register_forward_hook(lambda *_: None if clock.prefill is not None else
+                                          setattr(clock, "prefill", __import__("time").perf_counter() - started[0]))
+        try:
+            out = _forward(lm, torch.tensor([prompt_ids(lm, question)]), pixel_values(lm, image))
+            eos, gen = (set() if self.ignore_eos else set(lm.eos_token_ids)), []
+            for _ in range(self.max_new_tokens):
+                nxt = int(_pick(out.logits[0, -1], lm.image_token_id))
+                clock.token()
+                if nxt in eos:
+                    break
+                gen.append(nxt)
+                if not self.ignore_eos and _stop_hit(lm, lm.tokenizer.decode(gen, skip_special_tokens=True)):
+                    break
+                if len(gen) == self.max_new_tokens:
+                    break
+                out = _forward(lm, torch.tensor([[nxt]]), None, past=out.past_key_values)
+        finally:
+            pre.remove()
+            post.remove()
+        return clock.result(gen)
+
+    def answer_text(self, ids: list) -> str:
+        from medlite.prompting import clean_answer
+
+        return clean_answer(self.loaded.tokenizer.decode(ids, skip_special_tokens=True), self.loaded.template.stop)
+
+
+__all__ = ["OrtBackend", "TorchBackend"]

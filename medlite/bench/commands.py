@@ -1,0 +1,119 @@
+"""``medlite bench``: image-encode latency, prefill, time to first token, decode tokens/s, peak RSS.
+
+On an artifact (or ONNX export folder) it runs the artifact's ONNX Runtime graphs on this
+machine's CPU; on a checkpoint it runs PyTorch eager. Results print as a table (or one JSON object
+with ``--json``) and, for an artifact, are written next to it as ``bench.json`` — a volatile file
+the manifest does not hash (medlite/artifacts.py), so the artifact's hashes stay valid.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+BENCH_FILE = "bench.json"
+
+
+def add_bench_args(p) -> None:
+    """The ``bench`` subcommand's options (argparse only; called by ``medlite.cli``)."""
+    p.add_argument("--model", default=None, metavar="PATH",
+                   help="artifact / ONNX export folder (ONNX Runtime) or checkpoint folder (PyTorch); "
+                        "OUT/<model>/<recipe> means its latest artifact; default: the built-in demo model")
+    p.add_argument("--image", default=None, help="image file (default: the first held-out Micro Med-VQA image)")
+    p.add_argument("--question", default=None, help="question (default: that image's first question)")
+    p.add_argument("--runs", type=int, default=5, help="timed runs; figures are medians (default 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="answer length limit (default 32)")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="always generate --max-new-tokens tokens (throughput benchmarks)")
+    p.add_argument("--no-write", action="store_true", help="do not write bench.json next to the artifact")
+
+
+def _prompt(args, ctx):
+    """(image, image label, question): the user's or the first held-out builtin pair."""
+    from medlite.errors import DataError
+
+    if args.image:
+        from medlite.runtime.vlm import load_input_image
+
+        if not args.question:
+            raise DataError("--image needs --question")
+        return load_input_image(args.image, ctx), str(args.image), args.question
+    from medlite.evaluation.vqa import load_dataset
+
+    s = load_dataset("builtin:micro-med-vqa", split="test")[0]
+    return s.load_image(), f"builtin:micro-med-vqa test {s.qid}", args.question or s.question
+
+
+def _backend(args, ctx):
+    from medlite.bench.backends import OrtBackend, TorchBackend
+
+    if args.model:
+        from medlite.artifacts import resolve_artifact_path
+
+        folder = Path(resolve_artifact_path(Path(args.model)))
+        if (folder / "medlite_runtime.json").is_file():
+            return OrtBackend(folder, ctx=ctx, max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos), folder
+    from medlite.model_choice import load_from_args
+
+    loaded = load_from_args(args, ctx)
+    loaded = loaded[0] if isinstance(loaded, tuple) else loaded
+    return TorchBackend(loaded, max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos), None
+
+
+def run_bench(args, ctx):
+    """Measure; returns ``(BenchResult, artifact folder or None)``."""
+    from medlite.bench.measure import BenchResult, host_info, median_ms, peak_rss_bytes, summarize, timed_runs
+    from medlite.errors import DataError
+
+    if args.runs < 1 or args.warmup < 0 or args.max_new_tokens < 1:
+        raise DataError(f"--runs {args.runs} / --warmup {args.warmup} / --max-new-tokens {args.max_new_tokens}: "
+                        "runs and max-new-tokens must be >= 1, warmup >= 0")
+    backend, folder = _backend(args, ctx)
+    image, label, question = _prompt(args, ctx)
+    with ctx.progress("image encode", total=args.warmup + args.runs) as advance:
+        def encode():
+            backend.encode(image)
+            advance(1)
+        enc = median_ms(encode, args.runs, args.warmup)
+    with ctx.progress("generate", total=args.warmup + args.runs) as advance:
+        runs = timed_runs(lambda: backend.generate(image, question), args.runs, args.warmup, advance)
+    s = summarize(runs)
+    ids = runs[-1].ids
+    res = BenchResult(model=str(folder or args.model or "builtin:demo-model"), kind=backend.kind,
+                      runtime=backend.runtime, precision=backend.precision, question=question, image=label,
+                      prompt_tokens=backend.prompt_tokens(question), runs=args.runs, warmup=args.warmup,
+                      max_new_tokens=args.max_new_tokens, image_encode_ms=enc, answer=backend.answer_text(ids),
+                      peak_rss_bytes=peak_rss_bytes(), threads=backend.threads, host=host_info(),
+                      details={"ignore_eos": bool(args.ignore_eos)}, **s)
+    return res, folder
+
+
+def _table(r) -> str:
+    rows = [("model", f"{r.model} ({r.kind}, {r.runtime}, {r.precision})"),
+            ("prompt", f"{r.prompt_tokens} tokens · {r.question!r} · {r.image}"),
+            ("image encode", f"{r.image_encode_ms:.1f} ms"), ("prefill", f"{r.prefill_ms:.1f} ms"),
+            ("time to first token", f"{r.ttft_ms:.1f} ms"),
+            ("decode", f"{r.decode_tokens_per_s:.1f} tokens/s ({r.decode_steps} steps, {r.tokens} answer tokens)"),
+            ("peak RSS", f"{r.peak_rss_bytes / 2**20:.0f} MiB"), ("threads", str(r.threads)),
+            ("runs", f"median of {r.runs} after {r.warmup} warm-up"), ("answer", repr(r.answer))]
+    return "\n".join(f"{k:>20}  {v}" for k, v in rows)
+
+
+def cmd_bench(args, ctx) -> int:
+    """Handler of ``medlite bench``."""
+    res, folder = run_bench(args, ctx)
+    data = res.to_dict()
+    if res.decode_steps == 0 or not math.isfinite(res.decode_tokens_per_s):
+        ctx.warn("the answer ended at its first token: no decode steps were timed (use --ignore-eos)")
+    if folder is not None and not args.no_write:
+        (folder / BENCH_FILE).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        ctx.info(f"wrote {folder / BENCH_FILE}")
+    if ctx.json_mode:
+        print(json.dumps(data, sort_keys=True, allow_nan=False if math.isfinite(res.decode_tokens_per_s) else True))
+    else:
+        print(_table(res))
+    return 0
+
+
+__all__ = ["BENCH_FILE", "add_bench_args", "cmd_bench", "run_bench"]

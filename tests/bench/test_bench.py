@@ -1,0 +1,87 @@
+"""``medlite bench`` on an ONNX export and on its checkpoint (tiny random model), same prompt."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from medlite.cli import main
+
+FIGURES = ("image_encode_ms", "prefill_ms", "ttft_ms", "decode_tokens_per_s", "peak_rss_bytes", "threads",
+           "tokens", "decode_steps", "prompt_tokens")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from medlite.checkpoints.random_ckpt import write_random_checkpoint
+    from medlite.context import RunContext
+    from medlite.export import export_onnx
+
+    cache = tmp_path_factory.mktemp("bench-cache")
+    ctx = RunContext(cache_dir=cache, quiet=True)
+    ckpt = write_random_checkpoint("tiny", tmp_path_factory.mktemp("ckpt") / "tiny", fmt="legacy", ctx=ctx)
+    from medlite.checkpoints import load_model
+
+    out = tmp_path_factory.mktemp("export")
+    export_onnx(load_model(ckpt, ctx=ctx), out, ctx=ctx, precision="fp32")
+    return ckpt, out, cache
+
+
+def _bench(capsys, model, cache, *extra):
+    capsys.readouterr()
+    rc = main(["bench", "--model", str(model), "--json", "--runs", "2", "--warmup", "1", "--cache-dir", str(cache),
+               *extra])
+    assert rc == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def _pair():
+    from medlite.evaluation.vqa import load_dataset
+
+    s = load_dataset("builtin:micro-med-vqa", split="test")[0]
+    return s.load_image(), s.question
+
+
+def test_artifact_figures_and_token_count(tiny, capsys):
+    from medlite.runtime import OnnxVlm
+
+    _, export, cache = tiny
+    r = _bench(capsys, export, cache, "--max-new-tokens", "12")
+    image, question = _pair()
+    (ids,) = OnnxVlm.open(export, providers=["CPUExecutionProvider"]).generate_ids([image], [question],
+                                                                                   max_new_tokens=12)
+    assert r["tokens"] == len(ids) and r["question"] == question
+    assert r["kind"] == "artifact" and r["runtime"].startswith("onnxruntime")
+    for k in FIGURES:
+        if k == "decode_tokens_per_s" and r["decode_steps"] == 0:
+            continue
+        assert math.isfinite(r[k]) and r[k] > 0, (k, r[k])
+    written = json.loads((export / "bench.json").read_text())
+    assert written["tokens"] == r["tokens"] and written["model"] == str(export)
+
+
+def test_checkpoint_and_artifact_on_the_same_prompt(tiny, capsys):
+    from medlite.artifacts import VOLATILE
+    from medlite.checkpoints import load_model
+    from medlite.checkpoints.generate import answer
+    from medlite.context import RunContext
+
+    ckpt, export, cache = tiny
+    a = _bench(capsys, export, cache, "--max-new-tokens", "6", "--ignore-eos")
+    c = _bench(capsys, ckpt, cache, "--max-new-tokens", "6", "--ignore-eos")
+    assert c["kind"] == "checkpoint" and c["runtime"] == "pytorch eager"
+    assert (a["question"], a["image"], a["prompt_tokens"]) == (c["question"], c["image"], c["prompt_tokens"])
+    for r in (a, c):
+        assert r["tokens"] == 6 and r["decode_steps"] == 5
+        assert all(math.isfinite(r[k]) and r[k] > 0 for k in FIGURES)
+    image, question = _pair()
+    ref = answer(load_model(ckpt, ctx=RunContext(cache_dir=cache, quiet=True)), image, question, max_new_tokens=6)
+    assert c["answer"] == ref
+    assert "bench.json" in VOLATILE      # never hashed: benchmarking leaves an artifact verifiable
+
+
+def test_bad_runs_is_one_clear_error(tiny, capsys):
+    _, export, cache = tiny
+    assert main(["bench", "--model", str(export), "--runs", "0", "--cache-dir", str(cache)]) == 2
+    assert "--runs 0" in capsys.readouterr().err
