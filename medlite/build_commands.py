@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from medlite.errors import MedliteError, RecipeError
+from medlite.fileio import ensure_writable_dir, ensure_writable_file
 
 
 def _say(ctx, text: str) -> None:
@@ -154,6 +155,7 @@ def cmd_build(args, ctx) -> int:
     from medlite.pipeline import build
 
     resolved = _load(args, ctx)
+    ensure_writable_dir(getattr(args, "out", None) or "artifacts", "--out")   # before any model loads
     if not ctx.json_mode:
         _say(ctx, f"[dim]# resolved recipe ({resolved.source})\n{resolved.to_yaml().rstrip()}[/]")
     choice = ModelChoice.from_args(args, resolved.recipe, resolved.source)
@@ -242,6 +244,7 @@ def cmd_recipes_cp(args, ctx) -> int:
     dest = Path(args.dest)
     if dest.is_dir():
         dest = dest / f"{name}.yaml"
+    ensure_writable_file(dest, "recipes cp")
     if dest.exists():
         raise MedliteError(f"{dest} already exists; choose another destination (nothing was overwritten)")
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -27,15 +27,37 @@ HANDLERS = {
     "verify": "medlite.build_commands:cmd_verify",
     "recipes ls": "medlite.build_commands:cmd_recipes_ls",
     "recipes cp": "medlite.build_commands:cmd_recipes_cp",
+    "serve": "medlite.serve.commands:cmd_serve",
+    "bench": "medlite.bench.commands:cmd_bench",
 }
 
 
-def _add_model_args(p: argparse.ArgumentParser, *, positional: bool = False) -> None:
+PRECISIONS = ("fp32", "fp16", "int8", "int4")     # one vocabulary for every command and recipe
+DEFAULT_PRECISION = "fp16"                        # export's default = the shipped recipes' default
+_DTYPE_ALIASES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}   # convert's old --dtype
+
+
+def _global_flags(*, top: bool) -> argparse.ArgumentParser:
+    """``--quiet``, ``--json``, ``--cache-dir``, ``--seed``: accepted before or after the subcommand.
+
+    The subcommand copies default to SUPPRESS so they never overwrite a value given before it.
+    """
+    g = argparse.ArgumentParser(add_help=False)
+    d = (lambda v: v) if top else (lambda v: argparse.SUPPRESS)
+    g.add_argument("--cache-dir", default=d(None), metavar="DIR",
+                   help="cache folder (default: the user cache dir, or $MEDLITE_CACHE)")
+    g.add_argument("--quiet", action="store_true", default=d(False), help="print only errors and results")
+    g.add_argument("--json", action="store_true", default=d(False),
+                   help="print the result as one JSON object on stdout (progress stays on stderr)")
+    g.add_argument("--seed", type=int, default=d(0), help="seed for anything random (default 0)")
+    return g
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
     """Options every model-taking command shares (no --model means the built-in demo model)."""
-    if not positional:
-        p.add_argument("--model", default=None, metavar="PATH",
-                       help="checkpoint folder (legacy TinyLLaVA, TinyLLaVA Factory, HF Llava or a LoRA adapter); "
-                            "default: the built-in micro TinyLLaVA-Med demo model")
+    p.add_argument("--model", default=None, metavar="PATH",
+                   help="checkpoint folder (legacy TinyLLaVA, TinyLLaVA Factory, HF Llava or a LoRA adapter); "
+                        "default: the built-in micro TinyLLaVA-Med demo model")
     p.add_argument("--base", default=None, metavar="PATH",
                    help="base checkpoint a LoRA adapter (--model) was trained from")
     p.add_argument("--vision-tower", default=None, metavar="PATH",
@@ -51,69 +73,81 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="medlite",
         description="TinyLLaVA-Med → Jetson Xavier: checkpoints, medical calibration data, ONNX export, "
-                    "recipes and versioned artifacts with accuracy gates.")
+                    "recipes and versioned artifacts with accuracy gates.",
+        parents=[_global_flags(top=True)])
     from medlite import __version__
 
     ap.add_argument("--version", action="version", version=f"medlite {__version__}")
-    ap.add_argument("--cache-dir", default=None, help="cache folder (default: user cache dir, or $MEDLITE_CACHE)")
-    ap.add_argument("--quiet", action="store_true", help="only errors and results")
-    ap.add_argument("--seed", type=int, default=0, help="seed for anything random (default 0)")
+    flags = _global_flags(top=False)
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("inspect", help="detect a checkpoint's format and show its architecture and sizes")
-    p.add_argument("path", nargs="?", default=None, help="checkpoint folder (default: the demo model)")
-    _add_model_args(p, positional=True)
-    p.add_argument("--json", action="store_true", help="print JSON")
+    def command(parent, name: str, help_: str) -> argparse.ArgumentParser:
+        return parent.add_parser(name, help=help_, description=help_, parents=[flags])
 
-    p = sub.add_parser("convert", help="write a canonical HF Llava folder that plain transformers loads")
-    p.add_argument("path", help="checkpoint folder")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
-    _add_model_args(p, positional=True)
-
-    p = sub.add_parser("ask", help="answer a question about an image (PyTorch checkpoint or ONNX artifact)")
-    p.add_argument("args", nargs="+", metavar="[PATH] QUESTION",
-                   help="optional checkpoint/artifact folder, then the question")
-    p.add_argument("--image", required=True, help="image file: DICOM, NIfTI, PNG, JPEG, TIFF")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--frame", type=int, default=None, help="frame of a multi-frame DICOM")
+    p = command(sub, "inspect", "detect a checkpoint's format and show its architecture and sizes")
+    p.add_argument("path", nargs="?", default=None, metavar="PATH", help="deprecated: use --model PATH")
     _add_model_args(p)
 
-    demo = sub.add_parser("demo", help="built-in demo model and random-weight scale fixtures")
+    p = command(sub, "convert", "write a canonical HF Llava folder that plain transformers loads")
+    p.add_argument("path", nargs="?", default=None, metavar="PATH", help="deprecated: use --model PATH")
+    _add_model_args(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (new or empty)")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None,
+                   help="weight precision of the written folder (default: fp32)")
+    p.add_argument("--dtype", choices=sorted(_DTYPE_ALIASES), default=None,
+                   help="deprecated spelling of --precision (float16 = fp16)")
+
+    p = command(sub, "ask", "answer questions about an image (PyTorch checkpoint or ONNX artifact)")
+    p.add_argument("args", nargs="+", metavar="[PATH] QUESTION",
+                   help="optional checkpoint/artifact folder, then one or more questions (quote each); "
+                        "options may come anywhere: ask ARTIFACT --image scan.dcm \"is there a lesion?\"")
+    p.add_argument("--image", required=True, metavar="FILE", help="image file: DICOM, NIfTI, PNG, JPEG, TIFF")
+    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N",
+                   help="longest answer in tokens (default 32)")
+    p.add_argument("--frame", type=int, default=None, metavar="N",
+                   help="frame of a multi-frame DICOM / slice of a NIfTI volume (default: the middle one)")
+    _add_model_args(p)
+
+    demo = command(sub, "demo", "built-in demo model and random-weight scale fixtures")
     dsub = demo.add_subparsers(dest="demo_command", metavar="WHAT")
-    p = dsub.add_parser("random", help="write a random-weight checkpoint with a real or tiny configuration")
-    p.add_argument("--preset", default="tinyllava-1.5b", help="tinyllava-1.5b or a tiny preset (tiny, tiny-phi, ...)")
-    p.add_argument("--format", choices=["legacy", "factory", "hf"], default="legacy")
-    p.add_argument("--out", required=True)
-    p = dsub.add_parser("model", help="build (or locate) the built-in micro TinyLLaVA-Med demo model")
+    p = command(dsub, "random", "write a random-weight checkpoint with a real or tiny configuration")
+    p.add_argument("--preset", default="tiny",
+                   help="tiny (default), tiny-phi, tiny-qwen2, tiny-stablelm, or tinyllava-1.5b "
+                        "(full size: 3 GB written, ~1 min)")
+    p.add_argument("--format", choices=["legacy", "factory", "hf"], default="legacy",
+                   help="checkpoint format to write (default legacy TinyLLaVA)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (new or empty)")
+    p = command(dsub, "model", "build (or locate) the built-in micro TinyLLaVA-Med demo model")
     p.add_argument("--force", action="store_true", help="retrain even if cached")
 
-    p = sub.add_parser("eval", help="closed/open VQA accuracy of a model on a dataset")
+    p = command(sub, "eval", "closed/open VQA accuracy of a model on a dataset")
     _add_model_args(p)
     p.add_argument("--dataset", default="builtin:micro-med-vqa",
                    help="builtin:micro-med-vqa, or a VQA-RAD / SLAKE / LLaVA-Med json")
-    p.add_argument("--images", default=None, help="image folder for file datasets")
-    p.add_argument("--split", default="test")
-    p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--out", default=None, help="write predictions and metrics JSON here")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--images", default=None, metavar="DIR", help="image folder for file datasets")
+    p.add_argument("--split", default="test", help="dataset split: train, validate or test (default test)")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate only the first N questions")
+    p.add_argument("--out", default=None, metavar="FILE", help="write predictions and metrics as a JSON file")
 
-    p = sub.add_parser("export", help="export vision / embed / decoder ONNX graphs and the runtime config")
+    p = command(sub, "export", "export vision / embed / decoder ONNX graphs and the runtime config")
     _add_model_args(p)
-    p.add_argument("--out", required=True)
-    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder for the ONNX graphs")
+    p.add_argument("--precision", choices=["fp32", "fp16"], default=DEFAULT_PRECISION,
+                   help=f"graph precision (default {DEFAULT_PRECISION}, as the shipped recipes); int8 and "
+                        "int4 come from a recipe's quantize stage (int4 runs only on ONNX Runtime, never "
+                        "TensorRT 8.5)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17, the highest TensorRT 8.5 takes)")
 
     def recipe_cmd(name: str, help_: str, *, model: bool = False, out: bool = False):
-        p = sub.add_parser(name, help=help_)
+        p = command(sub, name, help_)
         p.add_argument("recipe", help="recipe YAML file or shipped recipe name")
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                        help="recipe overrides, e.g. export.precision=fp32 check.min_agreement=0.99")
-        p.add_argument("--json", action="store_true", help="one JSON object on stdout")
         if model:
             _add_model_args(p)
         if out:
-            p.add_argument("--out", default="artifacts", help="artifact root (default ./artifacts)")
+            p.add_argument("--out", default="artifacts", metavar="DIR",
+                           help="artifact root folder (default ./artifacts)")
             p.add_argument("--force", action="store_true", help="rebuild even if an identical artifact exists")
         return p
 
@@ -121,34 +155,58 @@ def build_parser() -> argparse.ArgumentParser:
     recipe_cmd("plan", "show stages, files and estimated bytes without running", model=True)
     recipe_cmd("build", "run a recipe and write a versioned artifact", model=True, out=True)
 
-    p = sub.add_parser("verify", help="re-hash an artifact's files and re-run its reference checks")
-    p.add_argument("artifact")
-    p.add_argument("--json", action="store_true")
+    p = command(sub, "verify", "re-hash an artifact's files and re-run its reference checks")
+    p.add_argument("artifact", help="artifact folder (or OUT/<model>/<recipe> for its latest)")
     p.add_argument("--skip-checks", action="store_true", help="only re-hash files")
     _add_model_args(p)
 
-    rec = sub.add_parser("recipes", help="list or copy shipped recipes")
+    p = command(sub, "serve", "a local web page to ask an artifact about a scan (needs medlite[serve])")
+    from medlite.serve.commands import add_serve_args  # argparse + stdlib only; the web stack loads on run
+
+    add_serve_args(p)
+
+    p = command(sub, "bench", "latency, time to first token, decode tokens/s and peak RSS on this machine")
+    from medlite.bench.commands import add_bench_args  # argparse only; the model loads on run
+
+    add_bench_args(p)
+
+    rec = command(sub, "recipes", "list (default) or copy shipped recipes")
     rsub = rec.add_subparsers(dest="recipes_command", metavar="WHAT")
-    rsub.add_parser("ls", help="list shipped recipes")
-    p = rsub.add_parser("cp", help="copy a shipped recipe to edit it")
-    p.add_argument("name")
-    p.add_argument("dest")
+    command(rsub, "ls", "list shipped recipes")
+    p = command(rsub, "cp", "copy a shipped recipe to edit it")
+    p.add_argument("name", help="shipped recipe name (see `medlite recipes ls`)")
+    p.add_argument("dest", help="file to write, or a folder to put NAME.yaml in (never overwrites)")
     return ap
 
 
-def _cmd_ask(args, ctx) -> int:
-    """``ask [PATH] QUESTION``: ONNX artifacts run through the torch-free runtime, checkpoints in PyTorch."""
-    if len(args.args) > 2:
-        from medlite.errors import MedliteError
+def _is_model_folder(arg: str) -> bool:
+    p = Path(arg).expanduser()
+    return p.is_dir() or (p.parent.is_dir() and p.name == "latest")
 
-        raise MedliteError("ask takes at most a model/artifact path and one question (quote the question)")
-    path, question = (args.args[0], args.args[1]) if len(args.args) == 2 else (args.model, args.args[0])
+
+def _cmd_ask(args, ctx) -> int:
+    """``ask [PATH] QUESTION...``: ONNX artifacts run through the torch-free runtime, checkpoints in PyTorch.
+
+    The first word is the model/artifact folder when it is a folder and ``--model`` is not given;
+    every other word is a question (each answered in turn, the model loaded once).
+    """
+    from medlite.errors import DataError
+
+    words = list(args.args)
+    path = args.model
+    if path is None and len(words) > 1 and _is_model_folder(words[0]):
+        path = words.pop(0)
+    questions = [w.strip() for w in words]
+    if any(not q for q in questions):
+        raise DataError("ask: a question is empty; write the question in quotes after the image option")
+    if args.max_new_tokens < 1:
+        raise DataError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if path:  # OUT/<model>/<recipe> means its latest artifact
         from medlite.artifacts import resolve_artifact_path
 
         path = str(resolve_artifact_path(Path(path)))
-    args.model, args.question = path, question
-    if path and (Path(path) / "medlite_runtime.json").is_file():
+    args.model, args.questions, args.question = path, questions, questions[0]
+    if path and _is_artifact(Path(path)):
         from medlite.runtime.commands import cmd_ask_onnx
 
         return cmd_ask_onnx(args, ctx)
@@ -157,16 +215,41 @@ def _cmd_ask(args, ctx) -> int:
     return cmd_ask(args, ctx)
 
 
+def _is_artifact(path: Path) -> bool:
+    """An ONNX export or built artifact: its runtime config, or a manifest (a deleted config is then
+    caught by the manifest check instead of falling back to PyTorch)."""
+    return (path / "medlite_runtime.json").is_file() or (path / "manifest.json").is_file()
+
+
+def _deprecated_positionals(args, ctx) -> None:
+    """The old spellings keep working for now, with a warning that names the new one."""
+    from medlite.errors import MedliteError
+
+    path = getattr(args, "path", None)
+    if path is not None:
+        if args.model is not None and Path(args.model) != Path(path):
+            raise MedliteError(f"{args.command}: give the model once, as --model PATH (got {path} and {args.model})")
+        ctx.warn(f"`medlite {args.command} PATH` is deprecated: use `medlite {args.command} --model {path}`")
+        args.model = path
+    dtype = getattr(args, "dtype", None)
+    if dtype is not None:
+        new = _DTYPE_ALIASES[dtype]
+        if getattr(args, "precision", None) not in (None, new):
+            raise MedliteError(f"convert: --dtype {dtype} and --precision {args.precision} disagree; use --precision")
+        ctx.warn(f"--dtype {dtype} is deprecated: use --precision {new}")
+        args.precision = new
+
+
 def _handler_key(args) -> str | None:
     if args.command == "demo":
         return f"demo {args.demo_command}" if args.demo_command else None
     if args.command == "recipes":
-        return f"recipes {args.recipes_command}" if args.recipes_command else None
+        return f"recipes {args.recipes_command or 'ls'}"      # `medlite recipes` alone lists them
     return args.command
 
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.\[\]]*=")
-_FLAGS = {"--json", "--force", "--quiet", "--skip-checks", "-h", "--help"}
+_FLAGS = {"--json", "--force", "--quiet", "--skip-checks", "-h", "--help"}   # options that take no value
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -192,7 +275,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: parse, build the run context, dispatch, turn MedliteError into exit code 2."""
     parser = build_parser()
     argv, overrides = _split_overrides(list(sys.argv[1:] if argv is None else argv))
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "ask" and not any(x.startswith("-") for x in extra):
+        args.args = list(args.args) + extra     # `ask ARTIFACT --image f "question"`: words after options
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if overrides:
         args.overrides = list(args.overrides) + overrides
     key = _handler_key(args)
@@ -206,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                      json_mode=bool(getattr(args, "json", False)), quiet=args.quiet, seed=args.seed)
     module, fn = HANDLERS[key].split(":")
     try:
+        _deprecated_positionals(args, ctx)
         handler = getattr(importlib.import_module(module), fn)
         return int(handler(args, ctx) or 0)
     except GateFailure as e:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from medlite.errors import CheckpointError
+
 DEMO_SOURCE = "builtin:demo-model"
 
 
@@ -51,12 +53,20 @@ class ModelChoice:
         return self.path or DEMO_SOURCE
 
     def folder(self, ctx) -> Path:
-        """The checkpoint folder: ``path``, or the demo model's cache folder (built on first use)."""
+        """The checkpoint folder: ``path``, or the demo model's cache folder (built on first use).
+
+        A medlite artifact or ONNX export is not a checkpoint: refused with the commands that take one.
+        """
         if self.path is None:
             from medlite.demo.model import ensure_demo_model
 
             return Path(ensure_demo_model(ctx))
-        return Path(self.path).expanduser()
+        path = Path(self.path).expanduser()
+        if (path / "medlite_runtime.json").is_file() or (path / "manifest.json").is_file():
+            raise CheckpointError(f"{path}: this is a medlite artifact (ONNX graphs), not a checkpoint; check it "
+                                  f"with `medlite verify {path}` or ask it with `medlite ask {path} --image FILE "
+                                  f"\"QUESTION\"`; --model takes the checkpoint it was built from")
+        return path
 
     def load(self, ctx, *, dtype=None):
         """The :class:`~medlite.checkpoints.LoadedModel` (``dtype`` None: float32)."""

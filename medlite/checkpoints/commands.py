@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from medlite.errors import CheckpointError, DataError
@@ -62,10 +61,10 @@ def _fmt_n(n: int) -> str:
 
 def cmd_inspect(args, ctx) -> int:
     """Format, backbone, architecture, parameters and bytes per component, notes."""
-    path = _resolve_path(_opt(args, "path"), ctx)
+    path = _resolve_path(_opt(args, "model"), ctx)
     rep = inspect_report(path, ctx=ctx, base=_opt(args, "base"), vision_tower=_opt(args, "vision_tower"),
                          vision_weights=_opt(args, "vision_weights"), template=_opt(args, "template"))
-    if _opt(args, "json"):
+    if ctx.json_mode:
         print(json.dumps(rep, indent=2, default=str))
         return 0
     from rich.console import Console
@@ -125,13 +124,17 @@ def write_canonical(loaded, out_dir, *, ctx) -> Path:
     return out
 
 
-def cmd_convert(args, ctx) -> int:
-    """``convert PATH --out DIR``: the canonical folder plain transformers loads."""
-    from medlite.checkpoints.loader import load_model
+_PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
-    loaded = load_model(args.path, ctx=ctx, base=_opt(args, "base"), vision_tower=_opt(args, "vision_tower"),
-                        vision_weights=_opt(args, "vision_weights"), dtype=_opt(args, "dtype"),
-                        template=_opt(args, "template"))
+
+def cmd_convert(args, ctx) -> int:
+    """``convert --model PATH --out DIR [--precision fp32|fp16|bf16]``: the canonical folder plain
+    transformers loads."""
+    from medlite.fileio import ensure_writable_dir
+    from medlite.model_choice import load_from_args
+
+    ensure_writable_dir(args.out, "--out")
+    loaded = load_from_args(args, ctx, dtype=_PRECISION_DTYPES.get(_opt(args, "precision") or "fp32"))
     with ctx.stage("convert") as info:
         out = write_canonical(loaded, args.out, ctx=ctx)
         info["detail"] = f"{out} (HF Llava, {next(loaded.model.parameters()).dtype})".replace("torch.", "")
@@ -153,21 +156,16 @@ def _load_image(path, frame, ctx):
 
 
 def cmd_ask(args, ctx) -> int:
-    """Greedy answer from the PyTorch reference model, streamed to stdout."""
+    """Greedy answers from the PyTorch reference model, streamed to stdout (one per question)."""
     from medlite.checkpoints.generate import answer
     from medlite.model_choice import load_from_args
+    from medlite.runtime.commands import print_answers
 
     image = _load_image(args.image, _opt(args, "frame"), ctx)
     loaded = load_from_args(args, ctx)
-
-    def emit(piece: str) -> None:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-
-    text = answer(loaded, image, args.question, max_new_tokens=int(_opt(args, "max_new_tokens", 32) or 32),
-                  on_text=emit)
-    sys.stdout.write("\n" if text else "(empty answer)\n")
-    sys.stdout.flush()
+    n = int(_opt(args, "max_new_tokens", 32))
+    questions = _opt(args, "questions") or [args.question]
+    print_answers(questions, lambda q, on_text: answer(loaded, image, q, max_new_tokens=n, on_text=on_text), ctx)
     return 0
 
 
@@ -176,8 +174,10 @@ def cmd_demo_random(args, ctx) -> int:
     """``demo random --preset P --format F --out DIR``: a random-weight checkpoint (streamed fp16 shards)."""
     from medlite.checkpoints.random_ckpt import get_preset, write_random_checkpoint
 
+    from medlite.fileio import ensure_writable_dir
+
     preset = get_preset(args.preset)
-    out = Path(args.out).expanduser()
+    out = ensure_writable_dir(args.out, "--out")
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"{out}: exists and is not empty; remove it or choose another --out")
     seed = int(_opt(args, "seed", 0) or 0)

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from medlite.errors import DataError
-from medlite.fileio import write_json_atomic
+from medlite.fileio import ensure_writable_file, write_json_atomic
 
 
 def cmd_eval(args, ctx) -> int:
@@ -19,6 +19,9 @@ def cmd_eval(args, ctx) -> int:
     from medlite.evaluation.vqa import load_dataset
     from medlite.model_choice import load_from_args
 
+    out = getattr(args, "out", None)
+    if out:
+        ensure_writable_file(out, "--out")     # before the model loads, not after the evaluation
     dataset = getattr(args, "dataset", None) or "builtin:micro-med-vqa"
     split = getattr(args, "split", None) or "test"
     with ctx.stage("dataset") as info:
@@ -32,7 +35,6 @@ def cmd_eval(args, ctx) -> int:
     loaded = load_from_args(args, ctx)
     result = evaluate(loaded, samples, ctx=ctx)
     result["dataset"] = {"spec": str(dataset), "split": split, "n": len(samples), "limit": limit}
-    out = getattr(args, "out", None)
     if out:
         write_json_atomic(Path(out), result)
     if getattr(args, "json", False):

@@ -4,11 +4,12 @@ from __future__ import annotations
 import json
 import sys
 
+from medlite.fileio import ensure_writable_dir
 from medlite.units import common_unit, human_bytes
 
 
 def cmd_export(args, ctx) -> int:
-    """Handler for ``medlite export [--model PATH] --out DIR [--precision fp32|fp16] [--opset N]``.
+    """Handler for ``medlite export [--model PATH] --out DIR [--precision fp16|fp32] [--opset N]`` (default fp16, as recipes).
 
     ``args.model`` None means the built-in demo model. fp16 exports load the checkpoint in fp16
     directly, so a 1.5 B model never exists in fp32 in memory. Prints a summary to stderr and the
@@ -17,7 +18,8 @@ def cmd_export(args, ctx) -> int:
     from medlite.model_choice import load_from_args
     from medlite.export import export_onnx
 
-    precision = getattr(args, "precision", "fp32") or "fp32"
+    ensure_writable_dir(args.out, "--out")      # before the model loads
+    precision = getattr(args, "precision", None) or "fp16"
     loaded = load_from_args(args, ctx, dtype="float16" if precision == "fp16" else "float32")
     res = export_onnx(loaded, args.out, ctx=ctx, precision=precision, opset=int(getattr(args, "opset", 17) or 17))
     if ctx.json_mode:

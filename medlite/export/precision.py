@@ -49,7 +49,8 @@ def model_for_precision(loaded, precision: str, *, ctx):
     else:
         n = sum(p.numel() for p in model.parameters())
         ctx.info(f"converting a {str(have).replace('torch.', '')} copy of the model to fp16 for export "
-                 f"({n / 1e6:.0f} M parameters; load with dtype=float16 to avoid the copy)")
+                 f"({n / 1e6:.0f} M parameters; `medlite export --precision fp16` loads the checkpoint in fp16 "
+                 "directly and needs no copy)")
     return copy.deepcopy(model).to(want).eval()
 
 
