@@ -193,6 +193,18 @@ def _cpu_safe_cache():
         yield
 
 
+@contextlib.contextmanager
+def _quiet_llmcompressor():
+    """llm-compressor logs every module it quantizes (loguru, INFO); our progress bar says enough."""
+    from loguru import logger
+
+    logger.disable("llmcompressor")
+    try:
+        yield
+    finally:
+        logger.enable("llmcompressor")
+
+
 class _Captured(Exception):
     pass
 
@@ -268,7 +280,7 @@ def quantize_language_model(model, loop, opts: LlmcOptions, *, ctx=None,
         by_bits = {4: [mapping[n] for n in names]}
         if head_bits:
             by_bits.setdefault(head_bits, []).append(mapping["lm_head"])
-        with create_session() as session, _cpu_safe_cache():
+        with create_session() as session, _cpu_safe_cache(), _quiet_llmcompressor():
             session.initialize(model=model, start=-1, recipe=_modifiers(by_bits, opts))
             cached = _layer_inputs(model, loop)
             if not cached:
