@@ -1,0 +1,157 @@
+"""Benchmark: INT4 (GPTQ g128, MatMulNBits) on the full-size random TinyLLaVA-1.5B shape, CPU, this machine.
+
+Steps (each heavy one in its own process, so peak RSS is per step):
+
+1. ``bandwidth`` — this machine's memory bandwidth (numpy copy of a 1 GiB array, read + write bytes);
+2. ``bytes`` — INT4 g128 decoder bytes vs the fp16 decoder, computed from the model shape with the
+   packer's own byte formula (``medlite.compress.int4.rules.packed_bytes``) — no model needed;
+3. ``build`` — checkpoint (``medlite demo random --preset tinyllava-1.5b``) → GPTQ g128 with
+   ``--samples`` calibration pairs (729 image tokens each) → fp32 export with MatMulNBits decoder;
+   time and peak RSS (goal <= 2x llm-compressor's GPTQ alone: 729 s / 4.6 GB);
+4. ``speed`` — ``medlite bench --ignore-eos --max-new-tokens 64`` on the INT4 export, the fp32 export
+   and the checkpoint in PyTorch eager fp32, same image and prompt; decode tokens/s, TTFT, and
+   bandwidth efficiency = tokens/s x decoder weight bytes ÷ measured bandwidth.
+
+Usage::
+
+    nice .venv/bin/python benchmarks/int4_full_size.py --work /tmp/medlite-int4 --steps bandwidth,bytes
+    nice .venv/bin/python benchmarks/int4_full_size.py --work /tmp/medlite-int4 --steps build,speed --samples 16
+
+Writes ``benchmarks/results/int4_full_size.json`` (merged with earlier steps' results).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULT = ROOT / "benchmarks" / "results" / "int4_full_size.json"
+SHAPE = {"hidden_size": 2048, "intermediate_size": 5632, "num_attention_heads": 32, "num_kv_heads": 4,
+         "head_dim": 64, "num_layers": 22, "vocab_size": 32000}
+
+BUILD = r"""
+import json, resource, sys, time
+from types import SimpleNamespace
+import torch
+from medlite.build.contract import BuildState
+from medlite.calibration.calibset import build_calibration_set
+from medlite.checkpoints import load_model
+from medlite.compress.int4.stage import apply_w4a16
+from medlite.context import RunContext
+from medlite.evaluation.vqa import load_dataset
+from medlite.export import export_onnx
+ckpt, out, samples, head = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+ctx = RunContext(quiet=True)
+t0 = time.perf_counter()
+loaded = load_model(ckpt, ctx=ctx, dtype=torch.float32)
+calib = build_calibration_set(load_dataset("builtin:micro-med-vqa", split="train"), samples, ctx=ctx, cache=False)
+t1 = time.perf_counter()
+state = BuildState(ctx=ctx, recipe=None, target=None, work=None, source=None, model=loaded, calibration=calib)
+res = apply_w4a16(state, 0, SimpleNamespace(vision="fp16", llm="w4a16", lm_head=head, algorithm="gptq",
+                                            group_size=128, symmetric=True, act_order=False, samples=None))
+t2 = time.perf_counter()
+export_onnx(loaded, out, ctx=ctx, precision="fp32", allow_trt_issues=True, plan=state.export_plan)
+t3 = time.perf_counter()
+print(json.dumps({"load_s": t1 - t0, "gptq_s": t2 - t1, "export_s": t3 - t2, "total_s": t3 - t0,
+                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "summary": res.summary}))
+"""
+
+
+def bandwidth_gbs(size: int = 1 << 30, repeats: int = 5) -> float:
+    """Best-of-``repeats`` numpy copy bandwidth in GB/s (bytes read + bytes written)."""
+    import numpy as np
+
+    a = np.ones(size // 8, dtype=np.float64)
+    b = np.empty_like(a)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        np.copyto(b, a)
+        best = min(best, time.perf_counter() - t)
+    return 2 * a.nbytes / best / 1e9
+
+
+def decoder_bytes(head: str) -> dict:
+    """fp16 vs INT4 g128 decoder weight bytes of the full-size shape (norms and biases ignored: < 0.1 %)."""
+    from medlite.compress.int4.rules import packed_bytes
+
+    s = SHAPE
+    h, i, kv = s["hidden_size"], s["intermediate_size"], s["num_kv_heads"] * s["head_dim"]
+    shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]
+    linear = sum(k * n for k, n in shapes) * s["num_layers"]
+    head_params = h * s["vocab_size"]
+    fp16 = 2 * (linear + head_params)
+    int4 = s["num_layers"] * sum(packed_bytes(k, n, 128) for k, n in shapes)
+    head_bytes = {"fp16": 2 * head_params, "fp32": 4 * head_params, "int8": packed_bytes(h, s["vocab_size"], 128, 8),
+                  "int4": packed_bytes(h, s["vocab_size"], 128, 4)}[head]
+    return {"fp16_bytes": fp16, "int4_bytes": int4 + head_bytes, "lm_head": head,
+            "ratio": (int4 + head_bytes) / fp16}
+
+
+def _child(code_or_argv: list, *, python_code: str = "") -> dict:
+    argv = [sys.executable, "-c", python_code, *code_or_argv] if python_code else [sys.executable, *code_or_argv]
+    t = time.time()
+    p = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
+    if p.returncode:
+        return {"error": p.stderr[-2000:], "seconds": time.time() - t}
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    out["wall_s"] = time.time() - t
+    return out
+
+
+def _bench(model: Path, runs: int) -> dict:
+    return _child(["-m", "medlite.cli", "bench", "--model", str(model), "--json", "--ignore-eos",
+                   "--max-new-tokens", "64", "--runs", str(runs), "--warmup", "1", "--no-write"])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", default="/tmp/medlite-int4")
+    ap.add_argument("--steps", default="bandwidth,bytes", help="comma list of bandwidth,bytes,build,speed")
+    ap.add_argument("--samples", type=int, default=128, help="calibration pairs for the GPTQ build")
+    ap.add_argument("--lm-head", default="int8", choices=["fp16", "fp32", "int8", "int4"])
+    ap.add_argument("--runs", type=int, default=3)
+    a = ap.parse_args()
+    work, steps = Path(a.work), set(a.steps.split(","))
+    work.mkdir(parents=True, exist_ok=True)
+    res = json.loads(RESULT.read_text()) if RESULT.is_file() else {}
+    res["machine"] = {"cpus": os.cpu_count(), "machine": platform.machine(), "loadavg": list(os.getloadavg()),
+                      "note": "2 cores shared with other sessions: figures are from a busy machine"}
+    if "bandwidth" in steps:
+        res["bandwidth_gbs"] = bandwidth_gbs()
+    if "bytes" in steps:
+        res["bytes"] = {h: decoder_bytes(h) for h in ("fp16", "int8", "int4")}
+    ckpt, int4, fp32 = work / "ckpt", work / "onnx-int4", work / "onnx-fp32"
+    if "build" in steps:
+        if not (ckpt / "config.json").is_file():
+            res["create_checkpoint"] = _child(["-m", "medlite.cli", "demo", "random", "--preset", "tinyllava-1.5b",
+                                               "--format", "legacy", "--out", str(ckpt)])
+        res["build"] = _child([str(ckpt), str(int4), str(a.samples), a.lm_head], python_code=BUILD)
+        res["build"]["samples"] = a.samples
+    if "speed" in steps:
+        if not (fp32 / "decoder.onnx").is_file():
+            _child(["-m", "medlite.cli", "export", "--model", str(ckpt), "--out", str(fp32), "--precision", "fp32"])
+        speed = {"int4_ort": _bench(int4, a.runs), "fp32_ort": _bench(fp32, a.runs), "fp32_torch": _bench(ckpt, a.runs)}
+        bw = res.get("bandwidth_gbs") or bandwidth_gbs()
+        for name, folder in (("int4_ort", int4), ("fp32_ort", fp32)):
+            wbytes = sum(p.stat().st_size for p in folder.glob("decoder.onnx*"))
+            tps = speed[name].get("decode_tokens_per_s")
+            if tps:
+                speed[name]["decoder_weight_bytes"] = wbytes
+                speed[name]["bandwidth_efficiency"] = tps * wbytes / (bw * 1e9)
+        res["speed"] = speed
+    RESULT.parent.mkdir(parents=True, exist_ok=True)
+    RESULT.write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
+    print(json.dumps(res, indent=2, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
