@@ -25,6 +25,19 @@ def default_cache_dir() -> Path:
     return Path(user_cache_dir("medlite"))
 
 
+def make_console(*, stderr: bool, quiet: bool = False):
+    """A rich Console for stdout or stderr that wraps only on a terminal.
+
+    Piped or redirected (a log file, CI, ``| tee``), rich would assume 80 columns and break stage
+    lines and tables mid-word; there the width is unlimited and lines stay whole.
+    """
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() else 100_000
+    return Console(stderr=stderr, highlight=False, quiet=quiet, width=width)
+
+
 @dataclass
 class StageRecord:
     """One finished stage: its name, the one-line summary and how long it took."""
@@ -52,9 +65,7 @@ class RunContext:
 
     def __post_init__(self) -> None:
         if self.console is None:
-            from rich.console import Console
-
-            self.console = Console(stderr=True, highlight=False, quiet=self.quiet or self.json_mode)
+            self.console = make_console(stderr=True, quiet=self.quiet or self.json_mode)
 
     # -- messages -------------------------------------------------------------------------
     def info(self, msg: str) -> None:
@@ -68,9 +79,7 @@ class RunContext:
         always printed to stderr, even in --json mode.
         """
         self.warnings.append(msg)
-        from rich.console import Console
-
-        Console(stderr=True, highlight=False).print(f"[bold yellow]WARNING[/] {msg}")
+        make_console(stderr=True).print(f"[bold yellow]WARNING[/] {msg}")
 
     # -- stages ---------------------------------------------------------------------------
     @contextlib.contextmanager

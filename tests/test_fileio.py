@@ -88,3 +88,21 @@ def test_human_bytes_one_decimal_vocabulary():
     unit = common_unit(sizes)
     assert unit == "GB" and [human_bytes(n, unit) for n in sizes] == ["0.00 GB", "327.69 GB", "0.00 GB"]
     assert human_bytes(1_620_000, "kB", digits=1) == "1620.0 kB"
+
+
+def test_console_does_not_wrap_when_not_a_terminal(tmp_path):
+    """Piped output (CI logs, `| tee`) keeps each line whole instead of rich's 80-column default."""
+    import subprocess
+    import sys
+
+    code = ("from medlite.context import RunContext\n"
+            "ctx = RunContext(cache_dir='.')\n"
+            "ctx.info('x' * 150 + ' end')\n"
+            "ctx.warn('y' * 150 + ' end')\n"
+            "with ctx.stage('stage') as info:\n"
+            "    info['detail'] = 'z' * 150 + ' end'\n")
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+    lines = err.splitlines()
+    assert "x" * 150 + " end" in lines
+    assert any(line.endswith("y" * 150 + " end") for line in lines)
+    assert any(("z" * 150 + " end") in line and line.startswith("✓") for line in lines)

@@ -67,10 +67,11 @@ def cmd_inspect(args, ctx) -> int:
     if ctx.json_mode:
         print(json.dumps(rep, indent=2, default=str))
         return 0
-    from rich.console import Console
     from rich.table import Table
 
-    out = Console(highlight=False)
+    from medlite.context import make_console
+
+    out = make_console(stderr=False)
     out.print(f"[bold]{rep['path']}[/]  format [cyan]{rep['format']}[/] · backbone [cyan]{rep['text_backbone']}[/] "
               f"· source dtype {rep['source_dtype']}")
     for k, v in rep["architecture"].items():

@@ -40,10 +40,10 @@ def cmd_eval(args, ctx) -> int:
     if getattr(args, "json", False):
         print(json.dumps({k: v for k, v in result.items() if k != "predictions"}, indent=2, default=str))
     else:
-        from rich.console import Console
+        from medlite.context import make_console
 
         # the result goes to stdout (ctx.console is stderr, for progress), so --quiet still shows it
-        print_report(result, Console(highlight=False), title=f"{loaded.name} on {dataset} [{split}]")
+        print_report(result, make_console(stderr=False), title=f"{loaded.name} on {dataset} [{split}]")
         if out:
             ctx.info(f"predictions and metrics written to {out}")
     return 0

@@ -8,6 +8,8 @@ pydicom/the JPEG 2000 codec, PALETTE COLOR through its colour LUT.
 """
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -20,6 +22,16 @@ from medlite.errors import DataError
 
 DICOM_SUFFIXES = {".dcm", ".dicom", ".ima"}
 JPEG_EXTRA_HINT = "install the JPEG plugins: pip install 'medlite[jpeg]'"
+
+# SOP classes whose pixels are not a picture of anatomy: a model asked about them would answer about
+# labels or dose values (PS3.4 B.5 storage SOP classes).
+NOT_ANATOMY = {
+    "1.2.840.10008.5.1.4.1.1.66.4": "a segmentation (SEG): its pixels are labels of regions, not an image",
+    "1.2.840.10008.5.1.4.1.1.481.2": "an RT dose grid: its pixels are radiation dose, not an image",
+    "1.2.840.10008.5.1.4.1.1.481.3": "an RT structure set: contours, not an image",
+    "1.2.840.10008.5.1.4.1.1.30": "a parametric map: its pixels are computed values, not an image",
+    "1.2.840.10008.5.1.4.1.1.104.1": "an encapsulated PDF document, not an image",
+}
 
 
 def _first(v) -> float:
@@ -97,8 +109,13 @@ def _dicom_frame(ds, path: Path, frame: int) -> np.ndarray:
     except Exception as e:  # plugin present but unable (e.g. 12-bit JPEG through Pillow)
         uid = ds.file_meta.get("TransferSyntaxUID", "?") if hasattr(ds, "file_meta") else "?"
         name = getattr(uid, "name", uid)
-        raise DataError(f"{path}: cannot decode pixel data (transfer syntax {name} ({uid})): {' '.join(str(e).split())}; "
-                        f"if this is a JPEG/JPEG-LS/JPEG 2000 file, {JPEG_EXTRA_HINT}") from None
+        msg = " ".join(str(e).split())
+        if "less than expected" in msg:   # pydicom's words for pixel data cut short
+            raise DataError(f"{path}: the file is truncated: its pixel data is shorter than the header says "
+                            f"({msg.split(' - ')[0]})") from None
+        compressed = bool(getattr(uid, "is_encapsulated", False))
+        raise DataError(f"{path}: cannot decode pixel data (transfer syntax {name} ({uid})): {msg}"
+                        + (f"; {JPEG_EXTRA_HINT}" if compressed else "")) from None
 
 
 def _dicom_grey(arr: np.ndarray, ds, frame: int, window, notes: list, warns: list) -> np.ndarray:
@@ -164,16 +181,45 @@ def decode_dicom(path: Path, frame: Optional[int], window="auto") -> DecodedImag
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    try:
-        ds = pydicom.dcmread(path, force=path.suffix.lower() in DICOM_SUFFIXES)
-    except (InvalidDicomError, OSError, ValueError, EOFError) as e:
-        raise DataError(f"{path}: not a readable DICOM file: {e}") from None
+    warns: list = []
+    # pydicom reports file quirks as UserWarnings: collect them for ctx.warn instead of stderr
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            ds = pydicom.dcmread(path, force=path.suffix.lower() in DICOM_SUFFIXES)
+        except (InvalidDicomError, OSError, ValueError, EOFError) as e:
+            raise DataError(f"{path}: not a readable DICOM file: {e}") from None
+        _check_content(ds, path, warns)
+        decoded = _decode_frames(ds, path, frame, window, warns)
+    extra = tuple(f"pydicom: {' '.join(str(w.message).split())}" for w in caught)
+    return dataclasses.replace(decoded, warnings=decoded.warnings + extra) if extra else decoded
+
+
+def _check_content(ds, path: Path, warns: list) -> None:
+    """Refuse what is not a picture of anatomy; a truncated file says so; warn on an ignored palette."""
+    sop = str(ds.get("SOPClassUID", ""))
+    if sop in NOT_ANATOMY:
+        raise DataError(f"{path}: this DICOM file is {NOT_ANATOMY[sop]} (SOP class "
+                        f"{getattr(ds.get('SOPClassUID'), 'name', sop)}); give the image it was made from")
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        sop_name = str(getattr(ds.get("SOPClassUID"), "name", ""))
+        if "Rows" in ds and "Columns" in ds:
+            raise DataError(f"{path}: the file is truncated: the header describes a {ds.Rows}×{ds.Columns} "
+                            f"image but the file ends before its pixel data")
+        if "Image Storage" in sop_name:
+            raise DataError(f"{path}: the file is truncated: a {sop_name} file carries pixel data, but this "
+                            f"one ends before it")
         raise DataError(f"{path}: DICOM file has no pixel data (SOP class "
                         f"{getattr(ds.get('SOPClassUID'), 'name', ds.get('SOPClassUID'))})")
+    pi = str(ds.get("PhotometricInterpretation", "")).upper()
+    if pi != "PALETTE COLOR" and "RedPaletteColorLookupTableDescriptor" in ds:
+        warns.append(f"{pi or 'grey'} image with a supplemental palette colour LUT (e.g. a perfusion or "
+                     f"functional map): the palette is ignored and the image is shown in grey")
+
+
+def _decode_frames(ds, path: Path, frame: Optional[int], window, warns: list) -> DecodedImage:
     n_frames = int(ds.get("NumberOfFrames") or 1)
     notes: list = []
-    warns: list = []
     if frame is None:
         frame = n_frames // 2
         if n_frames > 1:

@@ -85,10 +85,13 @@ def _decode_raster(path: Path, frame: Optional[int], window) -> DecodedImage:
         raise DataError(f"{path}: not a readable image (DICOM, NIfTI, PNG, JPEG or TIFF): {e}") from None
     with img:
         n = int(getattr(img, "n_frames", 1))
+        warns: list = []
         if frame is not None:
             if not 0 <= frame < n:
                 raise DataError(f"{path}: frame {frame} out of range (file has {n} frame(s))")
             img.seek(frame)
+        elif n > 1:
+            warns.append(f"page 1 of {n} used (a multi-page file; --frame N picks another, counting from 0)")
         try:
             img = ImageOps.exif_transpose(img) if frame is None else img.copy()
             notes: tuple = ()
@@ -96,10 +99,13 @@ def _decode_raster(path: Path, frame: Optional[int], window) -> DecodedImage:
                 out, desc = fixed_or_percentile(np.asarray(img, dtype=np.float64), window)
                 rgb, notes = to_rgb8(out), (f"{img.mode} image: {desc}",)
             else:
+                if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+                    warns.append("alpha channel dropped: transparent pixels keep their stored colour "
+                                 "(not composited on a background)")
                 rgb = img.convert("RGB")
         except OSError as e:  # truncated files fail lazily, at decode time
             raise DataError(f"{path}: cannot decode image: {e}") from None
-    return DecodedImage(rgb, "raster", n, None, notes, ())
+    return DecodedImage(rgb, "raster", n, None, notes, tuple(warns))
 
 
 # -- dispatch ---------------------------------------------------------------------------------
@@ -134,8 +140,9 @@ def decode_image(path, *, frame: Optional[int] = None, axis: int = 2, slice_inde
                  volume: int = 0, window="auto") -> DecodedImage:
     """Decode one file into a :class:`DecodedImage` (image + notes + warnings).
 
-    ``frame`` picks a DICOM frame / TIFF page (default: the middle DICOM frame, the first page);
-    ``axis``/``slice_index``/``volume`` pick a NIfTI slice; ``window`` is "auto" (the file's VOI,
+    ``frame`` picks a DICOM frame / TIFF page (default: the middle DICOM frame, the first page) or,
+    for NIfTI, the slice when ``slice_index`` is not given; ``axis``/``slice_index``/``volume`` pick a
+    NIfTI slice; ``window`` is "auto" (the file's VOI,
     replaced when unusable), "file" (the file's VOI or an error), "percentile", or a
     ``(centre, width)`` tuple in modality units (e.g. Hounsfield units for CT).
     """
@@ -152,7 +159,7 @@ def decode_image(path, *, frame: Optional[int] = None, axis: int = 2, slice_inde
     if kind == "dicom":
         return decode_dicom(p, frame, window)
     if kind == "nifti":
-        return _decode_nifti(p, axis, slice_index, volume, window)
+        return _decode_nifti(p, axis, frame if slice_index is None else slice_index, volume, window)
     return _decode_raster(p, frame, window)
 
 

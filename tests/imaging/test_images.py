@@ -16,6 +16,7 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEGExtended12Bit, generate_uid
 
 from medlite.imaging.images import (JPEG_EXTRA_HINT, decode_image, load_image, load_images,
                                         normalize_modality)
+from medlite.context import RunContext
 from medlite.errors import DataError
 
 PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
@@ -377,3 +378,75 @@ def test_lossy_jpeg_decodes_with_pillow_whether_or_not_pylibjpeg_is_installed():
     other.pixel_array_options(index=0, decoding_plugin="pylibjpeg")
     # the choice matters: with the extra installed, pydicom alone would not give Pillow's pixels
     assert np.abs(other.pixel_array.astype(int) - ours.astype(int)).max() > 0
+
+
+# -- files that are not pictures of anatomy, broken files, choices made for the user -----------------
+def _ct_small():
+    pydicom_data = pytest.importorskip("pydicom.data")
+    return Path(pydicom_data.get_testdata_file("CT_small.dcm"))
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.04])
+def test_truncated_dicom_says_truncated(tmp_path, cut):
+    src = _ct_small().read_bytes()
+    p = tmp_path / "cut.dcm"
+    p.write_bytes(src[:int(len(src) * cut)])
+    with pytest.raises(DataError) as e:
+        decode_image(p)
+    msg = str(e.value)
+    assert "truncated" in msg and "no pixel data" not in msg
+    assert "medlite[jpeg]" not in msg        # an uncompressed file needs no JPEG plugin
+
+
+@pytest.mark.parametrize("uid, word", [("1.2.840.10008.5.1.4.1.1.66.4", "segmentation"),
+                                       ("1.2.840.10008.5.1.4.1.1.481.2", "RT dose")])
+def test_dicom_that_is_not_anatomy_is_refused_by_sop_class(tmp_path, uid, word):
+    import pydicom
+
+    ds = pydicom.dcmread(_ct_small())
+    ds.SOPClassUID = uid
+    ds.file_meta.MediaStorageSOPClassUID = uid
+    p = tmp_path / "x.dcm"
+    ds.save_as(p)
+    with pytest.raises(DataError, match=word):
+        decode_image(p)
+
+
+def test_supplemental_palette_is_a_warning_and_pydicom_warnings_go_to_ctx(tmp_path, capsys):
+    import warnings
+
+    import pydicom
+
+    ds = pydicom.dcmread(_ct_small())
+    ds.add_new(0x00281101, "US", [256, 0, 8])   # Red Palette Color LUT Descriptor: a supplemental palette
+    ds.PixelData = ds.PixelData + b"\0" * 8                # excess bytes: pydicom warns while decoding
+    p = tmp_path / "pal.dcm"
+    ds.save_as(p)
+    ctx = RunContext(quiet=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                        # nothing leaks past medlite
+        load_image(p, ctx=ctx)
+    assert any("supplemental palette" in w and "ignored" in w for w in ctx.warnings)
+    assert any(w.startswith(f"{p}: pydicom:") and "excess padding" in w for w in ctx.warnings)
+
+
+def test_tiff_page_and_alpha_choices_are_said(tmp_path):
+    from PIL import Image
+
+    pages = [Image.new("L", (8, 8), v) for v in (10, 200, 90)]
+    tif = tmp_path / "pages.tif"
+    pages[0].save(tif, save_all=True, append_images=pages[1:])
+    d = decode_image(tif)
+    assert d.n_frames == 3 and any("page 1 of 3" in w for w in d.warnings)
+    assert np.asarray(decode_image(tif, frame=1).image)[0, 0, 0] == 200 and not decode_image(tif, frame=1).warnings
+    rgba = tmp_path / "a.png"
+    Image.new("RGBA", (4, 4), (255, 0, 0, 0)).save(rgba)
+    assert any("alpha channel dropped" in w for w in decode_image(rgba).warnings)
+
+
+def test_nifti_frame_out_of_range_is_an_error():
+    nib_tests = pytest.importorskip("nibabel.testing")
+    nii = Path(nib_tests.data_path) / "example4d.nii.gz"
+    with pytest.raises(DataError, match="slice 300 out of range"):
+        load_image(nii, frame=300)
+    assert load_image(nii, frame=3).size == load_image(nii).size
