@@ -36,6 +36,17 @@ class VlmInputs:
         return len(self.samples)
 
 
+def image_key(sample) -> tuple:
+    """Which samples share one image (in this process), so it is decoded and encoded once.
+
+    Not ``image_id``: that names the *source* image, and rendered views of one source (Micro Med-VQA)
+    share it while their pixels differ; samples of one view share their ``image_fn`` object.
+    """
+    if sample.image_path is not None:
+        return ("path", str(sample.image_path))
+    return ("fn", id(sample.image_fn))
+
+
 def image_features(model, pixel_values):
     """Projected image embeddings ``[B, n_img, H]`` exactly as ``LlavaModel.get_image_features``."""
     cfg = model.config
@@ -83,8 +94,7 @@ class ForwardLoop:
         return len(self.samples)
 
     def _image(self, sample):
-        # Several questions usually share an image: decode each source image once per loop.
-        key = f"{sample.image_id}\x00{sample.image_path}"
+        key = image_key(sample)
         if key not in self._images:
             self._images[key] = sample.load_image()
         return self._images[key]
@@ -151,4 +161,4 @@ class ForwardLoop:
         return done
 
 
-__all__ = ["ForwardLoop", "VlmInputs", "image_features", "splice_image_embeds"]
+__all__ = ["ForwardLoop", "VlmInputs", "image_features", "image_key", "splice_image_embeds"]
