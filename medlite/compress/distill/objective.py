@@ -1,0 +1,127 @@
+"""The distillation objective: teacher targets, the student's loss and its held-out value.
+
+Teacher logits at the answer positions are computed once (without ``hidden_mse`` the teacher is not
+needed afterwards); with ``hidden_mse`` the teacher runs alongside every step for its hidden states.
+The hidden states of student layer ``i`` are matched with the teacher layer it came from (the
+prune stage's ``layers.kept``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Optional
+
+from medlite.compress.distill import data as D
+from medlite.compress.distill.losses import forward_answers, hidden_mse, kd_kl
+from medlite.compress.distill.options import DistillOptions
+from medlite.errors import MedliteError
+
+
+def _teacher_logits(teacher, batches: D.Batches, *, ctx, batch_size: int, description: str) -> list:
+    """The teacher's answer-position logits per example (float32 ``[A_i, V]``)."""
+    import torch
+
+    out = []
+    dtype = next(teacher.model.parameters()).dtype
+    with ctx.progress(description, total=len(batches)) as advance, torch.no_grad():
+        for i in range(0, len(batches), batch_size):
+            idx = list(range(i, min(i + batch_size, len(batches))))
+            b = batches.batch(idx, dtype)
+            logits, _ = forward_answers(teacher.model, b)
+            for r, j in enumerate(idx):
+                out.append(logits[r, : len(batches.examples[j].answer_ids)].float().clone())
+            advance(len(idx))
+    return out
+
+
+def _stack(cache: list, idx, width: int, like):
+    import torch
+
+    out = torch.zeros((len(idx), width, cache[idx[0]].shape[-1]), dtype=torch.float32)
+    for r, i in enumerate(idx):
+        out[r, : cache[i].shape[0]] = cache[i]
+    return out
+
+
+def _digest(tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _layer_map(opts, pruned) -> list[int]:
+    kept = ((pruned or {}).get("layers") or {}).get("kept")
+    return [kept[i] if kept else i for i in opts.hidden_mse]
+
+
+class Objective:
+    """The training loss and the held-out value of one distillation run."""
+
+    def __init__(self, student, teacher, train: D.Batches, held: D.Batches, opts: DistillOptions, *, ctx,
+                 pruned: Optional[dict]):
+        self.student, self.teacher, self.train, self.held, self.opts = student, teacher, train, held, opts
+        self.dtype = next(student.model.parameters()).dtype
+        n_layers = len(student.model.model.language_model.layers)
+        bad = [i for i in opts.hidden_mse if i >= n_layers]
+        if bad:
+            raise MedliteError(f"distill.hidden_mse {bad}: the student has {n_layers} decoder layers")
+        self.s_layers, self.t_layers = list(opts.hidden_mse), _layer_map(opts, pruned)
+        self.online = bool(opts.hidden_mse and opts.hidden_weight)
+        bs = opts.batch_size
+        self.t_train = None if self.online else _teacher_logits(teacher, train, ctx=ctx, batch_size=bs,
+                                                                 description="distill: teacher logits")
+        self.t_held = _teacher_logits(teacher, held, ctx=ctx, batch_size=bs,
+                                      description="distill: teacher logits (held-out)") if len(held) else []
+        self.projections = self._projections()
+
+    def _projections(self) -> list:
+        import torch
+
+        hs = self.student.model.config.text_config.hidden_size
+        ht = self.teacher.model.config.text_config.hidden_size
+        if not self.online or hs == ht:
+            return []
+        torch.manual_seed(self.opts.seed)
+        return [torch.nn.Linear(hs, ht, bias=False) for _ in self.s_layers]
+
+    def extra_params(self) -> dict:
+        return {f"projection.{k}.{n}": p for k, m in enumerate(self.projections) for n, p in m.named_parameters()}
+
+    def loss(self, idx, _step):
+        import torch
+
+        b = self.train.batch(idx, self.dtype)
+        s_logits, s_hidden = forward_answers(self.student.model, b, hidden_layers=self.s_layers if self.online else ())
+        if self.online:
+            with torch.no_grad():
+                t_logits, t_hidden = forward_answers(self.teacher.model, b, hidden_layers=self.t_layers)
+        else:
+            t_logits, t_hidden = _stack(self.t_train, idx, s_logits.shape[1], s_logits), []
+        loss = kd_kl(s_logits, t_logits, b["targets"], self.opts.temperature)
+        if self.online:
+            loss = loss + self.opts.hidden_weight * hidden_mse(s_hidden, t_hidden, b["attention_mask"],
+                                                                self.projections or None)
+        return loss
+
+    def heldout_kl(self) -> float:
+        """Mean answer-token KL (T = 1) of the student on the held-out slice."""
+        total, n, bs = 0.0, len(self.held), self.opts.batch_size
+        for i in range(0, n, bs):
+            idx = list(range(i, min(i + bs, n)))
+            b = self.held.batch(idx, self.dtype)
+            s_logits, _ = forward_answers(self.student.model, b)
+            total += float(kd_kl(s_logits, _stack(self.t_held, idx, s_logits.shape[1], s_logits), b["targets"], 1.0)) \
+                * len(idx)
+        return total / max(n, 1)
+
+    def key(self, examples) -> str:
+        """Identity of the run (options, data, teacher targets, the student's initial weights)."""
+        h = hashlib.sha256(json.dumps(self.opts.model_dump(), sort_keys=True).encode())
+        h.update(D.data_key(examples).encode())
+        h.update(_digest(self.t_train or []).encode())
+        h.update(_digest(p for p in self.student.model.parameters()).encode())
+        return h.hexdigest()
+
+
+__all__ = ["Objective"]

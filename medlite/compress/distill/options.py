@@ -1,0 +1,124 @@
+"""Options, validation rules and plan of the ``distill`` stage (torch-free: the registry imports this).
+
+Recipe form::
+
+    - distill:
+        steps: 300
+        learning_rate: 1.0e-3
+        batch_size: 8
+        temperature: 2.0
+        hidden_mse: []            # student layer indices whose output hidden states are matched (MSE)
+        hidden_weight: 0.0
+        datasets: []              # extra VQA sets: [{dataset: ..., split: train, images: ...}]
+        eval_every: 50            # held-out calibration slice: early stop
+        heldout_samples: 64       # pairs of that slice (spread over its strata)
+        patience: 3
+        seed: 0
+        checkpoint_every: 50      # resumable checkpoints in the cache
+        trainable: auto           # auto | llm | llm+projector | all
+        max_new_tokens: 16        # teacher answers
+
+Teacher: the untouched source model; student: the working model (pruned by an earlier stage).
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field, field_validator
+
+from medlite.recipes.base import Closed
+
+STAGE = "distill"
+# Split names that are never (only) training data, whatever the evaluation section says ("all" holds test).
+NOT_TRAINING = ("test", "validate", "validation", "val", "valid", "all")
+
+
+class DistillDataset(Closed):
+    """An extra VQA set for distillation: training splits only."""
+
+    dataset: str
+    split: str = "train"
+    images: Optional[str] = Field(None, description="image folder for file datasets")
+    max_samples: Optional[int] = Field(None, ge=1)
+
+
+class DistillOptions(Closed):
+    """Knowledge distillation: KL on the answer tokens' next-token distributions (+ optional hidden MSE)."""
+
+    steps: int = Field(300, ge=1, le=1_000_000)
+    learning_rate: float = Field(1e-3, gt=0.0, le=1.0)
+    batch_size: int = Field(8, ge=1, le=1024)
+    temperature: float = Field(2.0, gt=0.0, le=100.0)
+    hidden_mse: list[int] = Field(default_factory=list, description="student decoder layers matched by MSE")
+    hidden_weight: float = Field(0.0, ge=0.0)
+    datasets: list[DistillDataset] = Field(default_factory=list)
+    eval_every: int = Field(50, ge=1)
+    heldout_samples: int = Field(64, ge=1, description="held-out calibration pairs used for early stopping")
+    patience: int = Field(3, ge=0, description="0: never stop early")
+    seed: int = 0
+    checkpoint_every: int = Field(50, ge=0, description="0: no checkpoints")
+    warmup: int = Field(10, ge=0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    trainable: Literal["auto", "llm", "llm+projector", "all"] = "auto"
+    max_new_tokens: int = Field(16, ge=1, le=512, description="length cap of the teacher's answers")
+
+    @field_validator("hidden_mse")
+    @classmethod
+    def _layers(cls, v: list[int]) -> list[int]:
+        if any(i < 0 for i in v):
+            raise ValueError(f"layer indices must be >= 0, got {v}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"lists a layer more than once: {v}")
+        return sorted(v)
+
+
+def _evaluation(view) -> tuple[str, str]:
+    ev = (getattr(view, "data", None) or {}).get("evaluation") or {}
+    if not isinstance(ev, dict):
+        ev = {}
+    return str(ev.get("dataset", "builtin:micro-med-vqa")), str(ev.get("split", "test"))
+
+
+def rules(index: int, opts: DistillOptions, view) -> tuple[list, list]:
+    """Cross-field checks: ``(errors, warnings)``.
+
+    * a dataset equal to the evaluation set (same dataset and split), or any test/validation split,
+      is an error: the gates must run on data the student never trained on;
+    * ``hidden_weight`` without ``hidden_mse`` is an error; ``hidden_mse`` with weight 0 a warning;
+    * no earlier ``prune`` stage: a warning (plain self-distillation of an unchanged model).
+    """
+    errors: list = []
+    warnings: list = []
+    loc = ("stages", index, STAGE)
+    ev_ds, ev_split = _evaluation(view)
+    for k, d in enumerate(opts.datasets):
+        if d.dataset == ev_ds and d.split == ev_split:
+            errors.append((loc + ("datasets", k), f"{d.dataset} split {d.split} is the evaluation split: the "
+                           "gates must run on data the student never trained on (use a training split)"))
+        elif d.split.lower() in NOT_TRAINING:
+            errors.append((loc + ("datasets", k, "split"), f"split {d.split!r} of {d.dataset} is not a training "
+                           "split: distillation uses training splits only"))
+    if opts.hidden_weight > 0 and not opts.hidden_mse:
+        errors.append((loc + ("hidden_weight",), "hidden_weight > 0 needs the layers in hidden_mse"))
+    if opts.hidden_mse and opts.hidden_weight == 0:
+        warnings.append(f"stages[{index}].distill.hidden_mse is set but hidden_weight is 0: no hidden-state loss")
+    by_name = getattr(view, "by_name", {}) or {}
+    prune = by_name.get("prune")
+    if prune is None or prune[0] > index:
+        warnings.append(f"stages[{index}].distill has no earlier prune stage: this is plain self-distillation "
+                        "of an unchanged model (the source is its own teacher)")
+    return errors, warnings
+
+
+def plan(index: int, opts: DistillOptions, sizes) -> list[str]:
+    """What the stage will do (torch-free). Distillation changes weights, not sizes."""
+    extra = ", ".join(f"{d.dataset} ({d.split})" for d in opts.datasets)
+    return [f"distill: {opts.steps} steps × {opts.batch_size} samples from the source model as teacher "
+            f"(KL at T={opts.temperature:g} on answer tokens"
+            + (f" + {opts.hidden_weight:g} × hidden MSE on layers {opts.hidden_mse}" if opts.hidden_weight else "")
+            + f"); data: calibration pairs with teacher answers{' + ' + extra if extra else ''}; "
+            f"early stop on the held-out calibration slice every {opts.eval_every} steps",
+            "  sizes unchanged (weights only)"]
+
+
+__all__ = ["DistillOptions", "DistillDataset", "rules", "plan", "STAGE"]

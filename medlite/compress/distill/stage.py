@@ -1,0 +1,160 @@
+"""The ``distill`` stage runner: the untouched source teaches the working (pruned) model.
+
+1. Data: the calibration pairs (+ the recipe's extra training sets), answered greedily by the
+   teacher; the calibration set's image-disjoint held-out slice, answered the same way, drives
+   early stopping. No training image may be an evaluation image (checked).
+2. Teacher logits at the answer positions are computed once (without ``hidden_mse`` the teacher
+   is not needed afterwards); with ``hidden_mse`` the teacher runs alongside every step.
+3. :class:`medlite.training.trainer.Trainer` trains the student's language model and projector
+   (and the vision tower when pruning changed it): seeded, resumable from checkpoints in
+   ``ctx.cache_dir/distill/<run key>``, early stop on the held-out KL, best weights restored.
+4. The report gives the held-out KL, teacher agreement and closed accuracy before and after.
+"""
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+from medlite.build.contract import StageResult
+from medlite.compress.distill import data as D
+from medlite.compress.distill.objective import Objective
+from medlite.compress.distill.options import DistillOptions
+from medlite.compress.prune.stage import spread
+from medlite.errors import MedliteError
+from medlite.training.trainer import TrainConfig, Trainer
+
+
+def prune_facts(state) -> Optional[dict]:
+    """The manifest of an earlier prune stage of this build, if any."""
+    for key, res in (getattr(state, "results", None) or {}).items():
+        if str(key).endswith("prune") and isinstance(getattr(res, "manifest", None), dict):
+            return res.manifest
+    return None
+
+
+def select_trainable(model, opts: DistillOptions, pruned: Optional[dict]) -> list[str]:
+    """Set ``requires_grad`` for the parts that train; returns their names."""
+    parts = {"llm": ["language_model"], "llm+projector": ["language_model", "multi_modal_projector"],
+             "all": ["language_model", "multi_modal_projector", "vision_tower"]}
+    mode = opts.trainable
+    if mode == "auto":
+        mode = "all" if (pruned or {}).get("vision") else "llm+projector"
+    names = parts[mode]
+    frozen = ("embed_tokens",)     # the embedding table is shared with the embed graph; lm_head stays too
+    for n, p in model.named_parameters():
+        p.requires_grad_(any(f".{part}." in f".{n}" for part in names) and not any(f in n for f in frozen))
+    return names
+
+
+def heldout_metrics(loaded, samples, teacher_answers: list, *, ctx, max_new_tokens: int) -> dict:
+    """Agreement with the teacher's answers and closed accuracy on the held-out slice."""
+    from medlite.evaluation.scoring import normalize, score
+
+    if not samples:
+        return {}
+    preds = D.teacher_answers(loaded, samples, ctx=ctx, max_new_tokens=max_new_tokens,
+                              description="distill: held-out answers")
+    agree = sum(normalize(p) == normalize(t) for p, t in zip(preds, teacher_answers)) / len(samples)
+    acc = score(preds, samples).get("closed_accuracy")
+    return {"agreement": round(agree, 6), "closed_accuracy": None if acc is None else round(acc, 6)}
+
+
+def _samples(state, opts: DistillOptions) -> tuple[list, list]:
+    """Training samples (calibration + extra sets) and the held-out slice, leakage-checked."""
+    if state.calibration is None:
+        raise MedliteError("distill needs the recipe's calibration section (medical image + question pairs)")
+    train = D.unique(list(state.calibration.samples) + D.extra_samples(opts, ctx=state.ctx))
+    held = spread(list(state.calibration.heldout), opts.heldout_samples)
+    D.check_disjoint(train, state.eval_samples)
+    D.check_disjoint(held, state.eval_samples)
+    held_imgs = {s.image_id for s in held}
+    train = [s for s in train if s.image_id not in held_imgs]   # an extra set may hold held-out images
+    if not held:
+        state.ctx.warn("distill: the calibration set has no held-out slice (heldout_fraction 0): no early stop, "
+                       "the last weights are kept")
+    return train, held
+
+
+def _train(state, opts: DistillOptions, objective: Objective, examples: list):
+    from medlite.training.trainer import trainable
+
+    cfg = TrainConfig(steps=opts.steps, batch_size=opts.batch_size, learning_rate=opts.learning_rate, seed=opts.seed,
+                      warmup=opts.warmup, weight_decay=opts.weight_decay, eval_every=opts.eval_every,
+                      patience=opts.patience, checkpoint_every=opts.checkpoint_every)
+    params = {**trainable(state.model.model.named_parameters()), **objective.extra_params()}
+    key = objective.key(examples)
+    trainer = Trainer(params, objective.loss, len(examples), cfg, ctx=state.ctx,
+                      eval_fn=objective.heldout_kl if len(objective.held) else None,
+                      checkpoint_dir=state.ctx.cache_dir / "distill" / key[:20], run_key=key, description="distill")
+    return trainer.fit(), key
+
+
+def _report(opts, res, before: dict, after: dict, teacher: dict, n_train: int, n_held: int) -> list[str]:
+    lines = [f"Distillation from the source model: {n_train} training pairs (teacher answers), "
+             f"{res.steps_run} of {opts.steps} steps × {opts.batch_size}, T = {opts.temperature:g}"
+             + (" (stopped early)" if res.stopped_early else "") + f"; best held-out at step {res.best_step}.", ""]
+    if before:
+        lines += [f"Held-out calibration slice ({n_held} pairs, image-disjoint from training):", "",
+                  "| | teacher | student before | student after |", "|---|---:|---:|---:|"]
+        lines.append(f"| answer-token KL (nats) | 0 | {res.evals[0][1]:.4f} | {res.best_eval:.4f} |")
+        for k in ("agreement", "closed_accuracy"):
+            t = teacher.get(k)
+            lines.append(f"| {k.replace('_', ' ')} | {'–' if t is None else f'{t:.3f}'} | "
+                         f"{_fmt(before.get(k))} | {_fmt(after.get(k))} |")
+    return lines
+
+
+def _fmt(v) -> str:
+    return "–" if v is None else f"{v:.3f}"
+
+
+def run(state, index: int, opts: DistillOptions) -> StageResult:
+    """Distill the source model into the working model in place; see the module doc."""
+    import torch
+
+    ctx, student = state.ctx, state.model
+    teacher = state.source_model()
+    if teacher is None or teacher.model is student.model:
+        raise MedliteError("distill needs the untouched source model as teacher, apart from the working model")
+    if next(student.model.parameters()).dtype != torch.float32:
+        raise MedliteError("distill trains in float32; the working model is "
+                           f"{next(student.model.parameters()).dtype} (load the checkpoint in float32)")
+    pruned = prune_facts(state)
+    if pruned is None:
+        ctx.warn("distill: no earlier prune stage — plain self-distillation of an unchanged model")
+    train_s, held_s = _samples(state, opts)
+    answers = D.teacher_answers(teacher, train_s + held_s, ctx=ctx, max_new_tokens=opts.max_new_tokens)
+    t_train, t_held = answers[:len(train_s)], answers[len(train_s):]
+    examples = [D.encode(student, s, a) for s, a in zip(train_s, t_train)]
+    held = [D.encode(student, s, a) for s, a in zip(held_s, t_held)]
+    metric = lambda m: heldout_metrics(m, held_s, t_held, ctx=ctx, max_new_tokens=opts.max_new_tokens)  # noqa: E731
+    teacher_m, before = metric(teacher), metric(student)
+    grads = {n: p.requires_grad for n, p in student.model.named_parameters()}
+    parts = select_trainable(student.model, opts, pruned)
+    t0 = time.perf_counter()
+    try:
+        student.model.eval()      # no dropout: deterministic, resumable
+        objective = Objective(student, teacher, D.Batches(student, examples), D.Batches(student, held), opts,
+                              ctx=ctx, pruned=pruned)
+        res, key = _train(state, opts, objective, examples)
+    finally:
+        for n, p in student.model.named_parameters():
+            p.requires_grad_(grads.get(n, True))
+    state.timings["distill_train_s"] = round(time.perf_counter() - t0, 2)
+    after = metric(student)
+    nbytes = student.param_breakdown()["total"]["bytes"]
+    summary = (f"{res.steps_run} steps on {len(examples)} pairs · held-out KL "
+               + (f"{res.evals[0][1]:.4f} → {res.best_eval:.4f}" if res.evals else "n/a")
+               + (f" · agreement {before['agreement']:.3f} → {after['agreement']:.3f}" if before else "")
+               + f" · {res.samples_per_s:.1f} samples/s")
+    manifest = {"options": opts.model_dump(), "trained": parts, "train_pairs": len(examples), "heldout_pairs": len(held),
+                "data_sha256": D.data_key(examples), "steps_run": res.steps_run, "best_step": res.best_step,
+                "stopped_early": res.stopped_early, "run_key": key,
+                "heldout_kl": [round(v, 6) for _, v in res.evals[:1]] + ([round(res.best_eval, 6)] if res.evals else []),
+                "heldout_before": before, "heldout_after": after, "heldout_teacher": teacher_m,
+                "self_distillation": pruned is None}
+    return StageResult(summary=summary, changed=["weights"], bytes_before=nbytes, bytes_after=nbytes,
+                       manifest=manifest, report=_report(opts, res, before, after, teacher_m, len(examples), len(held)))
+
+
+__all__ = ["run", "select_trainable", "prune_facts", "heldout_metrics"]

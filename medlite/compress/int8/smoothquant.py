@@ -1,0 +1,90 @@
+"""SmoothQuant on the language model with llm-compressor 0.14, calibrated by the framework's forward loop.
+
+Why llm-compressor's :class:`SmoothQuantModifier` and not our own: it is the maintained
+implementation of the algorithm (https://arxiv.org/abs/2211.10438, ``s_j = max|X_j|^α /
+max|W_j|^(1-α)``, folded into the preceding RMSNorm and the following projections). Why not
+``oneshot``: its pipelines feed text-only ``input_ids`` through a Hugging Face processor, so the
+language model of a VLM would be calibrated without the image tokens that are ~90 % of a
+TinyLLaVA-Med prompt. The modifier itself only needs forward passes while its hooks are on, so we
+drive it through its public lifecycle (``initialize`` → ``CALIBRATION_START`` event → forwards →
+``SEQUENTIAL_EPOCH_END`` (smooth) → ``CALIBRATION_END`` → ``finalize``) around
+:meth:`medlite.calibration.forward.ForwardLoop.run`.
+
+Scope: llm-compressor's default Llama mappings (``re:.*input_layernorm`` etc.) also match SigLIP
+layers of a Llava model ("must match a single smooth layer"); the mappings here are anchored on
+``language_model.layers.N`` so only the decoder is touched. The smoothing is exact in real
+arithmetic (the model's fp32 outputs change by rounding only; tested).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# (balance layers, smooth layer) per decoder layer: the two mappings of llm-compressor's
+# DEFAULT_SMOOTHQUANT_MAPPINGS, anchored on the language model.
+_LM = r"re:.*language_model\.layers\.\d+\."
+MAPPINGS = [
+    [[_LM + r"self_attn\.q_proj$", _LM + r"self_attn\.k_proj$", _LM + r"self_attn\.v_proj$"],
+     _LM + r"input_layernorm$"],
+    [[_LM + r"mlp\.gate_proj$", _LM + r"mlp\.up_proj$"], _LM + r"post_attention_layernorm$"],
+]
+
+
+@dataclass
+class SmoothResult:
+    """What smoothing did: alpha, how many norms were smoothed and the largest migration factor."""
+
+    alpha: float
+    smoothed: list = field(default_factory=list)     # smooth-layer module names
+    samples: int = 0
+    max_scale: float = 0.0
+    min_scale: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"alpha": self.alpha, "library": "llmcompressor.modifiers.transform.SmoothQuantModifier",
+                "smoothed_norms": len(self.smoothed), "samples": self.samples,
+                "scale_range": [round(self.min_scale, 6), round(self.max_scale, 6)]}
+
+
+def _norm_weights(model, names) -> dict:
+    mods = dict(model.named_modules())
+    return {n: mods[n].weight.detach().clone() for n in names}
+
+
+def smooth_language_model(model, loop, *, alpha: float, ctx=None) -> SmoothResult:
+    """Apply SmoothQuant (migration strength ``alpha``) to ``model``'s language model in place.
+
+    ``model`` is the HF ``LlavaForConditionalGeneration``; ``loop`` a
+    :class:`~medlite.calibration.forward.ForwardLoop` whose batches carry real image tokens.
+    """
+    import torch
+    from llmcompressor.core import Event, EventType, State
+    from llmcompressor.core.state import Data
+    from llmcompressor.modifiers.transform import SmoothQuantModifier
+
+    mod = SmoothQuantModifier(smoothing_strength=float(alpha), mappings=MAPPINGS)
+    state = State(model=model)
+    state.data = Data(calib=loop)      # the modifier only checks that calibration data exists
+    mod.initialize(state)
+    names = [m.smooth_name for m in mod.resolved_mappings_]
+    if not names:
+        raise ValueError("SmoothQuant matched no decoder layer (language_model.layers.N.*_layernorm)")
+    before = _norm_weights(model, names)
+    mod.update_event(state, Event(type_=EventType.CALIBRATION_START))
+    try:
+        n = loop.run(model, lm_head=False)
+        mod.update_event(state, Event(type_=EventType.SEQUENTIAL_EPOCH_END))
+    finally:
+        mod.update_event(state, Event(type_=EventType.CALIBRATION_END))
+        mod.finalize(state)
+    after = _norm_weights(model, names)
+    # the migration factor of each channel is the ratio of the norm's weights before/after
+    ratios = torch.cat([(before[k] / after[k]).flatten() for k in names if before[k].shape == after[k].shape])
+    res = SmoothResult(alpha=float(alpha), smoothed=names, samples=n,
+                       max_scale=float(ratios.max()), min_scale=float(ratios.min()))
+    if ctx is not None:
+        ctx.info(f"SmoothQuant alpha {alpha}: {len(names)} norms smoothed on {n} calibration pairs "
+                 f"(channel factors {res.min_scale:.3g}..{res.max_scale:.3g})")
+    return res
+
+
+__all__ = ["MAPPINGS", "SmoothResult", "smooth_language_model"]

@@ -1,0 +1,97 @@
+"""Calibration matters and every method works on feeds of different lengths; SmoothQuant is exact and
+scoped to the language model; the sensitivity fallback keeps the most sensitive layers."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from int8_fixtures import feeds, fp32_graphs, tiny8  # noqa: F401 - fixtures
+from medlite.compress.int8 import qdq_onnx as Q
+
+
+def _ranges(path) -> dict:
+    d = json.loads(path.read_text())["data"]
+    return {k: float(v["highest"]["data"][0]) for k, v in d.items()}
+
+
+def test_two_calibration_sets_give_different_scales(tiny8, calib, fp32_graphs, tmp_path, cctx):
+    from medlite.calibration.calibset import build_calibration_set
+    from medlite.evaluation.vqa import load_dataset
+
+    other = build_calibration_set(load_dataset("builtin:micro-med-vqa", split="train"), 16, seed=7, ctx=cctx,
+                                  cache=False)
+    assert {s.qid for s in other.samples} != {s.qid for s in calib.samples}
+    for graph in ("vision", "decoder"):
+        a, b = tmp_path / f"{graph}-a.json", tmp_path / f"{graph}-b.json"
+        Q.calibrate_ranges(fp32_graphs[graph], feeds(tiny8, calib.samples, graph), a)
+        Q.calibrate_ranges(fp32_graphs[graph], feeds(tiny8, other.samples, graph), b)
+        ra, rb = _ranges(a), _ranges(b)
+        assert ra.keys() == rb.keys()
+        assert any(abs(ra[k] - rb[k]) > 1e-6 * max(abs(ra[k]), 1e-12) for k in ra), graph
+    # text-only decoder feeds (no image tokens) calibrate different ranges too
+    t = tmp_path / "text.json"
+    Q.calibrate_ranges(fp32_graphs["decoder"], feeds(tiny8, calib.samples, "decoder", text_only=True), t)
+    assert _ranges(t) != _ranges(tmp_path / "decoder-a.json")
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy"])
+def test_histogram_methods_take_feeds_of_different_lengths(method, tiny8, calib, fp32_graphs, tmp_path, monkeypatch):
+    monkeypatch.setattr(Q, "HIST_BINS", 512)      # the method, not the resolution, is under test (speed)
+    fs = feeds(tiny8, calib.samples, "decoder")
+    assert len({f["inputs_embeds"].shape[1] for f in fs}) > 1       # ORT's own loop fails on these
+    mm, hist = tmp_path / "mm.json", tmp_path / f"{method}.json"
+    Q.calibrate_ranges(fp32_graphs["decoder"], fs, mm, method="minmax")
+    Q.calibrate_ranges(fp32_graphs["decoder"], fs, hist, method=method, percentile=99.0)
+    r_mm, r_h = _ranges(mm), _ranges(hist)
+    # a histogram method clips outliers: never above the min-max range, below it somewhere
+    common = [k for k in r_h if k in r_mm]
+    assert common and all(r_h[k] <= r_mm[k] * 1.01 + 1e-6 for k in common)
+    assert any(r_h[k] < 0.99 * r_mm[k] for k in common)
+
+
+def test_smoothquant_is_exact_and_scoped(tiny_path, cctx, calib):
+    from medlite.calibration.forward import ForwardLoop
+    from medlite.checkpoints import load_model
+    from medlite.compress.int8.smoothquant import smooth_language_model
+
+    lm = load_model(tiny_path, ctx=cctx)
+    vision_before = {k: v.clone() for k, v in lm.model.model.vision_tower.state_dict().items()}
+    proj_before = {k: v.clone() for k, v in lm.model.model.multi_modal_projector.state_dict().items()}
+    norm_before = lm.model.model.language_model.layers[0].input_layernorm.weight.detach().clone()
+    loop = ForwardLoop(lm, calib.samples, batch_size=8)
+    ref = []
+    loop.run(lm.model, on_batch=lambda _i, logits: ref.append(logits.clone()))
+    res = smooth_language_model(lm.model, loop, alpha=0.5)
+    assert res.samples == len(calib.samples) and len(res.smoothed) == 2 * lm.model.config.text_config.num_hidden_layers
+    assert all("language_model.layers." in n for n in res.smoothed)
+    assert not torch.equal(norm_before, lm.model.model.language_model.layers[0].input_layernorm.weight)
+    for k, v in lm.model.model.vision_tower.state_dict().items():
+        assert torch.equal(v, vision_before[k]), k
+    for k, v in lm.model.model.multi_modal_projector.state_dict().items():
+        assert torch.equal(v, proj_before[k]), k
+    got = []
+    loop.run(lm.model, on_batch=lambda _i, logits: got.append(logits.clone()))
+    for a, b in zip(ref, got):      # smoothing is exact in real arithmetic: fp32 rounding only
+        assert float((a - b).abs().max() / a.abs().max()) < 1e-4
+
+
+def test_fallback_keeps_the_most_sensitive_layers_until_the_gate_holds():
+    from medlite.compress.int8.sensitivity import Gate, GraphMetric, choose_fallback
+
+    harm = {"a": 0.001, "b": 0.02, "c": 0.005, "d": 0.0001}
+
+    def measure(excluded):
+        kl = sum(v for k, v in harm.items() if k not in excluded)
+        return GraphMetric(loss=kl, mean_kl=kl, top1_agreement=1.0)
+
+    fb = choose_fallback(list(harm), measure, Gate(max_kl=0.004), max_fp16=3)
+    assert fb.kept_fp16 == ["b", "c"] and fb.gate_holds
+    assert fb.scores == pytest.approx(harm)
+    assert fb.metric_final.mean_kl == pytest.approx(0.0011)
+    capped = choose_fallback(list(harm), measure, Gate(max_kl=0.0005), max_fp16=1)
+    assert capped.kept_fp16 == ["b"] and not capped.gate_holds
+    easy = choose_fallback(list(harm), measure, Gate(max_kl=1.0), max_fp16=3)
+    assert easy.kept_fp16 == [] and easy.gate_holds and np.isclose(easy.metric_all.mean_kl, sum(harm.values()))
