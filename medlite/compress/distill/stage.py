@@ -5,9 +5,10 @@
    early stopping. No training image may be an evaluation image (checked).
 2. Teacher logits at the answer positions are computed once (without ``hidden_mse`` the teacher
    is not needed afterwards); with ``hidden_mse`` the teacher runs alongside every step.
-3. :class:`medlite.training.trainer.Trainer` trains the student's language model and projector
-   (and the vision tower when pruning changed it): seeded, resumable from checkpoints in
-   ``ctx.cache_dir/distill/<run key>``, early stop on the held-out KL, best weights restored.
+3. :class:`medlite.training.trainer.Trainer` trains the student's language model (``trainable:
+   auto``; projector and vision tower too when pruning changed the tower) except the embedding
+   table: seeded, resumable from checkpoints in ``ctx.cache_dir/distill/<run key>``, early stop on
+   the held-out KL, best weights restored.
 4. The report gives the held-out KL, teacher agreement and closed accuracy before and after.
 """
 from __future__ import annotations
@@ -38,7 +39,8 @@ def select_trainable(model, opts: DistillOptions, pruned: Optional[dict]) -> lis
              "all": ["language_model", "multi_modal_projector", "vision_tower"]}
     mode = opts.trainable
     if mode == "auto":
-        mode = "all" if (pruned or {}).get("vision") else "llm+projector"
+        # the image embeddings stay the source's unless pruning changed the tower (the vision gate holds)
+        mode = "all" if (pruned or {}).get("vision") else "llm"
     names = parts[mode]
     frozen = ("embed_tokens",)     # the embedding table is shared with the embed graph; lm_head stays too
     for n, p in model.named_parameters():
