@@ -30,7 +30,7 @@ from medlite.fileio import replace_into_place, sha256_file, write_text_atomic
 
 MANIFEST = "manifest.json"
 RECIPE_FILE = "recipe.yaml"
-VOLATILE = ("build-info.json",)     # written, never hashed: timings, host name, date
+VOLATILE = ("build-info.json", "bench.json")   # written, never hashed: timings, host name, date
 LATEST = "latest"
 FORMAT = "medlite-artifact/1"
 # Packages whose versions can change an artifact's numbers; recorded in every manifest.
@@ -55,12 +55,15 @@ def sha256_json(obj: Any) -> str:
 
 
 def compute_version(recipe_version: str, *, source: dict, recipe: dict,
-                    calibration_sha256: Optional[str], medlite_version: str) -> str:
+                    calibration_sha256: Optional[str], medlite_version: str, packages: Optional[dict] = None) -> str:
     """``<recipe_version>+<short hash>`` of everything that determines the artifact's content.
 
     ``source`` is the checkpoint's identity (:func:`source_identity`): file hashes, never paths.
+    ``packages`` are the versions of the libraries that change the artifact's numbers (torch,
+    onnxruntime, llmcompressor, ... as the recipe's stages declare): upgrading one gives a new version.
     """
-    payload = {"source": source, "recipe": recipe, "calibration": calibration_sha256, "medlite": medlite_version}
+    payload = {"source": source, "recipe": recipe, "calibration": calibration_sha256, "medlite": medlite_version,
+               "packages": packages or {}}
     return f"{recipe_version}+{sha256_json(payload)[:7]}"
 
 

@@ -15,7 +15,7 @@ tested against hand values; :func:`compare` runs any two objects with the ``answ
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -170,28 +170,6 @@ def failed(gates: list[Gate]) -> list[Gate]:
 
 
 # -- running the comparison -----------------------------------------------------------------------
-class TorchReference:
-    """The uncompressed source model behind the runtime's method names (``medlite.checkpoints.generate``)."""
-
-    def __init__(self, loaded):
-        self.loaded = loaded
-
-    def answer(self, image, question: str, max_new_tokens: int = 32) -> str:
-        from medlite.checkpoints import generate
-
-        return generate.answer(self.loaded, image, question, max_new_tokens=max_new_tokens)
-
-    def first_token_logits(self, image, question: str) -> np.ndarray:
-        from medlite.checkpoints import generate
-
-        return generate.first_token_logits(self.loaded, image, question)
-
-    def image_embeddings(self, image) -> np.ndarray:
-        from medlite.checkpoints import generate
-
-        return generate.image_embeddings(self.loaded, image)
-
-
 @dataclass
 class CheckResult:
     """Metrics, per-question rows (for the report) and the evaluated gates."""
@@ -199,46 +177,64 @@ class CheckResult:
     metrics: dict
     rows: list[dict]
     gates: list[Gate]
+    timings: dict = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
         return not failed(self.gates)
 
 
-def select_samples(samples: list, max_samples: Optional[int]) -> list:
-    """At most ``max_samples`` samples, evenly spread over the list (keeps modality mix; deterministic)."""
-    if not max_samples or len(samples) <= max_samples:
-        return list(samples)
-    idx = sorted({int(round(i)) for i in np.linspace(0, len(samples) - 1, max_samples)})
-    return [samples[i] for i in idx]
+def compare(refs, candidate, samples: list, options: Any, ctx) -> CheckResult:
+    """Run ``candidate`` (an object with the runtime's ``evaluate(image, questions, max_new_tokens=)``)
+    on ``samples`` and compare with the source's cached references ``refs``
+    (:class:`medlite.build.references.References` for the same samples).
+
+    Each image is encoded once; its questions run in batches of ``options.batch_size``.
+    """
+    import time
+
+    from medlite.build.references import group_by_image
+    from medlite.evaluation.scoring import normalize
+
+    pos = {q: i for i, q in enumerate(refs.qids)}
+    cand: dict[str, tuple[str, float]] = {}
+    cosines: dict[str, float] = {}
+    bs = int(getattr(options, "batch_size", 16))
+    t0 = time.perf_counter()
+    with ctx.progress("check (artifact)", total=len(samples)) as advance:
+        for key, group in group_by_image(samples).items():
+            ref_emb = refs.embedding_of(group[0].qid)
+            image = group[0].load_image()
+            for i in range(0, len(group), bs):
+                chunk = group[i:i + bs]
+                answers, logits, emb = candidate.evaluate(image, [s.question for s in chunk],
+                                                          max_new_tokens=options.max_new_tokens)
+                for s, a, row in zip(chunk, answers, logits):
+                    cand[str(s.qid)] = (a, kl_divergence(refs.logits[pos[str(s.qid)]], row))
+                if key not in cosines:
+                    cosines[key] = mean_cosine(ref_emb, emb)
+                advance(len(chunk))
+    seconds = time.perf_counter() - t0
+    rows = []
+    for s in samples:
+        ra, (ca, kl) = refs.answers[pos[str(s.qid)]], cand[str(s.qid)]
+        rows.append({"qid": str(s.qid), "image_id": s.image_id, "modality": s.modality,
+                     "answer_type": s.answer_type, "question": s.question, "reference": str(s.answer),
+                     "source": ra, "artifact": ca, "kl": sig(kl), "agree": normalize(ra) == normalize(ca)})
+    metrics = _metrics(samples, rows, cosines)
+    return CheckResult(metrics=metrics, rows=rows, gates=evaluate_gates(metrics, options),
+                       timings={"artifact_seconds": round(seconds, 3),
+                                "seconds_per_question": round(seconds / max(len(samples), 1), 5)})
 
 
-def compare(reference, candidate, samples: list, options: Any, ctx) -> CheckResult:
-    """Run ``reference`` and ``candidate`` on every sample and apply the gates in ``options``."""
+def _metrics(samples: list, rows: list[dict], cosines: dict) -> dict:
     from medlite.evaluation.scoring import score
 
-    ref_answers, cand_answers, kls, rows = [], [], [], []
-    cosines: dict[str, float] = {}
-    with ctx.progress("check", total=len(samples)) as advance:
-        for s in samples:
-            image = s.load_image()
-            ra = reference.answer(image, s.question, max_new_tokens=options.max_new_tokens)
-            ca = candidate.answer(image, s.question, max_new_tokens=options.max_new_tokens)
-            kl = kl_divergence(reference.first_token_logits(image, s.question),
-                               candidate.first_token_logits(image, s.question))
-            if s.image_id not in cosines:
-                cosines[s.image_id] = mean_cosine(reference.image_embeddings(image),
-                                                  candidate.image_embeddings(image))
-            ref_answers.append(ra)
-            cand_answers.append(ca)
-            kls.append(kl)
-            rows.append({"qid": str(s.qid), "image_id": s.image_id, "modality": s.modality,
-                         "answer_type": s.answer_type, "question": s.question, "reference": str(s.answer),
-                         "source": ra, "artifact": ca, "kl": sig(kl)})
-            advance()
+    ref_answers, cand_answers = [r["source"] for r in rows], [r["artifact"] for r in rows]
+    kls = [r["kl"] for r in rows]
     src, art = score(ref_answers, samples), score(cand_answers, samples)
     sa, aa = src["closed_accuracy"], art["closed_accuracy"]
-    metrics = {
+    return {
         "n": len(samples), "n_closed": src["n_closed"], "n_images": len(cosines),
         "source_closed_acc": sig(sa), "artifact_closed_acc": sig(aa),
         "closed_acc_drop": sig((sa - aa) * 100.0) if sa is not None and aa is not None else None,
@@ -249,11 +245,6 @@ def compare(reference, candidate, samples: list, options: Any, ctx) -> CheckResu
         "vision_cosine": sig(float(np.mean(list(cosines.values())))) if cosines else None,
         "min_vision_cosine": sig(float(np.min(list(cosines.values())))) if cosines else None,
     }
-    for r in rows:
-        from medlite.evaluation.scoring import normalize
-
-        r["agree"] = normalize(r["source"]) == normalize(r["artifact"])
-    return CheckResult(metrics=metrics, rows=rows, gates=evaluate_gates(metrics, options))
 
 
 def compare_metrics(recorded: dict, now: dict, *, rel: float = 1e-3, abs_: float = 1e-4) -> list[str]:

@@ -86,7 +86,8 @@ class RunContext:
     def stage(self, name: str) -> Iterator[dict]:
         """Time a stage and print its finish line: ``✓ name  detail  1.2 s``.
 
-        The body sets ``info["detail"]`` to the one-line summary. An exception prints ``✗``.
+        The body sets ``info["detail"]`` to the one-line summary, and ``info["ok"] = False`` when the
+        stage ran but failed (a gate): that prints ``✗``, as an exception does.
         """
         info: dict = {"detail": ""}
         self.console.print(f"[dim]… {name}[/]")
@@ -99,8 +100,10 @@ class RunContext:
             self.console.print(f"[bold red]✗[/] {name:<10}{info.get('detail', '')}  {dt:.1f} s", soft_wrap=True)
             raise
         dt = time.perf_counter() - t0
-        self.stages.append(StageRecord(name, info["detail"], dt))
-        self.console.print(f"[bold green]✓[/] {name:<10}{info['detail']}  [dim]{dt:.1f} s[/]", soft_wrap=True)
+        ok = info.get("ok", True) is not False   # a stage that ran but failed its own check (a gate)
+        self.stages.append(StageRecord(name, info["detail"], dt, ok=ok))
+        mark = "[bold green]✓[/]" if ok else "[bold red]✗[/]"
+        self.console.print(f"{mark} {name:<10}{info['detail']}  [dim]{dt:.1f} s[/]", soft_wrap=True)
 
     def progress(self, description: str, total: int | None):
         """A rich progress bar (a no-op display in --json/--quiet mode).

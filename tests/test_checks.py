@@ -84,34 +84,33 @@ def test_unmeasurable_gate_fails_and_null_gate_is_reported_only():
 
 
 class _Fake:
-    """A model stand-in whose outputs are fixed numpy arrays (tests the compare loop and metric wiring)."""
+    """A candidate whose ``evaluate`` returns fixed numpy arrays (tests the compare loop and metric wiring)."""
 
     def __init__(self, answers, logits, emb):
-        self.answers, self.logits, self.emb = answers, logits, emb
+        self.answers, self.logits, self.emb, self.calls = answers, logits, emb, []
 
-    def answer(self, image, question, max_new_tokens=32):
-        return self.answers[question]
-
-    def first_token_logits(self, image, question):
-        return self.logits[question]
-
-    def image_embeddings(self, image):
-        return self.emb
+    def evaluate(self, image, questions, max_new_tokens=16):
+        self.calls.append(list(questions))
+        return ([self.answers[q] for q in questions], np.stack([self.logits[q] for q in questions]), self.emb)
 
 
-def test_compare_computes_metrics_from_both_models():
+def test_compare_computes_metrics_against_references():
+    from medlite.build.references import References
     from medlite.context import RunContext
 
-    samples = [VqaSample(f"q{i}", f"question {i}", ans, "closed", f"img{i % 2}", image_fn=lambda: None)
+    views = [lambda: None, lambda: None]      # two images: questions 0, 2 ask about one, 1, 3 the other
+    samples = [VqaSample(f"q{i}", f"question {i}", ans, "closed", "one-source", image_fn=views[i % 2])
                for i, ans in enumerate(["yes", "no", "left", "yes"])]
-    ref_ans = {"question 0": "yes", "question 1": "no", "question 2": "left", "question 3": "yes"}
+    ref_ans = ["yes", "no", "left", "yes"]
     cand_ans = {"question 0": "yes", "question 1": "yes", "question 2": "left", "question 3": "yes"}
-    lg = {f"question {i}": np.array([0.0, 1.0, 2.0]) for i in range(4)}
-    lq = dict(lg)
+    lg = np.array([[0.0, 1.0, 2.0]] * 4)
+    lq = {f"question {i}": lg[i] for i in range(4)}
     lq["question 1"] = np.log([0.25, 0.25, 0.5])
-    emb = np.array([[1.0, 0.0], [0.0, 1.0]])
-    res = checks.compare(_Fake(ref_ans, lg, emb), _Fake(cand_ans, lq, np.array([[1.0, 0.0], [1.0, 1.0]])),
-                         samples, CheckOptions(max_closed_acc_drop=10.0, min_agreement=0.7), RunContext(quiet=True))
+    refs = References([s.qid for s in samples], ref_ans, lg, [0, 1, 0, 1],
+                      np.stack([np.array([[1.0, 0.0], [0.0, 1.0]])] * 2))
+    fake = _Fake(cand_ans, lq, np.array([[1.0, 0.0], [1.0, 1.0]]))
+    res = checks.compare(refs, fake, samples, CheckOptions(max_closed_acc_drop=10.0, min_agreement=0.7, batch_size=1),
+                         RunContext(quiet=True))
     m = res.metrics
     assert m["source_closed_acc"] == 1.0 and m["artifact_closed_acc"] == 0.75 and m["closed_acc_drop"] == 25.0
     assert m["agreement"] == 0.75
@@ -120,12 +119,25 @@ def test_compare_computes_metrics_from_both_models():
     assert m["vision_cosine"] == pytest.approx((1 + math.sqrt(0.5)) / 2, rel=1e-5) and m["n_images"] == 2
     assert [g.name for g in checks.failed(res.gates)] == ["closed_acc_drop", "mean_kl", "vision_cosine"]
     assert [r["agree"] for r in res.rows] == [True, False, True, True]
+    # questions grouped by image (each image's questions together), batch_size 1 here
+    assert fake.calls == [["question 0"], ["question 2"], ["question 1"], ["question 3"]]
+    fake.calls.clear()
+    checks.compare(refs, fake, samples, CheckOptions(batch_size=8), RunContext(quiet=True))
+    assert fake.calls == [["question 0", "question 2"], ["question 1", "question 3"]]
 
 
-def test_select_samples_is_even_and_deterministic():
-    xs = list(range(100))
-    assert checks.select_samples(xs, 5) == [0, 25, 50, 74, 99]
-    assert checks.select_samples(xs, None) == xs and checks.select_samples(xs[:3], 10) == xs[:3]
+def test_select_samples_is_stratified_and_deterministic():
+    from medlite.build.references import select_samples
+
+    samples = [VqaSample(f"q{i}", f"q {i}", "yes", "closed" if i % 4 else "open", f"img{i}",
+                         modality=("CT", "MR", "US")[i % 3]) for i in range(120)]
+    picked = select_samples(samples, 12)
+    assert len(picked) == 12 and picked == select_samples(list(samples), 12)
+    strata = {(s.modality, s.answer_type) for s in picked}
+    assert strata == {(s.modality, s.answer_type) for s in samples}        # every stratum represented
+    assert picked != samples[:12]                                            # never "the first N"
+    assert [samples.index(s) for s in picked] == sorted(samples.index(s) for s in picked)
+    assert select_samples(samples, None) == samples and select_samples(samples[:3], 10) == samples[:3]
 
 
 def test_compare_metrics_tolerates_float_noise_only():

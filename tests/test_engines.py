@@ -16,8 +16,8 @@ from medlite.context import RunContext
 from medlite.engines.targets import TARGETS
 from medlite.errors import ExportError
 from medlite.recipes.schema import EnginesOptions
-from medlite.stages import BuildState
-from medlite.stages import engines as eng
+from medlite.build.contract import BuildState
+from medlite.build.stages import engines as eng
 
 OPTS = EnginesOptions(precision="fp16", max_batch=2, max_prompt_tokens=24, max_new_tokens=8, workspace_mb=512)
 
@@ -35,17 +35,18 @@ def bundle(tmp_path_factory):
     loaded = load_model(ckpt, ctx=ctx, vision_tower=ckpt / "vision_tower")
     work = root / "artifact"
     export_onnx(loaded, work, ctx=ctx, precision="fp16")
-    state = BuildState(ctx=ctx, recipe=None, target=TARGETS["jetson-xavier-nx-8gb"], loaded=loaded, work=work)
-    detail = eng.run(state, 1, OPTS)
-    assert detail.startswith("bundle for jetson-xavier-nx-8gb · est. device memory")
-    return work, json.loads((work / "engines" / "engines.json").read_text()), state
+    state = BuildState(ctx=ctx, recipe=None, target=TARGETS["jetson-xavier-nx-8gb"], work=work, source=None,
+                       model=loaded)
+    result = eng.run(state, 1, OPTS)
+    assert result.ok and result.summary.startswith("bundle for jetson-xavier-nx-8gb · est. device memory")
+    return work, json.loads((work / "engines" / "engines.json").read_text()), result
 
 
 def test_every_emitted_trtexec_flag_exists_in_8_5_2(bundle):
     work, spec, _ = bundle
     text = (work / "engines" / "build_engines.sh").read_text()
     flags = set(re.findall(r"(?<![\w-])(--[A-Za-z][A-Za-z0-9]*)", text.split("trtexec)", 1)[1]))
-    known = set(json.loads((Path(eng.__file__).parents[1] / "data" / eng.FLAGS_FILE).read_text())["flags"])
+    known = set(json.loads((Path(eng.__file__).parents[2] / "data" / eng.FLAGS_FILE).read_text())["flags"])
     assert flags and flags <= known, flags - known
     assert {"--onnx", "--saveEngine", "--minShapes", "--optShapes", "--maxShapes", "--fp16"} <= flags
     with pytest.raises(ExportError, match="--builderOptimizationLevel"):
@@ -273,7 +274,7 @@ def test_on_device_builder_sets_two_decoder_profiles_and_pins_fp32_islands(bundl
 
 
 def test_memory_estimate_adds_weights_table_and_kv_cache(bundle):
-    work, spec, state = bundle
+    work, spec, result = bundle
     mem = spec["memory"]
     cfg = json.loads((work / "medlite_runtime.json").read_text())
     m = cfg["model"]
@@ -282,11 +283,11 @@ def test_memory_estimate_adds_weights_table_and_kv_cache(bundle):
     assert mem["decoder_engine_bytes"] == (work / "decoder.onnx").stat().st_size     # fp16 export → fp16 engine
     assert mem["total_bytes"] == (mem["vision_engine_bytes"] + mem["decoder_engine_bytes"]
                                   + mem["embedding_table_bytes"] + mem["kv_cache_bytes"])
-    assert mem["fits"] and state.sections["engines"]["profiles"] == {"vision": ["default"],
+    assert mem["fits"] and result.manifest["profiles"] == {"vision": ["default"],
                                                                      "decoder": ["prefill", "decode"]}
 
 
 def test_memory_in_the_stage_line_is_readable_at_both_scales():
-    from medlite.stages.engines import _human_bytes
+    from medlite.build.stages.engines import _human_bytes
 
     assert _human_bytes(41.23e6) == "41.2 MB" and _human_bytes(0.93e9) == "0.93 GB" and _human_bytes(12.5e9) == "12.50 GB"

@@ -115,6 +115,8 @@ class BuildState:
     source: Any                       # medlite.build.source.Source (references, lazy source model)
     model: Any = None                 # the working LoadedModel (compress stages change .model in place)
     eval_samples: list = field(default_factory=list)
+    check_samples: list = field(default_factory=list)   # the questions the gates run on (stratified)
+    references: Any = None            # medlite.build.references.References of the source on check_samples
     calibration: Any = None           # medlite.calibration.calibset.CalibrationSet
     export_plan: ExportPlan = field(default_factory=ExportPlan)
     results: dict = field(default_factory=dict)    # "stages[i].name" -> StageResult

@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence
 
+from medlite.checkpoints.generate import image_features, prompt_ids, splice_image_embeds
+
 
 @dataclass
 class VlmInputs:
@@ -47,33 +49,6 @@ def image_key(sample) -> tuple:
     return ("fn", id(sample.image_fn))
 
 
-def image_features(model, pixel_values):
-    """Projected image embeddings ``[B, n_img, H]`` exactly as ``LlavaModel.get_image_features``."""
-    cfg = model.config
-    feats = model.model.get_image_features(pixel_values=pixel_values,
-                                           vision_feature_layer=cfg.vision_feature_layer,
-                                           vision_feature_select_strategy=cfg.vision_feature_select_strategy)
-    feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats
-    if isinstance(feats, (list, tuple)):
-        import torch
-
-        feats = torch.stack(list(feats))
-    return feats
-
-
-def splice_image_embeds(model, input_ids, image_embeds, image_token_id: int):
-    """Token embeddings of ``input_ids`` with row ``i``'s image embeddings at its image positions."""
-    emb = model.model.language_model.get_input_embeddings()(input_ids)
-    where = input_ids == image_token_id
-    n_img = image_embeds.shape[1]
-    counts = where.sum(dim=1)
-    if bool((counts != n_img).any()):
-        raise ValueError(f"rows have {counts.tolist()} image positions; the vision tower gives {n_img}")
-    emb = emb.clone()
-    emb[where] = image_embeds.reshape(-1, image_embeds.shape[-1]).to(emb.dtype)
-    return emb, where
-
-
 class ForwardLoop:
     """Calibration samples → :class:`VlmInputs` batches → the language model, with progress.
 
@@ -100,8 +75,6 @@ class ForwardLoop:
         return self._images[key]
 
     def _token_rows(self, chunk) -> tuple[list[list[int]], int]:
-        from medlite.checkpoints.generate import prompt_ids
-
         rows = [prompt_ids(self.loaded, s.question) for s in chunk]
         return rows, max(len(r) for r in rows)
 

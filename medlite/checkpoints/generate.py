@@ -38,6 +38,33 @@ def _forward(loaded, ids, pixels, *, mask=None, positions=None, past=None):
                             past_key_values=past, use_cache=True, return_dict=True)
 
 
+def image_features(model, pixel_values):
+    """Projected image embeddings ``[B, n_img, H]`` exactly as ``LlavaModel.get_image_features``."""
+    cfg = model.config
+    feats = model.model.get_image_features(pixel_values=pixel_values,
+                                           vision_feature_layer=cfg.vision_feature_layer,
+                                           vision_feature_select_strategy=cfg.vision_feature_select_strategy)
+    feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats
+    if isinstance(feats, (list, tuple)):
+        import torch
+
+        feats = torch.stack(list(feats))
+    return feats
+
+
+def splice_image_embeds(model, input_ids, image_embeds, image_token_id: int):
+    """Token embeddings of ``input_ids`` with row ``i``'s image embeddings at its image positions."""
+    emb = model.model.language_model.get_input_embeddings()(input_ids)
+    where = input_ids == image_token_id
+    n_img = image_embeds.shape[1]
+    counts = where.sum(dim=1)
+    if bool((counts != n_img).any()):
+        raise ValueError(f"rows have {counts.tolist()} image positions; the vision tower gives {n_img}")
+    emb = emb.clone()
+    emb[where] = image_embeds.reshape(-1, image_embeds.shape[-1]).to(emb.dtype)
+    return emb, where
+
+
 def first_token_logits(loaded, image, question: str) -> np.ndarray:
     """float32 logits ``[vocab]`` for the first answer token (raw: the image token is not masked)."""
     import torch
@@ -98,25 +125,14 @@ def answer(loaded, image, question: str, *, max_new_tokens: int = 32,
     return clean_answer(loaded.tokenizer.decode(gen, skip_special_tokens=True), loaded.template.stop)
 
 
-def answer_batch(loaded, images: Sequence, questions: Sequence[str], *, max_new_tokens: int = 32) -> list[str]:
-    """Greedy answers for a batch (left padding, per-row positions); equal to :func:`answer` row by row."""
+def _greedy_rows(loaded, out, mask, last_pos, *, max_new_tokens: int) -> list[str]:
+    """Greedy decoding of a left-padded batch from its prefill output ``out``."""
     import torch
 
-    if len(images) != len(questions):
-        raise ValueError(f"{len(images)} images but {len(questions)} questions")
-    if not questions:
-        return []
-    rows = [prompt_ids(loaded, q) for q in questions]
-    width = max(len(r) for r in rows)
-    pad = loaded.pad_token_id
-    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = _forward(loaded, ids, pixel_values(loaded, list(images)), mask=mask, positions=pos)
+    n = out.logits.shape[0]
     eos = set(loaded.eos_token_ids)
-    gens: list[list[int]] = [[] for _ in rows]
-    done = [False] * len(rows)
-    last_pos = pos[:, -1]
+    gens: list[list[int]] = [[] for _ in range(n)]
+    done = [False] * n
     for _ in range(max_new_tokens):
         nxt = _pick(out.logits[:, -1], loaded.image_token_id)
         for i, t in enumerate(nxt.tolist()):
@@ -130,7 +146,49 @@ def answer_batch(loaded, images: Sequence, questions: Sequence[str], *, max_new_
                 done[i] = True
         if all(done):
             break
-        mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype)], dim=1)
+        mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype)], dim=1)
         last_pos = last_pos + 1
         out = _forward(loaded, nxt[:, None], None, mask=mask, positions=last_pos[:, None], past=out.past_key_values)
     return [clean_answer(loaded.tokenizer.decode(g, skip_special_tokens=True), loaded.template.stop) for g in gens]
+
+
+def _left_padded(loaded, questions: Sequence[str]):
+    import torch
+
+    rows = [prompt_ids(loaded, q) for q in questions]
+    width = max(len(r) for r in rows)
+    pad = loaded.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def answer_batch(loaded, images: Sequence, questions: Sequence[str], *, max_new_tokens: int = 32) -> list[str]:
+    """Greedy answers for a batch (left padding, per-row positions); equal to :func:`answer` row by row."""
+    if len(images) != len(questions):
+        raise ValueError(f"{len(images)} images but {len(questions)} questions")
+    if not questions:
+        return []
+    ids, mask, pos = _left_padded(loaded, questions)
+    out = _forward(loaded, ids, pixel_values(loaded, list(images)), mask=mask, positions=pos)
+    return _greedy_rows(loaded, out, mask, pos[:, -1], max_new_tokens=max_new_tokens)
+
+
+def evaluate_image(loaded, image, questions: Sequence[str], *, max_new_tokens: int = 16):
+    """Everything the gates need about one image and its questions, with the image encoded once.
+
+    Returns ``(answers, first_token_logits [q, vocab] float32, image_embeddings [n_img, hidden] float32)``.
+    The prompts are one left-padded batch whose image positions get the same projected features, so
+    each answer equals :func:`answer` on that question (same greedy rule).
+    """
+    import torch
+
+    model = loaded.model
+    ids, mask, pos = _left_padded(loaded, questions)
+    with torch.inference_mode():
+        img = image_features(model, pixel_values(loaded, image))
+        embeds, _ = splice_image_embeds(model, ids, img.expand(len(questions), -1, -1), loaded.image_token_id)
+        out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True, return_dict=True)
+    first = out.logits[:, -1].float().numpy().copy()
+    answers = _greedy_rows(loaded, out, mask, pos[:, -1], max_new_tokens=max_new_tokens)
+    return answers, first, img[0].float().numpy()

@@ -5,9 +5,9 @@ import ctypes
 import gc
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import onnx
 
@@ -17,7 +17,8 @@ from medlite.export.files import (EMBED_TABLE_FILE, EMBED_TABLE_NAME, check_onnx
 from medlite.export.graph_passes import op_counts
 from medlite.export.graphs import (decoder_onnx_from_model, embed_onnx_from_model, text_dims,
                                    vision_onnx_from_model)
-from medlite.export.precision import check_fp32_islands, model_for_precision
+from medlite.build.contract import TENSORRT, ExportPlan, PassContext
+from medlite.export.precision import PRECISIONS, check_fp32_islands, model_for_precision
 from medlite.export.runtime_config import graph_spec_from_onnx, runtime_config_from_loaded
 from medlite.export.trt_ops import trt_check_from_onnx
 from medlite.fileio import sha256_file
@@ -43,6 +44,7 @@ class ExportResult:
     tied_embeddings: bool = False
     seconds: dict[str, float] = field(default_factory=dict)
     trace_notes: list[str] = field(default_factory=list)
+    passes: dict[str, list[str]] = field(default_factory=dict)   # graph -> plan passes that ran
 
     @property
     def trt_ok(self) -> bool:
@@ -88,17 +90,11 @@ def _rename_table(proto: onnx.ModelProto) -> None:
                 n.input[i] = EMBED_TABLE_NAME
 
 
-def _export_one(name: str, model, loaded, out: Path, res: ExportResult, specs: dict, trt_summary: dict, *,
-                tmp_root: Path, tied: bool, table, allow_trt_issues: bool, ctx) -> None:
-    """Trace, write and check one graph; fill ``res``, ``specs`` and ``trt_summary`` for it."""
-    t0 = time.perf_counter()
-    opset = res.opset
-    precision = res.precision
+def _trace(name: str, model, loaded, gp, common: dict, tied: bool, table, swaps) -> tuple:
+    """Trace one graph with the plan's module swaps applied; returns ``(proto, shared initializer names)``."""
     vcfg = model.config.vision_config
-    with ctx.stage(name) as info:
-        meta = {"medlite.graph": name, "medlite.precision": precision, "medlite.model": loaded.name}
-        common = dict(opset=opset, metadata=meta, tmp_root=tmp_root, trace_notes=res.trace_notes)
-        shared: list[str] = []
+    shared: list[str] = []
+    with swaps:
         if name == "vision":
             proto = vision_onnx_from_model(model, image_size=int(vcfg.image_size), **common)
         elif name == "embed":
@@ -112,40 +108,87 @@ def _export_one(name: str, model, loaded, out: Path, res: ExportResult, specs: d
                     raise ExportError("decoder.onnx: lm_head is tied to the embeddings but its weight was "
                                       "not found in the traced graph")
                 shared = [EMBED_TABLE_NAME]
+    return proto, shared
+
+
+def _check_graph(name: str, path: Path, gp, res: ExportResult, trt_summary: dict, allow_trt_issues: bool,
+                 ctx) -> str:
+    """onnx.checker, op counts, fp32 islands and — for graphs that go to TensorRT — the TensorRT check."""
+    check_onnx_file(path)
+    skeleton = onnx.load(str(path), load_external_data=False)
+    res.ops[name] = op_counts(skeleton)
+    if gp.precision == "fp16":
+        res.fp32_ops[name] = check_fp32_islands(skeleton, name)
+    if gp.runtime != TENSORRT:
+        res.trt_check[name] = {"ok": True, "skipped": True, "target": None, "issues": [],
+                               "int64_tensors": 0, "reason": gp.runtime_reason}
+        trt_summary[name] = {"ok": True, "skipped": True, "runtime": gp.runtime, "reason": gp.runtime_reason}
+        return f"ONNX Runtime only ({gp.runtime_reason})"
+    trt = trt_check_from_onnx(skeleton)
+    res.trt_check[name] = trt.to_dict()
+    trt_summary[name] = {"ok": trt.ok, "target": trt.target, "issues": len(trt.issues),
+                         "int64_tensors": trt.int64_tensors}
+    if not trt.ok:
+        msg = f"{path.name} would not parse on TensorRT 8.5:\n{trt.summary()}"
+        if not allow_trt_issues:
+            raise ExportError(msg)
+        ctx.warn(msg)
+    return f"TensorRT 8.5 {'ok' if trt.ok else f'{len(trt.issues)} issue(s)'}"
+
+
+def _export_one(name: str, model, loaded, out: Path, res: ExportResult, specs: dict, trt_summary: dict, *,
+                gp, plan, pass_state, tmp_root: Path, tied: bool, table, allow_trt_issues: bool, ctx) -> None:
+    """Trace (with swaps), run the plan's graph passes, write and check one graph."""
+    t0 = time.perf_counter()
+    with ctx.stage(name) as info:
+        meta = {"medlite.graph": name, "medlite.precision": gp.precision, "medlite.model": loaded.name}
+        if gp.quantization:
+            meta["medlite.quantization"] = gp.quantization.get("scheme", "yes")
+        common = dict(opset=res.opset, metadata=meta, tmp_root=tmp_root, trace_notes=res.trace_notes)
+        proto, shared = _trace(name, model, loaded, gp, common, tied, table, plan.swaps_for(name, model))
+        for pass_name, fn in gp.passes:
+            proto = fn(proto, PassContext(graph=name, ctx=ctx, model=loaded, state=pass_state, tmp_dir=tmp_root))
+            res.passes.setdefault(name, []).append(pass_name)
         written = write_onnx(proto, out / f"{name}.onnx", shared=shared)
         del proto
         shutil.rmtree(tmp_root, ignore_errors=True)   # the exporter's staged weights, now copied
         _release_memory()
         path = written[0]
-        check_onnx_file(path)
+        verdict = _check_graph(name, path, gp, res, trt_summary, allow_trt_issues, ctx)
         skeleton = onnx.load(str(path), load_external_data=False)
-        res.ops[name] = op_counts(skeleton)
-        trt = trt_check_from_onnx(skeleton)
-        res.trt_check[name] = trt.to_dict()
-        trt_summary[name] = {"ok": trt.ok, "target": trt.target, "issues": len(trt.issues),
-                             "int64_tensors": trt.int64_tensors}
-        if precision == "fp16":
-            res.fp32_ops[name] = check_fp32_islands(skeleton, name)
-        specs[name] = graph_spec_from_onnx(skeleton, path.name, [p.name for p in written[1:]])
+        spec = graph_spec_from_onnx(skeleton, path.name, [p.name for p in written[1:]])
+        specs[name] = replace(spec, runtime=gp.runtime, runtime_reason=gp.runtime_reason, precision=gp.precision,
+                              quantization=dict(gp.quantization))
         size = sum(p.stat().st_size for p in written)
-        info["detail"] = (f"→ {path.name} {human_bytes(size)}, {sum(res.ops[name].values())} nodes, "
-                          f"TensorRT 8.5 {'ok' if trt.ok else f'{len(trt.issues)} issue(s)'}")
-        if not trt.ok:
-            msg = f"{path.name} would not parse on TensorRT 8.5:\n{trt.summary()}"
-            if not allow_trt_issues:
-                raise ExportError(msg)
-            ctx.warn(msg)
+        info["detail"] = f"→ {path.name} {human_bytes(size)}, {sum(res.ops[name].values())} nodes, {verdict}"
     res.seconds[name] = round(time.perf_counter() - t0, 2)
 
 
+def _graph_plans(plan: ExportPlan, components: list, precision: str) -> dict:
+    """Each component's GraphPlan with its precision resolved (the plan's, else the export's)."""
+    plans = {}
+    for name in components:
+        gp = plan.graph(name)
+        gp.precision = gp.precision or precision
+        if gp.precision not in PRECISIONS:
+            raise ExportError(f"{name}: precision {gp.precision!r} is not one of {', '.join(PRECISIONS)}")
+        plans[name] = gp
+    return plans
+
+
 def export_onnx(loaded, out_dir, *, ctx, precision: str = "fp32", opset: int = 17,
-                components: Sequence[str] = GRAPHS, allow_trt_issues: bool = False) -> ExportResult:
+                components: Sequence[str] = GRAPHS, allow_trt_issues: bool = False,
+                plan: Optional[ExportPlan] = None, pass_state=None) -> ExportResult:
     """Export ``loaded`` (a ``LoadedModel``) to ONNX graphs plus ``medlite_runtime.json`` and ``tokenizer.json``.
 
-    Every graph is checked with ``onnx.checker`` and against TensorRT 8.5's operator table; a graph
-    TensorRT 8.5 would reject raises :class:`ExportError` unless ``allow_trt_issues`` (then it is a
-    loud warning). fp16 graphs must keep normalisation and softmax in fp32 (checked).
-    Output bytes depend only on the model and the arguments (two exports give identical files).
+    Composition (``plan``, filled by compress stages; see :mod:`medlite.build.contract`): each graph
+    is traced in its own precision with the plan's module swaps applied, then the standard passes
+    (folding never removes Q/DQ or custom-domain nodes), then the plan's graph passes, then written
+    and checked. Graphs that go to TensorRT are checked against TensorRT 8.5's operator table (a
+    graph it would reject raises :class:`ExportError` unless ``allow_trt_issues``); graphs marked
+    ONNX-Runtime-only skip that check and say so in the runtime config. fp16 graphs must keep
+    normalisation and softmax in fp32 (checked). Output bytes depend only on the model and the
+    arguments (two exports give identical files).
     """
     if not MIN_OPSET <= int(opset) <= MAX_OPSET:
         raise ExportError(f"opset {opset} is not supported: use {MIN_OPSET}..{MAX_OPSET} "
@@ -154,6 +197,42 @@ def export_onnx(loaded, out_dir, *, ctx, precision: str = "fp32", opset: int = 1
     unknown = [c for c in components if c not in GRAPHS]
     if unknown or not components:
         raise ExportError(f"components {unknown or components!r}: choose from {', '.join(GRAPHS)}")
+    _check_model(loaded, components)
+    plan = plan if plan is not None else ExportPlan()
+    plans = _graph_plans(plan, components, precision)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in _OWN_FILES:          # stale files of an earlier export would mix with this one
+        (out / name).unlink(missing_ok=True)
+    models = {p: model_for_precision(loaded, p, ctx=ctx) for p in sorted({gp.precision for gp in plans.values()})}
+    table_prec = plans.get("embed", plans.get("decoder", next(iter(plans.values())))).precision
+    base = models[table_prec]
+    tied = _is_tied(base)
+    if tied and "decoder" in plans and plans["decoder"].precision != table_prec:
+        raise ExportError("the lm_head is tied to the embedding table, so embed and decoder must share a precision "
+                          f"(got {table_prec} and {plans['decoder'].precision})")
+    dims = text_dims(base)
+    table = base.model.language_model.get_input_embeddings().weight.detach().cpu().numpy()
+    res = ExportResult(out_dir=str(out), precision=precision, opset=int(opset), tied_embeddings=tied)
+    tmp_root = out / ".medlite-export-tmp"   # the exporter's staging folder (ours; removed after each graph)
+    specs, trt_summary, uses_table = {}, {}, False
+    try:
+        # Largest graph first: the exporter's peak memory is highest for the decoder, and it should
+        # not stack on what the vision trace leaves behind (see docs/export.md, full-size benchmark).
+        for name in sorted(components, key=("decoder", "vision", "embed").index):
+            gp = plans[name]
+            _export_one(name, models[gp.precision], loaded, out, res, specs, trt_summary, gp=gp, plan=plan,
+                        pass_state=pass_state, tmp_root=tmp_root, tied=tied, table=table,
+                        allow_trt_issues=allow_trt_issues, ctx=ctx)
+            uses_table = uses_table or name == "embed" or (name == "decoder" and tied)
+    finally:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+    _write_runtime_files(loaded, out, res, specs, trt_summary, dims, table if uses_table else None, tied,
+                         kv_precision=plans["decoder"].precision if "decoder" in plans else precision)
+    return res
+
+
+def _check_model(loaded, components: list) -> None:
     vcfg = loaded.model.config.vision_config
     tcfg = loaded.model.config.text_config
     if getattr(tcfg, "use_sliding_window", False) and getattr(tcfg, "sliding_window", None):
@@ -163,40 +242,22 @@ def export_onnx(loaded, out_dir, *, ctx, precision: str = "fp32", opset: int = 1
     if "vision" in components and int(vcfg.image_size) != int(loaded.image_spec.size):
         raise ExportError(f"image_spec.size {loaded.image_spec.size} differs from the vision tower's image_size "
                           f"{vcfg.image_size}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in _OWN_FILES:          # stale files of an earlier export would mix with this one
-        (out / name).unlink(missing_ok=True)
-    model = model_for_precision(loaded, precision, ctx=ctx)
-    dims = text_dims(model)
-    tied = _is_tied(model)
-    table = model.model.language_model.get_input_embeddings().weight.detach().cpu().numpy()
-    res = ExportResult(out_dir=str(out), precision=precision, opset=int(opset), tied_embeddings=tied)
-    tmp_root = out / ".medlite-export-tmp"   # the exporter's staging folder (ours; removed after each graph)
-    specs, trt_summary, uses_table = {}, {}, False
 
-    try:
-        # Largest graph first: the exporter's peak memory is highest for the decoder, and it should
-        # not stack on what the vision trace leaves behind (see docs/export.md, full-size benchmark).
-        for name in sorted(components, key=("decoder", "vision", "embed").index):
-            _export_one(name, model, loaded, out, res, specs, trt_summary, tmp_root=tmp_root, tied=tied,
-                        table=table, allow_trt_issues=allow_trt_issues, ctx=ctx)
-            uses_table = uses_table or name == "embed" or (name == "decoder" and tied)
-    finally:
-        shutil.rmtree(tmp_root, ignore_errors=True)
 
+def _write_runtime_files(loaded, out: Path, res: ExportResult, specs: dict, trt_summary: dict, dims: dict,
+                         table, tied: bool, *, kv_precision: str) -> None:
     loaded.tokenizer.save(str(out / "tokenizer.json"))
     table_info = None
-    if uses_table:
+    if table is not None:
         table_info = {"dtype": table.dtype.name, "shape": list(table.shape), "tied_lm_head": tied}
-    cfg = runtime_config_from_loaded(loaded, precision=precision, opset=int(opset), graphs=specs, dims=dims,
-                                     table=table_info, fp32_ops=res.fp32_ops, trt_check=trt_summary)
+    cfg = runtime_config_from_loaded(loaded, precision=res.precision, opset=res.opset, graphs=specs, dims=dims,
+                                     table=table_info, fp32_ops=res.fp32_ops, trt_check=trt_summary,
+                                     kv_precision=kv_precision)
     (out / CONFIG_FILE).write_text(cfg.to_json(), encoding="utf-8")
     for name in _OWN_FILES:
         p = out / name
         if p.is_file():
             res.files[name] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-    return res
 
 
 __all__ = ["ExportResult", "export_onnx"]

@@ -22,9 +22,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-# Ops never folded: random ops differ per run, control flow carries subgraphs.
+# Ops never folded: random ops differ per run, control flow carries subgraphs, and quantization
+# nodes ARE the quantization: Q/DQ on a constant weight is how TensorRT 8.5 learns a weight's INT8
+# scale (explicit quantization), so folding DequantizeLinear(int8 weight) to a float constant would
+# silently turn an INT8 graph back into a float one. Custom-domain nodes (com.microsoft MatMulNBits)
+# are never folded either (the loop below skips every non-default domain).
 _NO_FOLD = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
-            "Bernoulli", "If", "Loop", "Scan", "Constant", "Dropout"}
+            "Bernoulli", "If", "Loop", "Scan", "Constant", "Dropout",
+            "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 
 
 def _static_shapes(model: onnx.ModelProto) -> dict[str, list]:

@@ -39,12 +39,12 @@ def _versions() -> dict[str, str]:
 
 def runtime_config_from_loaded(loaded, *, precision: str, opset: int, graphs: dict[str, GraphSpec],
                                dims: dict[str, int], table: Optional[dict], fp32_ops: dict,
-                               trt_check: dict) -> RuntimeConfig:
+                               trt_check: dict, kv_precision: Optional[str] = None) -> RuntimeConfig:
     """The runtime config for an export of ``loaded`` (a :class:`~medlite.checkpoints.model.LoadedModel`).
 
     ``table`` describes ``embed_tokens.bin`` (dtype, shape, tied) or is None when no graph needed it.
     """
-    kv_dtype = "float16" if precision == "fp16" else "float32"
+    kv_dtype = "float16" if (kv_precision or precision) == "fp16" else "float32"
     return RuntimeConfig(
         graphs=graphs, precision=precision, opset=opset, model=dict(dims),
         image_token_id=int(loaded.image_token_id), num_image_tokens=int(loaded.num_image_tokens),

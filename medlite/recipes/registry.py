@@ -7,37 +7,89 @@ rules. The loader (:mod:`medlite.recipes.loader`) only interprets these tables.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Optional
 
-from medlite.recipes.schema import OPTION_MODELS, STAGE_NAMES, Closed
+from medlite.compress.prune.options import PruneOptions
+from medlite.compress.prune.options import plan as prune_plan
+from medlite.compress.prune.options import rules as prune_rules
+from medlite.recipes import rules
+from medlite.recipes.base import Closed
+from medlite.recipes.options import CheckOptions, EnginesOptions, ExportOptions, QuantizeOptions
+from medlite.recipes.planning import check_plan, engines_plan, export_plan, quantize_plan
+
+try:  # the distill stage's own options (lands with its implementation)
+    from medlite.compress.distill.options import DistillOptions
+    from medlite.compress.distill.options import plan as distill_plan
+    from medlite.compress.distill.options import rules as distill_rules
+    _DISTILL_READY = True
+except ImportError:  # pragma: no cover - only while distillation is being written
+    from medlite.recipes.base import Closed as DistillOptions  # type: ignore[assignment]
+    distill_plan = distill_rules = None
+    _DISTILL_READY = False
+
+RULE = Callable   # (index, opts, RecipeView) -> (errors, warnings)
+PLAN = Callable   # (index, opts, PlanInputs) -> list[str] | dict
 
 
 @dataclass(frozen=True)
 class StageSpec:
-    """What the registry knows about one stage."""
+    """One registry entry: everything medlite knows about a stage.
+
+    * ``options``: the closed options model of ``- <name>: {...}``;
+    * ``runner``: ``"module:function"`` of ``run(state, index, options) -> StageResult`` (imported only
+      when the stage runs, so validation and planning never import torch), or the function itself;
+    * ``plan``: what the stage will do and the bytes it expects, for ``medlite plan``;
+    * ``rules``: its cross-field validation rules (:mod:`medlite.recipes.rules`);
+    * ``changes_weights``: a compress stage — the source's references are cached before the first one;
+    * ``needs_source``: it reads the untouched source model (a distillation teacher), so the working
+      model must be a copy;
+    * ``numerics``: packages whose versions change its numbers (hashed into the artifact version).
+    """
 
     name: str
     options: type[Closed]
     summary: str
-    implemented: bool
+    runner: Optional[object]
+    plan: Optional[PLAN] = None
+    rules: Optional[RULE] = None
     needs_calibration: bool = False
+    changes_weights: bool = False
+    needs_source: bool = False
+    numerics: tuple = ()
     max_count: int = 1
+
+    @property
+    def implemented(self) -> bool:
+        return self.runner is not None
 
 
 STAGES: dict[str, StageSpec] = {s.name: s for s in (
-    StageSpec("prune", OPTION_MODELS["prune"], "structured pruning of heads / channels / layers",
-              implemented=False, needs_calibration=True),
-    StageSpec("distill", OPTION_MODELS["distill"], "distillation from the source model",
-              implemented=False, needs_calibration=True),
-    StageSpec("quantize", OPTION_MODELS["quantize"], "INT8 / W8A8 / INT4 weight quantization",
-              implemented=False, needs_calibration=True),
-    StageSpec("export", OPTION_MODELS["export"], "vision / embed / decoder ONNX graphs + runtime config",
-              implemented=True),
-    StageSpec("engines", OPTION_MODELS["engines"], "TensorRT 8.5 build bundle (engines are built on the device)",
-              implemented=True),
-    StageSpec("check", OPTION_MODELS["check"], "accuracy gates against the source model on the held-out split",
-              implemented=True),
+    StageSpec("prune", PruneOptions, "structured pruning of MLP channels / KV groups / layers (dense, smaller)",
+              "medlite.compress.prune.stage:run", prune_plan, prune_rules, needs_calibration=True,
+              changes_weights=True, numerics=("torch", "transformers")),
+    StageSpec("distill", DistillOptions, "distillation from the untouched source model as teacher",
+              "medlite.compress.distill.stage:run" if _DISTILL_READY else None, distill_plan, distill_rules,
+              needs_calibration=True, changes_weights=True, needs_source=True, numerics=("torch", "transformers")),
+    StageSpec("quantize", QuantizeOptions, "INT8 Q/DQ (TensorRT) / W8A8 SmoothQuant / W4A16 GPTQ-AWQ (ONNX Runtime)",
+              "medlite.compress.quantize_stage:run", quantize_plan, rules.quantize_rules, needs_calibration=True,
+              changes_weights=True, numerics=("torch", "transformers", "llmcompressor", "compressed-tensors",
+                                              "onnxruntime")),
+    StageSpec("export", ExportOptions, "vision / embed / decoder ONNX graphs + runtime config",
+              "medlite.build.stages.export:run", export_plan, rules.export_rules, numerics=("torch", "transformers",
+                                                                                          "onnx")),
+    StageSpec("engines", EnginesOptions, "TensorRT 8.5 build bundle (engines are built on the device)",
+              "medlite.build.stages.engines:run", engines_plan, rules.engines_rules),
+    StageSpec("check", CheckOptions, "accuracy gates against the source model on the held-out split",
+              "medlite.build.stages.check:run", check_plan, rules.check_rules, numerics=("onnxruntime",)),
 )}
-assert tuple(STAGES) == STAGE_NAMES  # the schema and the registry name the same closed set
+STAGE_NAMES: tuple = tuple(STAGES)
+OPTION_MODELS: dict = {n: s.options for n, s in STAGES.items()}
+
+
+def numerics_packages(names) -> list[str]:
+    """The packages whose versions change the numbers of a recipe with these stages (sorted)."""
+    return sorted({p for n in names for p in STAGES[n].numerics})
+
 
 # Stages of the transformation chain must appear in this relative order (any subset may be used):
 # compress the weights first, then export them, then build engines from the exported graphs.

@@ -18,28 +18,21 @@ that *all* errors are reported together. See docs/recipes.md for the reference.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, create_model, field_validator, model_validator
 
-STAGE_NAMES = ("prune", "distill", "quantize", "export", "engines", "check")
-COMPONENTS = ("vision", "embed", "decoder")
+from medlite.recipes.base import Closed
+from medlite.recipes.options import COMPONENTS, CheckOptions, EnginesOptions, ExportOptions, QuantizeOptions
+from medlite.recipes.registry import OPTION_MODELS, STAGE_NAMES
+
+# Re-exported: callers import the option models and the base from here.
+__all__ = ["Closed", "COMPONENTS", "CalibrationSpec", "CheckOptions", "EnginesOptions", "EvaluationSpec",
+           "ExportOptions", "OPTION_MODELS", "QuantizeOptions", "Recipe", "STAGE_NAMES", "StageEntry"]
+
 _SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?$")
 # Recipe names become folder names in artifact paths: keep them portable.
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-
-
-class Closed(BaseModel):
-    """Base: unknown keys are errors, values are validated on assignment too."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-def _fraction(v: Optional[float]) -> Optional[float]:
-    # Fractions are easy to confuse with percentages (99.5 vs 0.995): say which one is expected.
-    if v is not None and not 0.0 <= v <= 1.0:
-        raise ValueError(f"must be a fraction between 0 and 1 (0.995 means 99.5 %), got {v}")
-    return v
 
 
 # -- data sets ------------------------------------------------------------------------------------
@@ -63,94 +56,12 @@ class EvaluationSpec(Closed):
     max_samples: Optional[int] = Field(None, ge=1)
 
 
-# -- stage options --------------------------------------------------------------------------------
-class PruneOptions(Closed):
-    """Structured pruning (Volta has no 2:4 sparsity speed-up). Not implemented in this version."""
+class _StageEntryBase(Closed):
+    """One ``stages`` item: exactly one of the fields is set (``- export: {...}``).
 
-    method: Literal["heads", "channels", "layers"] = "heads"
-    sparsity: float = Field(0.25, gt=0.0, lt=1.0)
-    scope: Literal["llm", "vision", "all"] = "llm"
-
-
-class DistillOptions(Closed):
-    """Recover accuracy from the source model as teacher. Not implemented in this version."""
-
-    steps: int = Field(200, ge=1)
-    learning_rate: float = Field(1e-4, gt=0.0)
-    temperature: float = Field(2.0, gt=0.0)
-
-
-class QuantizeOptions(Closed):
-    """Weight / activation quantization. Not implemented in this version."""
-
-    method: Literal["int8", "w8a8", "int4"] = "int8"
-    group_size: Literal[32, 64, 128] = 128
-    scope: Literal["llm", "vision", "all"] = "llm"
-
-
-class ExportOptions(Closed):
-    """ONNX export of the vision, embedding and decoder graphs."""
-
-    precision: Literal["fp32", "fp16"] = "fp16"
-    # The target's own maximum is checked by the loader (opset > target max names the target).
-    opset: int = Field(17, ge=14, le=21)
-    components: list[Literal["vision", "embed", "decoder"]] = Field(default_factory=lambda: list(COMPONENTS))
-
-    @field_validator("components")
-    @classmethod
-    def _components(cls, v: list[str]) -> list[str]:
-        if not v:
-            raise ValueError(f"must name at least one of {', '.join(COMPONENTS)}")
-        dup = sorted({c for c in v if v.count(c) > 1})
-        if dup:
-            raise ValueError(f"lists {', '.join(dup)} more than once")
-        return [c for c in COMPONENTS if c in v]   # canonical order: same recipe → same hash
-
-
-class EnginesOptions(Closed):
-    """A TensorRT build bundle (script + profiles) for the target; engines are built on the device."""
-
-    precision: Literal["fp32", "fp16", "int8", "int4"] = "fp16"
-    max_batch: int = Field(1, ge=1, le=64)
-    max_prompt_tokens: int = Field(128, ge=1, description="text tokens in a prompt, besides the image tokens")
-    max_new_tokens: int = Field(128, ge=1)
-    workspace_mb: int = Field(2048, ge=64)
-
-
-class CheckOptions(Closed):
-    """Accuracy gates: the artifact against the uncompressed source on the held-out split.
-
-    A gate set to ``null`` is measured and reported but never fails the build.
+    The fields — one per registry stage, typed by that stage's options model — are added from the
+    registry below, so adding a stage is adding a registry entry.
     """
-
-    max_closed_acc_drop: Optional[float] = Field(1.0, ge=0.0, description="points (percent of questions)")
-    min_agreement: Optional[float] = 0.995
-    max_mean_kl: Optional[float] = Field(0.01, ge=0.0, description="nats, first answer token")
-    min_vision_cosine: Optional[float] = Field(0.999, ge=-1.0, le=1.0)
-    max_samples: Optional[int] = Field(None, ge=1, description="overrides evaluation.max_samples")
-    max_new_tokens: int = Field(16, ge=1, le=512)
-
-    @field_validator("min_agreement")
-    @classmethod
-    def _agreement(cls, v: Optional[float]) -> Optional[float]:
-        return _fraction(v)
-
-
-OPTION_MODELS: dict[str, type[Closed]] = {
-    "prune": PruneOptions, "distill": DistillOptions, "quantize": QuantizeOptions,
-    "export": ExportOptions, "engines": EnginesOptions, "check": CheckOptions,
-}
-
-
-class StageEntry(Closed):
-    """One ``stages`` item: exactly one of the fields is set (``- export: {...}``)."""
-
-    prune: Optional[PruneOptions] = None
-    distill: Optional[DistillOptions] = None
-    quantize: Optional[QuantizeOptions] = None
-    export: Optional[ExportOptions] = None
-    engines: Optional[EnginesOptions] = None
-    check: Optional[CheckOptions] = None
 
     @model_validator(mode="before")
     @classmethod
@@ -175,6 +86,10 @@ class StageEntry(Closed):
     def options(self) -> Closed:
         """The stage's options model."""
         return getattr(self, self.name)
+
+
+StageEntry = create_model("StageEntry", __base__=_StageEntryBase,
+                          **{n: (Optional[m], None) for n, m in OPTION_MODELS.items()})
 
 
 class Recipe(Closed):

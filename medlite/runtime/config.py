@@ -38,6 +38,12 @@ class GraphSpec:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     data_files: list[str] = field(default_factory=list)
+    # Which runtime may run this graph: "tensorrt" (also ONNX Runtime) or "onnxruntime" only (e.g. INT4
+    # MatMulNBits, a com.microsoft op TensorRT 8.5 cannot parse), with the reason.
+    runtime: str = "tensorrt"
+    runtime_reason: str = ""
+    precision: str = ""                  # float precision the graph was traced in
+    quantization: dict = field(default_factory=dict)   # scheme, method, excluded layers ... (empty: none)
 
     def input(self, name: str) -> TensorSpec:
         return next(t for t in self.inputs if t.name == name)
@@ -123,7 +129,9 @@ class RuntimeConfig:
                 graphs[name] = GraphSpec(
                     file=g["file"], data_files=list(g.get("data_files", [])),
                     inputs=[TensorSpec(t["name"], t["dtype"], list(t["shape"])) for t in g["inputs"]],
-                    outputs=[TensorSpec(t["name"], t["dtype"], list(t["shape"])) for t in g["outputs"]])
+                    outputs=[TensorSpec(t["name"], t["dtype"], list(t["shape"])) for t in g["outputs"]],
+                    runtime=g.get("runtime", "tensorrt"), runtime_reason=g.get("runtime_reason", ""),
+                    precision=g.get("precision", ""), quantization=dict(g.get("quantization") or {}))
             except (KeyError, TypeError) as e:
                 raise DataError(f"{source}: graphs.{name} is malformed (missing {e})") from None
         model = need(raw, "model", "")

@@ -16,7 +16,7 @@ from medlite.errors import DataError
 from medlite.preprocess import preprocess
 from medlite.prompting import clean_answer, encode_prompt, expand_image_tokens
 from medlite.runtime.config import RuntimeConfig
-from medlite.runtime.decoding import greedy_generate, prefill_inputs
+from medlite.runtime.decoding import BoundDecoder, greedy_generate, prefill_inputs
 from medlite.runtime.sessions import open_session
 
 
@@ -52,6 +52,10 @@ class OnnxVlm:
         self._past_names = [config.past_name(i, k) for i in range(config.model["num_layers"]) for k in ("key", "value")]
         self._present_names = [config.present_name(i, k) for i in range(config.model["num_layers"])
                                for k in ("key", "value")]
+        # On the CPU EP the KV cache is bound to pre-allocated buffers (no per-step copies; docs/cpu.md).
+        self._bound = BoundDecoder(sessions["decoder"], self._past_names, self._present_names,
+                                   embed_dtype=self._embed_dtype, kv_dtype=self._kv_dtype) \
+            if list(providers.get("decoder", ())) == ["CPUExecutionProvider"] else None
 
     # -- opening --------------------------------------------------------------------------
     @classmethod
@@ -106,6 +110,8 @@ class OnnxVlm:
         return out.astype(self._embed_dtype, copy=False)
 
     def _decoder(self, x, mask, pos, past):
+        if self._bound is not None:
+            return self._bound(x, mask, pos, past)
         feed = {"inputs_embeds": x.astype(self._embed_dtype, copy=False), "attention_mask": mask,
                 "position_ids": pos}
         feed.update({n: p.astype(self._kv_dtype, copy=False) for n, p in zip(self._past_names, past)})
@@ -174,6 +180,38 @@ class OnnxVlm:
         stops = tuple(s for s in self.config.template.stop if s)
         gen = self.generate_ids(images, questions, max_new_tokens=max_new_tokens, on_step=on_step)
         return [clean_answer(self._text(ids), stops) for ids in gen]
+
+    def evaluate(self, image, questions: Sequence[str], *, max_new_tokens: int = 16):
+        """Everything the gates need about one image and its questions, with the image encoded once.
+
+        Returns ``(answers, first_token_logits [q, vocab] float32, image_embeddings [n_img, hidden]
+        float32)``; the questions run as one left-padded batch, and the first-token logits come from
+        the same prefill that starts the answers (nothing is computed twice).
+        """
+        questions = list(questions)
+        if not questions:
+            raise DataError("evaluate: no questions")
+        emb = self._vision([image])[0]
+        rows = [self._prompt_embeds(self.prompt_ids(q), emb) for q in questions]
+        m = self.config.model
+        first = prefill_inputs(rows, num_layers=m["num_layers"], num_kv_heads=m["num_kv_heads"],
+                               head_dim=m["head_dim"], dtype=self._kv_dtype,
+                               prefill_slots=int(self.config.kv_cache["prefill_past_slots"]))
+        captured: list[np.ndarray] = []
+
+        def run(x, mask, pos, past):
+            logits, present = self._decoder(x, mask, pos, past)
+            if not captured:
+                captured.append(np.asarray(logits[:, -1], dtype=np.float32).copy())
+            return logits, present
+
+        c = self.config
+        stops = tuple(s for s in c.template.stop if s)
+        ids = greedy_generate(run, self._embed, first, max_new_tokens=max_new_tokens,
+                              stop_ids=set(c.eos_token_ids), suppress_ids=list(c.suppress_token_ids),
+                              is_stopped=lambda _r, g: any(s in self._text(g) for s in stops))
+        answers = [clean_answer(self._text(g), stops) for g in ids]
+        return answers, captured[0], emb.astype(np.float32)
 
     def _byte_ids(self) -> set[int]:
         """Byte-fallback tokens (``<0x41>``): a run of them decodes only once it is complete."""

@@ -50,8 +50,8 @@ def test_group_size_message_matches_the_documented_form(tmp_path):
     p = write(tmp_path, GOOD.replace("  - export:", "  - quantize:\n      group_size: 48\n  - export:"))
     errs = errors_of(p)
     assert any(e.startswith("stages[0].quantize.group_size: must be one of 32, 64, 128 (got 48)") for e in errs), errs
-    # quantize is valid in the schema but refused by this version, at validation time
-    assert any("stage 'quantize' is not implemented in this version" in e for e in errs), errs
+    # every problem at once: the bad value, the missing calibration set, and nothing to quantize
+    assert any(e.startswith("calibration: required by stages[0].quantize") for e in errs), errs
 
 
 def test_top_level_errors_unknown_key_target_and_version(tmp_path):

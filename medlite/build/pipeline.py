@@ -11,16 +11,20 @@ Order of work:
 """
 from __future__ import annotations
 
-import json
-import platform
+import importlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from medlite import artifacts as af
-from medlite.errors import DataError
+from medlite.build.manifest import build_manifest, write_build_info
+from medlite.errors import DataError, MedliteError
 from medlite.model_choice import ModelChoice, load_source
+
+
+class StageFailed(MedliteError):
+    """A stage ran but failed one of its own checks (the artifact is not written)."""
 
 
 @dataclass
@@ -88,11 +92,74 @@ def load_evaluation(recipe, calibration, ctx) -> list:
 
 
 # -- build ----------------------------------------------------------------------------------------
+def _version(recipe, source, cal_hash: Optional[str]) -> str:
+    import medlite
+    from medlite.recipes.registry import numerics_packages
+
+    pk = af.package_versions(tuple(numerics_packages(e.name for e in recipe.stages)))
+    return af.compute_version(recipe.version, source=source.identity, recipe=recipe.hashed_dict(),
+                              calibration_sha256=cal_hash, medlite_version=medlite.__version__, packages=pk)
+
+
+def check_samples(recipe, eval_samples: list) -> list:
+    """The evaluation questions the check stage runs on (stratified when capped)."""
+    from medlite.build.references import select_samples
+
+    opts = recipe.stage("check")
+    if opts is None:
+        return []
+    return select_samples(eval_samples, opts.max_samples or recipe.evaluation.max_samples)
+
+
+def _prepare_working(state, specs: list) -> None:
+    """Cache the source's references before the first weight-changing stage, then hand the working
+    model to the stages (a copy only when a stage still reads the untouched source)."""
+    src = state.source
+    compress = any(s.changes_weights for s in specs)
+    keep_source = any(s.needs_source for s in specs)
+    opts = state.recipe.stage("check")
+    if compress and opts is not None:
+        with state.ctx.stage("reference") as info:
+            refs = src.references(state.check_samples, max_new_tokens=opts.max_new_tokens,
+                                  batch_size=opts.batch_size)
+            state.references = refs
+            state.timings["references_seconds"] = round(refs.seconds, 3)
+            info["detail"] = (f"source outputs on {len(refs.qids)} questions / {refs.n_images} images "
+                              + ("(cached)" if refs.cached else f"computed and cached ({refs.seconds:.1f} s)"))
+    state.model = src.working_model(keep_source=keep_source) if compress else src.model()
+
+
+def _runner(spec):
+    """The entry's run function: ``"module:function"`` imported now, or a callable as registered."""
+    if callable(spec.runner):
+        return spec.runner
+    module, fn = spec.runner.split(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def _run_stages(state) -> list[dict]:
+    from medlite.recipes.registry import STAGES
+
+    records = []
+    for i, entry in enumerate(state.recipe.stages):
+        run = _runner(STAGES[entry.name])
+        with state.ctx.stage(entry.name) as info:
+            result = run(state, i, entry.options)
+            info["detail"], info["ok"] = result.summary, result.ok
+        state.results[f"stages[{i}].{entry.name}"] = result
+        rec = state.ctx.stages[-1]
+        records.append({"name": entry.name, "detail": rec.detail, "seconds": round(rec.seconds, 3), "ok": rec.ok})
+        if not result.ok and entry.name != "check":
+            raise StageFailed(f"stages[{i}].{entry.name}: {result.summary}")
+    return records
+
+
 def build(resolved, choice: ModelChoice, out_root: Path, ctx, *, force: bool = False) -> BuildResult:
     """Run ``resolved`` (a :class:`medlite.recipes.ResolvedRecipe`) and write or reuse its artifact."""
-    import medlite
+    from medlite.build.contract import BuildState
+    from medlite.build.source import Source
     from medlite.engines.targets import TARGETS
-    from medlite.stages import BuildState, runner
+    from medlite.recipes.registry import STAGES
 
     recipe = resolved.recipe
     target = TARGETS[recipe.target]
@@ -102,37 +169,32 @@ def build(resolved, choice: ModelChoice, out_root: Path, ctx, *, force: bool = F
     with ctx.stage("model") as info:
         loaded, source_label = load_source(choice, ctx)
         info["detail"] = model_summary(loaded)
+    source = Source(choice, loaded, source_label, ctx)
+    del loaded
     calibration, cal_hash = None, None
     if recipe.calibration is not None:
         with ctx.stage("calibrate") as info:
             calibration, cal_hash, info["detail"] = load_calibration(recipe, ctx)
     eval_samples = load_evaluation(recipe, calibration, ctx) if recipe.stage("check") is not None else []
-
-    identity = af.source_identity(loaded.source.to_dict(), getattr(loaded.template, "name", None))
-    version = af.compute_version(recipe.version, source=identity, recipe=recipe.hashed_dict(),
-                                 calibration_sha256=cal_hash, medlite_version=medlite.__version__)
-    parent = af.recipe_dir(out_root, loaded.name, recipe.name)
+    version = _version(recipe, source, cal_hash)
+    parent = af.recipe_dir(out_root, source.name, recipe.name)
     final = parent / version
     if final.exists() and not force:
         reused = _try_reuse(final, ctx)
         if reused is not None:
             return reused
-
-    state_stages: list[dict] = []
     with af.Staging(parent, version) as staging:
-        state = BuildState(ctx=ctx, recipe=recipe, target=target, loaded=loaded, work=staging.path,
+        state = BuildState(ctx=ctx, recipe=recipe, target=target, work=staging.path, source=source,
                            eval_samples=eval_samples, calibration=calibration)
-        for i, entry in enumerate(recipe.stages):
-            with ctx.stage(entry.name) as info:
-                info["detail"] = runner(entry.name)(state, i, entry.options)
-            rec = ctx.stages[-1]
-            state_stages.append({"name": entry.name, "detail": rec.detail, "seconds": round(rec.seconds, 3)})
+        state.check_samples = check_samples(recipe, eval_samples)
+        _prepare_working(state, [STAGES[e.name] for e in recipe.stages])
+        records = _run_stages(state)
         (staging.path / af.RECIPE_FILE).write_text(resolved.to_yaml(), encoding="utf-8")
-        manifest = _manifest(state, resolved, source_label, cal_hash, version, state_stages)
+        manifest = build_manifest(state, resolved, cal_hash, version, records)
         from medlite.report import write_reports
 
         write_reports(staging.path, manifest, state.rows)
-        _write_build_info(staging.path, state_stages, time.perf_counter() - t_start, resolved, staging.path)
+        write_build_info(staging.path, records, time.perf_counter() - t_start, resolved, state.timings)
         manifest = af.write_manifest(staging.path, manifest)
         path = staging.commit()
     if manifest["status"] == "passed":
@@ -161,51 +223,3 @@ def _try_reuse(final: Path, ctx) -> Optional[BuildResult]:
     return BuildResult(path=final, version=manifest["version"], status=manifest["status"], manifest=manifest,
                        reused=True, stages=[{"name": r.name, "detail": r.detail, "seconds": round(r.seconds, 3),
                                              "ok": r.ok} for r in ctx.stages])
-
-
-def _scrub(text: str, work: Path) -> str:
-    # Warnings may quote the staging folder: never let a temporary path into the manifest.
-    return str(text).replace(str(work.resolve()), "<artifact>").replace(str(work), "<artifact>")
-
-
-def _manifest(state, resolved, source_label: str, cal_hash: Optional[str], version: str,
-              stages: list[dict]) -> dict:
-    import medlite
-    from medlite.checks import failed
-
-    recipe = resolved.recipe
-    source = state.loaded.source.to_dict()
-    source["path"] = source_label
-    status = "failed" if failed(state.gates) else "passed"
-    return {
-        "format": af.FORMAT,
-        "medlite_version": medlite.__version__,
-        "model": state.loaded.name,
-        "recipe": {"name": recipe.name, "version": recipe.version,
-                   "sha256": af.sha256_json(recipe.hashed_dict()), "overrides": list(resolved.overrides)},
-        "version": version,
-        "status": status,
-        "source": source,
-        # (CalibrationSet.notes is left out: "loaded from cache" would differ between rebuilds.)
-        "calibration": None if cal_hash is None else {
-            "content_hash": cal_hash, "dataset": recipe.calibration.dataset, "split": recipe.calibration.split,
-            "n": len(state.calibration.samples), "n_heldout": len(state.calibration.heldout),
-            "counts_by_modality": state.calibration.counts_by_modality()},
-        "evaluation": {"dataset": recipe.evaluation.dataset, "split": recipe.evaluation.split,
-                       "questions": state.metrics.get("n")},
-        "packages": af.package_versions(),
-        "target": state.target.to_dict(),
-        "stages": [{"name": s["name"], "detail": _scrub(s["detail"], state.work)} for s in stages],
-        "sections": json.loads(_scrub(json.dumps(state.sections, sort_keys=True), state.work)),
-        "metrics": state.metrics,
-        "gates": [g.to_dict() for g in state.gates],
-        "warnings": sorted({_scrub(w, state.work) for w in state.ctx.warnings}),
-    }
-
-
-def _write_build_info(folder: Path, stages: list[dict], seconds: float, resolved, work: Path) -> None:
-    """Volatile facts (not hashed): when, where and how long. Kept apart so manifests are reproducible."""
-    info = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(),
-            "python": platform.python_version(), "platform": platform.platform(),
-            "seconds": round(seconds, 3), "stages": stages, "recipe_source": resolved.source}
-    (folder / af.VOLATILE[0]).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")

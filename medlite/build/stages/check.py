@@ -24,21 +24,35 @@ def _summary(metrics: dict, gates: list) -> str:
     return " · ".join(parts) + f" · {metrics.get('n')} questions"
 
 
-def run(state, index: int, options) -> str:
-    """Compare the graphs in ``state.work`` with the source model on the evaluation split."""
-    from medlite.checks import TorchReference, compare, select_samples
+def run(state, index: int, options):
+    """Compare the graphs in ``state.work`` with the source's cached references on the evaluation split.
+
+    A failed gate makes the result not ok: the stage line shows ✗ and the build is marked failed
+    (the artifact is still written, with its report, so the failure can be inspected).
+    """
+    from medlite.build.contract import StageResult
+    from medlite.checks import compare, failed
     from medlite.runtime import OnnxVlm
 
-    limit = options.max_samples or state.recipe.evaluation.max_samples
-    samples = select_samples(state.eval_samples, limit)
+    samples = state.check_samples
     if not samples:
         raise DataError("check: the evaluation split has no questions")
-    vlm = OnnxVlm.open(state.work)
-    result = compare(TorchReference(state.loaded), vlm, samples, options, state.ctx)
+    refs = state.references
+    if refs is None:   # no compress stage ran: the source is still untouched
+        refs = state.references = state.source.references(samples, max_new_tokens=options.max_new_tokens,
+                                                          batch_size=options.batch_size)
+        state.timings["references_seconds"] = round(refs.seconds, 3)
+    vlm = OnnxVlm.open(state.work, providers=["CPUExecutionProvider"], ctx=state.ctx)
+    result = compare(refs, vlm, samples, options, state.ctx)
     state.metrics, state.gates, state.rows = result.metrics, result.gates, result.rows
-    state.sections["check"] = {"stage": f"stages[{index}].check", "questions": len(samples),
-                               "dataset": state.recipe.evaluation.dataset, "split": state.recipe.evaluation.split}
-    return _summary(result.metrics, result.gates)
+    state.timings.update(result.timings)
+    bad = failed(result.gates)
+    manifest = {"questions": len(samples), "images": result.metrics.get("n_images"),
+                "dataset": state.recipe.evaluation.dataset, "split": state.recipe.evaluation.split,
+                "references": refs.key}
+    report = [f"- {g.describe()}" for g in result.gates]
+    return StageResult(summary=_summary(result.metrics, result.gates), manifest=manifest, report=report,
+                       ok=not bad)
 
 
 def rerun_checks(path: Path, manifest: dict, args, ctx) -> dict:
@@ -46,12 +60,13 @@ def rerun_checks(path: Path, manifest: dict, args, ctx) -> dict:
 
     The source model is ``--model`` (and friends) when given, else the source recorded in the
     manifest; its file hashes must equal the recorded ones, otherwise the comparison would be
-    meaningless.
+    meaningless. The source's references come from the cache when present.
     """
     from medlite import artifacts as af
-    from medlite.checks import TorchReference, compare, compare_metrics, select_samples
+    from medlite.build.pipeline import check_samples, load_evaluation
+    from medlite.build.source import Source
+    from medlite.checks import compare, compare_metrics
     from medlite.model_choice import DEMO_SOURCE, ModelChoice, load_source
-    from medlite.pipeline import load_evaluation
     from medlite.recipes.loader import parse_yaml, validate_data
     from medlite.runtime import OnnxVlm
 
@@ -65,15 +80,18 @@ def rerun_checks(path: Path, manifest: dict, args, ctx) -> dict:
     if choice.path is None and recorded_src.get("path") not in (None, DEMO_SOURCE):
         choice.path = recorded_src["path"]
     with ctx.stage("model") as info:
-        loaded, _ = load_source(choice, ctx)
+        loaded, label = load_source(choice, ctx)
         info["detail"] = f"{loaded.name} ({loaded.source.format})"
     if dict(loaded.source.files) != dict(recorded_src.get("files", {})):
         raise MedliteError(f"verify: the source checkpoint ({choice.path or DEMO_SOURCE}) does not have the file "
                            "hashes recorded in manifest.json; pass the original checkpoint with --model")
-    samples = select_samples(load_evaluation(recipe, None, ctx), options.max_samples or recipe.evaluation.max_samples)
+    samples = check_samples(recipe, load_evaluation(recipe, None, ctx))
+    source = Source(choice, loaded, label, ctx)
     with ctx.stage("check") as info:
-        result = compare(TorchReference(loaded), OnnxVlm.open(path), samples, options, ctx)
+        refs = source.references(samples, max_new_tokens=options.max_new_tokens, batch_size=options.batch_size)
+        result = compare(refs, OnnxVlm.open(path, providers=["CPUExecutionProvider"], ctx=ctx), samples, options, ctx)
         info["detail"] = _summary(result.metrics, result.gates)
+        info["ok"] = result.passed
     diffs = compare_metrics(manifest.get("metrics", {}), result.metrics)
     recorded_gates = {g["name"]: g.get("passed") for g in manifest.get("gates", [])}
     for g in result.gates:

@@ -82,68 +82,76 @@ def cmd_validate(args, ctx) -> int:
 
 
 # -- plan -----------------------------------------------------------------------------------------
+def plan_steps(resolved, inspected, target) -> dict:
+    """Each stage's plan (its registry entry's ``plan``), the files, and the device memory budget."""
+    from medlite.recipes import planning
+    from medlite.recipes.registry import STAGES
+
+    r = resolved.recipe
+    sizes = planning.sizes_from_model(inspected)
+    inp = planning.PlanInputs(**vars(sizes), recipe=r, target=target)
+    files: dict[str, int] = {}
+    steps, kv = [], 0
+    for i, entry in enumerate(r.stages):
+        spec = STAGES[entry.name]
+        step = {"stage": entry.name, "path": f"stages[{i}].{entry.name}", "does": spec.summary}
+        extra = spec.plan(i, entry.options, inp) if spec.plan else None
+        if isinstance(extra, list):
+            extra = {"does": "; ".join(extra)}
+        if extra:
+            step["does"] = f"{spec.summary} {extra.get('does', '')}".rstrip()
+            step.update({k: v for k, v in extra.items() if k != "does"})
+        files.update(step.get("writes") or {})
+        kv = max(kv, int(step.get("kv_cache_bytes") or 0))
+        steps.append(step)
+    weights = sum(v for v in files.values() if v)
+    return {"sizes": sizes, "steps": steps, "files": files, "weights": weights,
+            "budget": planning.budget(weights, kv, target)}
+
+
+def check_budget(plan: dict, target, where: str) -> None:
+    """An over-budget plan is a recipe error: by how much, and which component dominates."""
+    from medlite.recipes.planning import budget_error
+
+    msg = budget_error(plan["budget"], target, "device memory")
+    if msg:
+        raise RecipeError(where, [msg])
+
+
 @_json_errors
 def cmd_plan(args, ctx) -> int:
-    """Show the stages, the files they write and estimated sizes, without running anything."""
+    """Show the stages, the files they write and estimated sizes, without running anything (no torch
+    weights are read: the checkpoint is inspected on the meta device)."""
     from medlite.engines.targets import TARGETS
     from medlite.model_choice import ModelChoice
-    from medlite.recipes.registry import STAGES
-    from medlite.stages import plan
+    from medlite.units import human_bytes
 
     resolved = _load(args, ctx)
     r = resolved.recipe
     target = TARGETS[r.target]
     choice = ModelChoice.from_args(args, r, resolved.source)
-    from medlite.checkpoints import inspect_checkpoint
-
-    if choice.path is None:
-        from medlite.demo.model import ensure_demo_model
-
-        folder = ensure_demo_model(ctx)
-    else:
-        folder = Path(choice.path).expanduser()
-    if choice.base is not None:     # a LoRA adapter: sizes are the base model's
-        folder = Path(choice.base).expanduser()
-    inspected = inspect_checkpoint(folder, ctx=ctx, vision_tower=choice.vision_tower,
-                                   vision_weights=choice.vision_weights)
-    sizes = plan.sizes_from_model(inspected)
-    files: dict[str, int] = {}
-    steps = []
-    for i, entry in enumerate(r.stages):
-        o = entry.options
-        step = {"stage": entry.name, "path": f"stages[{i}].{entry.name}", "does": STAGES[entry.name].summary}
-        if entry.name == "export":
-            est = plan.estimate_files(sizes, o.precision, o.components)
-            files.update(est)
-            step["writes"] = est
-            step["does"] += f" ({o.precision}, opset {o.opset})"
-        elif entry.name == "check":
-            step["does"] += f" ({r.evaluation.dataset} split {r.evaluation.split})"
-        elif entry.name == "engines":
-            step["writes"] = {"engines/build_engines.sh": None, "engines/build_engines.py": None,
-                              "engines/engines.json": None}
-            tokens = 1 + inspected.num_image_tokens + o.max_prompt_tokens + o.max_new_tokens
-            step["kv_cache_bytes"] = plan.kv_cache_bytes(sizes.kv, tokens, o.max_batch,
-                                                         4 if o.precision == "fp32" else 2)
-            step["does"] += f" (KV cache at {tokens} tokens ≈ {plan.human_bytes(step['kv_cache_bytes'] or 0)})"
-        steps.append(step)
-    weights = sum(files.values())
-    out = {"recipe": r.name, "version": r.version, "target": target.name, "model": str(folder),
-           "count_method": sizes.method, "params": sizes.params, "stages": steps, "files": files,
-           "estimated_bytes": weights, "usable_memory_bytes": int(target.usable_memory_gb * 1e9),
+    inspected = choice.inspect(ctx)
+    p = plan_steps(resolved, inspected, target)
+    sizes, b = p["sizes"], p["budget"]
+    out = {"recipe": r.name, "version": r.version, "target": target.name, "model": choice.label,
+           "count_method": sizes.method, "params": sizes.params, "stages": p["steps"], "files": p["files"],
+           "estimated_bytes": p["weights"], "usable_memory_bytes": b["usable"], "budget": b,
            "warnings": resolved.warnings}
+    check_budget(p, target, f"{resolved.source}: plan")
     if ctx.json_mode:
         _emit(out)
         return 0
     for w in resolved.warnings:
         ctx.warn(w)
-    _say(ctx, f"[bold]{r.name} {r.version}[/] → {target.description} ({target.name}); model {folder}")
+    _say(ctx, f"[bold]{r.name} {r.version}[/] → {target.description} ({target.name}); model {choice.label}")
     _say(ctx, f"  parameters ({sizes.method}): " + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in sizes.params.items()))
-    for s in steps:
-        _say(ctx, f"  {s['path']:<22} {s['does']}")
-        for name, size in (s.get("writes") or {}).items():
-            _say(ctx, f"      {name:<28} " + (f"~{plan.human_bytes(size)}" if size is not None else ""))
-    _say(ctx, f"  estimated weights {plan.human_bytes(weights)} of {target.usable_memory_gb} GB usable on {target.name}")
+    for st in p["steps"]:
+        _say(ctx, f"  {st['path']:<22} {st['does']}")
+        for name, size in (st.get("writes") or {}).items():
+            _say(ctx, f"      {name:<28} " + (f"~{human_bytes(size)}" if size is not None else ""))
+    parts = " + ".join(f"{k} {human_bytes(v)}" for k, v in b["parts"].items())
+    _say(ctx, f"  device memory ≈ {human_bytes(b['total'])} ({parts}) of {human_bytes(b['usable'])} usable on "
+              f"{target.name}")
     return 0
 
 
@@ -152,13 +160,18 @@ def cmd_plan(args, ctx) -> int:
 def cmd_build(args, ctx) -> int:
     """Run a recipe; exit 1 with one line per failed gate when a gate fails."""
     from medlite.model_choice import ModelChoice
-    from medlite.pipeline import build
+    from medlite.build.pipeline import build
 
     resolved = _load(args, ctx)
     ensure_writable_dir(getattr(args, "out", None) or "artifacts", "--out")   # before any model loads
     if not ctx.json_mode:
         _say(ctx, f"[dim]# resolved recipe ({resolved.source})\n{resolved.to_yaml().rstrip()}[/]")
     choice = ModelChoice.from_args(args, resolved.recipe, resolved.source)
+    from medlite.engines.targets import TARGETS
+
+    target = TARGETS[resolved.recipe.target]
+    # Before any weight loads: a recipe that cannot fit the device is a recipe error.
+    check_budget(plan_steps(resolved, choice.inspect(ctx), target), target, f"{resolved.source}: build")
     result = build(resolved, choice, Path(getattr(args, "out", None) or "artifacts"), ctx,
                    force=bool(getattr(args, "force", False)))
     lines = result.failed_gate_lines
@@ -179,7 +192,7 @@ def cmd_build(args, ctx) -> int:
 def cmd_verify(args, ctx) -> int:
     """Re-hash an artifact's files and (unless --skip-checks) re-run its gates; exit 1 on a mismatch."""
     from medlite import artifacts as af
-    from medlite.stages.check import rerun_checks
+    from medlite.build.stages.check import rerun_checks
 
     path = af.resolve_artifact_path(Path(args.artifact))
     if not path.is_dir():

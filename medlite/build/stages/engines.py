@@ -22,6 +22,7 @@ from importlib import resources
 from pathlib import Path
 
 from medlite.errors import ExportError
+from medlite.units import human_bytes
 
 FLAGS_FILE = "trtexec-8.5.2-flags.json"
 BYTES = {"fp32": 4, "fp16": 2, "int8": 1}
@@ -154,8 +155,21 @@ esac
 """
 
 
-def run(state, index: int, options) -> str:
+def _engine_specs(cfg: dict, profs: dict) -> tuple[list, dict]:
+    """Engines for the graphs TensorRT runs; graphs marked ONNX-Runtime-only become runtime components."""
+    engines, ort = [], {}
+    for name in ("vision", "decoder"):
+        g = cfg["graphs"][name]
+        if g.get("runtime", "tensorrt") != "tensorrt":
+            ort[name] = {"onnx": f"../{g['file']}", "runtime": g["runtime"], "reason": g.get("runtime_reason", "")}
+            continue
+        engines.append({"name": name, "onnx": f"../{g['file']}", "engine": f"{name}.engine", "profiles": profs[name]})
+    return engines, ort
+
+
+def run(state, index: int, options):
     """Write the engines bundle for ``state.target`` next to the exported graphs."""
+    from medlite.build.contract import StageResult
     from medlite.engines import trt_build
     from medlite.runtime.config import CONFIG_FILE
 
@@ -168,12 +182,10 @@ def run(state, index: int, options) -> str:
                           f"on {state.target.name}")
     profs = profiles(cfg, options)
     t = state.target
+    engines, ort = _engine_specs(cfg, profs)
     spec = {"format": "medlite-engines/1", "target": t.name, "tensorrt": t.tensorrt, "arch": t.arch,
             "precision": options.precision, "workspace_mb": options.workspace_mb, "keep_fp32_islands": True,
-            "engines": [{"name": "vision", "onnx": f"../{cfg['graphs']['vision']['file']}", "engine": "vision.engine",
-                         "profiles": profs["vision"]},
-                        {"name": "decoder", "onnx": f"../{cfg['graphs']['decoder']['file']}",
-                         "engine": "decoder.engine", "profiles": profs["decoder"]}],
+            "engines": engines, "onnxruntime_components": ort,
             "embed": "no engine: embed.onnx is one Gather; the runtime reads embed_tokens.bin directly",
             "memory": memory_estimate(state.work, cfg, options, t)}
     cmds = trtexec_commands(spec, profs["decoder_single"])
@@ -187,16 +199,13 @@ def run(state, index: int, options) -> str:
     sh.chmod(0o755)
     mem = spec["memory"]
     if not mem["fits"]:
-        state.ctx.warn(f"engines: estimated device memory {mem['total_bytes'] / 1e9:.2f} GB exceeds the "
+        state.ctx.warn(f"engines: estimated device memory {human_bytes(mem['total_bytes'])} exceeds the "
                        f"{t.usable_memory_gb} GB usable on {t.name}")
-    state.sections["engines"] = {"stage": f"stages[{index}].engines", "precision": options.precision,
-                                 "memory": mem, "profiles": {e["name"]: [p["name"] for p in e["profiles"]]
-                                                             for e in spec["engines"]}}
-    return (f"bundle for {t.name} · est. device memory {_human_bytes(mem['total_bytes'])} of "
-            f"{t.usable_memory_gb:g} GB · build on the device: engines/build_engines.sh")
-
-
-def _human_bytes(n: float) -> str:
-    """``0.93 GB`` / ``41.2 MB`` (the demo model's engines are megabytes; "0.00 GB" says nothing)."""
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+    manifest = {"precision": options.precision, "memory": mem,
+                "profiles": {e["name"]: [p["name"] for p in e["profiles"]] for e in spec["engines"]},
+                "onnxruntime_components": sorted(ort)}
+    ort_note = f" · {', '.join(ort)} on ONNX Runtime" if ort else ""
+    return StageResult(summary=(f"bundle for {t.name} · est. device memory {human_bytes(mem['total_bytes'])} of "
+                                f"{t.usable_memory_gb:g} GB{ort_note} · build on the device: engines/build_engines.sh"),
+                       changed=["engines/"], manifest=manifest, ok=bool(mem["fits"]))
 

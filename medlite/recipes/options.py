@@ -1,0 +1,103 @@
+"""Options models of the built-in stages (export, engines, check, quantize); prune and distill own
+theirs in :mod:`medlite.compress.prune.options` / :mod:`medlite.compress.distill.options`.
+
+Each model is closed (unknown keys are errors); field validators check single values only —
+cross-field rules live with the stage's registry entry (:mod:`medlite.recipes.rules`).
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field, field_validator
+
+from medlite.recipes.base import Closed, fraction
+
+COMPONENTS = ("vision", "embed", "decoder")
+
+
+class QuantizeOptions(Closed):
+    """Per-component quantization, calibrated on the recipe's medical calibration set.
+
+    ``vision`` covers the vision tower and the projector; ``llm`` the decoder's projection matmuls.
+    int8 / w8a8 become explicit static Q/DQ graphs that TensorRT 8.5 compiles to INT8 kernels;
+    w4a16 becomes ``com.microsoft`` MatMulNBits, which only ONNX Runtime runs (TensorRT 8.5 has no INT4).
+    """
+
+    vision: Literal["fp16", "int8"] = Field("fp16", description="vision tower + projector: fp16 (unchanged) or int8")
+    llm: Literal["fp16", "w8a8", "w4a16"] = Field("fp16", description="decoder projections: fp16, w8a8 or w4a16")
+    lm_head: Literal["fp16", "int8", "int4"] = Field("fp16", description="lm_head precision (int4 only with w4a16)")
+    # INT8 (TensorRT): static per-tensor activation scales
+    activation_calibration: Literal["minmax", "percentile", "entropy"] = Field(
+        "minmax", description="how static activation scales are calibrated")
+    percentile: float = Field(99.99, gt=90.0, le=100.0, description="percentile calibration's percentile")
+    smoothquant_alpha: Optional[float] = Field(0.5, ge=0.0, le=1.0,
+                                               description="w8a8: SmoothQuant migration strength; null = none")
+    sensitivity: bool = Field(True, description="keep the most sensitive layers in fp16 until the gates hold")
+    max_fp16_layers: int = Field(8, ge=0, description="cap on layers kept in fp16 by the sensitivity pass")
+    # INT4 weight-only (ONNX Runtime)
+    algorithm: Literal["gptq", "awq", "rtn"] = Field("gptq", description="w4a16 algorithm (llm-compressor)")
+    group_size: Literal[32, 64, 128] = Field(128, description="w4a16 group size (= MatMulNBits block size)")
+    symmetric: bool = Field(True, description="w4a16: symmetric (no zero points) or asymmetric")
+    act_order: bool = Field(False, description="w4a16 GPTQ: quantize columns in activation order (g_idx)")
+    samples: Optional[int] = Field(None, ge=1, description="cap on calibration samples used (default: all)")
+
+    def active(self) -> dict:
+        """The components this stage changes, with their precision."""
+        out = {}
+        if self.vision != "fp16":
+            out["vision"] = self.vision
+        if self.llm != "fp16":
+            out["llm"] = self.llm
+        if self.lm_head != "fp16":
+            out["lm_head"] = self.lm_head
+        return out
+
+
+class ExportOptions(Closed):
+    """ONNX export of the vision, embedding and decoder graphs."""
+
+    precision: Literal["fp32", "fp16"] = Field("fp16", description="float precision of the graphs")
+    # The target's own maximum is checked by the rules (opset > target max names the target).
+    opset: int = Field(17, ge=14, le=21, description="ONNX opset (TensorRT 8.5: at most 17)")
+    components: list[Literal["vision", "embed", "decoder"]] = Field(default_factory=lambda: list(COMPONENTS),
+                                                                    description="graphs to export")
+
+    @field_validator("components")
+    @classmethod
+    def _components(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError(f"must name at least one of {', '.join(COMPONENTS)}")
+        dup = sorted({c for c in v if v.count(c) > 1})
+        if dup:
+            raise ValueError(f"lists {', '.join(dup)} more than once")
+        return [c for c in COMPONENTS if c in v]   # canonical order: same recipe → same hash
+
+
+class EnginesOptions(Closed):
+    """A TensorRT build bundle (script + profiles) for the target; engines are built on the device."""
+
+    precision: Literal["fp32", "fp16", "int8", "int4"] = "fp16"
+    max_batch: int = Field(1, ge=1, le=64)
+    max_prompt_tokens: int = Field(128, ge=1, description="text tokens in a prompt, besides the image tokens")
+    max_new_tokens: int = Field(128, ge=1)
+    workspace_mb: int = Field(2048, ge=64)
+
+
+class CheckOptions(Closed):
+    """Accuracy gates: the artifact against the uncompressed source on the held-out split.
+
+    A gate set to ``null`` is measured and reported but never fails the build.
+    """
+
+    max_closed_acc_drop: Optional[float] = Field(1.0, ge=0.0, description="points (percent of questions)")
+    min_agreement: Optional[float] = 0.995
+    max_mean_kl: Optional[float] = Field(0.01, ge=0.0, description="nats, first answer token")
+    min_vision_cosine: Optional[float] = Field(0.999, ge=-1.0, le=1.0)
+    max_samples: Optional[int] = Field(None, ge=1, description="overrides evaluation.max_samples")
+    max_new_tokens: int = Field(16, ge=1, le=512)
+    batch_size: int = Field(16, ge=1, le=256, description="questions per batched prefill")
+
+    @field_validator("min_agreement")
+    @classmethod
+    def _agreement(cls, v: Optional[float]) -> Optional[float]:
+        return fraction(v)

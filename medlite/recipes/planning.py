@@ -1,0 +1,153 @@
+"""``medlite plan``'s arithmetic: parameters per component, expected file bytes, KV cache and the
+device memory budget, and each built-in stage's plan function (torch-free).
+
+Parameter counts come from ``medlite.checkpoints.inspect_checkpoint``, which assembles the model on
+the ``meta`` device from headers (no tensor data read, so a 3 GB checkpoint plans in seconds).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+BYTES = {"fp32": 4, "fp16": 2, "int8": 1, "w8a8": 1, "int4": 0.5, "w4a16": 0.5}
+# Reserve for the CUDA / TensorRT context and activations on a Jetson (measured JetPack 5 CUDA context
+# ≈ 0.3-0.5 GB; docs/targets.md). CPU targets reserve for the ONNX Runtime arena instead.
+CONTEXT_RESERVE_BYTES = 600_000_000
+
+
+@dataclass
+class ComponentSizes:
+    """Parameters per component of the source model and how they were counted."""
+
+    params: dict
+    method: str
+    kv: dict = field(default_factory=dict)     # num_layers, num_kv_heads, head_dim
+    tied: bool = False                          # lm_head shares the embedding table
+    text: dict = field(default_factory=dict)    # hidden_size, intermediate_size, num_attention_heads
+    num_image_tokens: int = 0
+
+
+@dataclass
+class PlanInputs(ComponentSizes):
+    """What a stage's plan function sees: the sizes plus the recipe and the target."""
+
+    recipe: Any = None
+    target: Any = None
+
+
+def sizes_from_model(loaded) -> ComponentSizes:
+    """Count parameters on a loaded (or meta-device inspected) model."""
+    m = loaded.model
+    emb_w = m.model.language_model.get_input_embeddings().weight
+    emb, tied = emb_w.numel(), m.lm_head.weight is emb_w
+    bd = loaded.param_breakdown()
+    tc = m.config.text_config
+    heads = tc.num_attention_heads
+    kv = {"num_layers": tc.num_hidden_layers, "num_kv_heads": getattr(tc, "num_key_value_heads", None) or heads,
+          "head_dim": getattr(tc, "head_dim", None) or tc.hidden_size // heads}
+    text = {"hidden_size": tc.hidden_size, "intermediate_size": tc.intermediate_size, "num_attention_heads": heads,
+            "num_layers": tc.num_hidden_layers, "num_kv_heads": kv["num_kv_heads"], "head_dim": kv["head_dim"]}
+    return ComponentSizes(params={"vision": bd["vision_tower"]["params"], "projector": bd["projector"]["params"],
+                                  "embed": emb, "lm_head": 0 if tied else m.lm_head.weight.numel(),
+                                  "llm": bd["llm"]["params"]},
+                          method="checkpoint headers", kv=kv, tied=tied, text=text,
+                          num_image_tokens=int(getattr(loaded, "num_image_tokens", 0) or 0))
+
+
+def estimate_files(sizes: ComponentSizes, precision: str, components: list, quant: Optional[dict] = None) -> dict:
+    """Estimated bytes of each exported file at ``precision`` (``quant``: component -> precision).
+
+    The token embedding table is stored once in ``embed_tokens.bin`` (read by the embed graph and,
+    when tied, by the decoder's head); large graphs put their weights in ``<graph>.onnx.data``.
+    """
+    quant = quant or {}
+    b = BYTES[precision]
+    p = sizes.params
+    out = {}
+    if "vision" in components:
+        out["vision.onnx"] = int((p["vision"] + p["projector"]) * BYTES.get(quant.get("vision"), b))
+    if "embed" in components or ("decoder" in components and sizes.tied):
+        out["embed_tokens.bin"] = int(p["embed"] * b)
+    if "embed" in components:
+        out["embed.onnx"] = 1024      # a Gather node; the table is the file above
+    if "decoder" in components:
+        out["decoder.onnx"] = int(p["llm"] * BYTES.get(quant.get("llm"), b)
+                                  + p["lm_head"] * BYTES.get(quant.get("lm_head"), b))
+    return out
+
+
+def kv_cache_bytes(kv: dict, tokens: int, batch: int = 1, bytes_per: float = 2) -> Optional[int]:
+    """Keys + values of every layer for ``tokens`` positions (None when the config is unknown)."""
+    if not kv:
+        return None
+    return int(2 * kv["num_layers"] * kv["num_kv_heads"] * kv["head_dim"] * tokens * batch * bytes_per)
+
+
+def budget(weights: int, kv: int, target) -> dict:
+    """Device memory at the recipe's limits against the target's usable memory."""
+    parts = {"weights": int(weights), "KV cache": int(kv), "runtime context reserve": CONTEXT_RESERVE_BYTES}
+    total = sum(parts.values())
+    usable = int(target.usable_memory_gb * 1e9)
+    return {"parts": parts, "total": total, "usable": usable, "fits": total <= usable,
+            "dominant": max(parts, key=parts.get)}
+
+
+def budget_error(b: dict, target, where: str) -> Optional[str]:
+    """The validation error of an over-budget plan: by how much and which component dominates."""
+    from medlite.units import human_bytes
+
+    if b["fits"]:
+        return None
+    parts = ", ".join(f"{k} {human_bytes(v)}" for k, v in b["parts"].items())
+    return (f"{where}: needs {human_bytes(b['total'])} but {target.name} has {human_bytes(b['usable'])} usable "
+            f"({human_bytes(b['total'] - b['usable'])} over; {parts}; the {b['dominant']} dominates)")
+
+
+# -- plan functions of the built-in stages ---------------------------------------------------------
+def _quant_map(recipe) -> dict:
+    q = recipe.stage("quantize") if recipe is not None else None
+    if q is None:
+        return {}
+    return {k: v for k, v in (("vision", q.vision), ("llm", q.llm), ("lm_head", q.lm_head)) if v != "fp16"}
+
+
+def export_plan(index: int, opts, inp: PlanInputs) -> dict:
+    """Files the export writes and their expected bytes (after quantization, when planned)."""
+    quant = _quant_map(inp.recipe)
+    est = estimate_files(inp, opts.precision, opts.components, quant)
+    q = f", quantized: {', '.join(f'{k} {v}' for k, v in quant.items())}" if quant else ""
+    return {"does": f"({opts.precision}, opset {opts.opset}{q})", "writes": est}
+
+
+def engines_plan(index: int, opts, inp: PlanInputs) -> dict:
+    """The engines bundle, its KV cache at the recipe's limits and the device memory budget."""
+    from medlite.units import human_bytes
+
+    tokens = 1 + inp.num_image_tokens + opts.max_prompt_tokens + opts.max_new_tokens
+    kv = kv_cache_bytes(inp.kv, tokens, opts.max_batch, 4 if opts.precision == "fp32" else 2) or 0
+    return {"does": f"(KV cache at {tokens} tokens × batch {opts.max_batch} ≈ {human_bytes(kv)})",
+            "writes": {"engines/build_engines.sh": None, "engines/build_engines.py": None,
+                       "engines/engines.json": None},
+            "kv_cache_bytes": kv}
+
+
+def check_plan(index: int, opts, inp: PlanInputs) -> dict:
+    """Which split the gates run on."""
+    ev = inp.recipe.evaluation
+    cap = opts.max_samples or ev.max_samples
+    return {"does": f"({ev.dataset} split {ev.split}{f', at most {cap} questions' if cap else ''})"}
+
+
+def quantize_plan(index: int, opts, inp: PlanInputs) -> dict:
+    """Components and their target precision, with the weight bytes before → after."""
+    from medlite.units import human_bytes
+
+    p = inp.params
+    lines = []
+    if opts.vision != "fp16":
+        n = p["vision"] + p["projector"]
+        lines.append(f"vision {opts.vision}: {human_bytes(n * 2)} → {human_bytes(n * BYTES[opts.vision])}")
+    if opts.llm != "fp16":
+        lines.append(f"llm {opts.llm}: {human_bytes(p['llm'] * 2)} → {human_bytes(p['llm'] * BYTES[opts.llm])}"
+                     + (" (ONNX Runtime only: MatMulNBits)" if opts.llm == "w4a16" else ""))
+    return {"does": "(" + "; ".join(lines) + ")" if lines else ""}
