@@ -61,13 +61,22 @@ def physical_cores() -> int:
     return max(1, allowed // per_core)
 
 
-def session_options(intra_op_threads: Optional[int] = None):
+# ORT's level-2 (EXTENDED/ALL) CPU transformers rewrite DequantizeLinear → MatMul into its own integer
+# kernels that quantize the activations dynamically: measured on a tiny decoder with one fake-quantized
+# Linear, the logits moved by 2e-2 (ALL or EXTENDED) vs 1.6e-4 (BASIC) from the PyTorch fake-quant
+# forward. TensorRT computes what the Q/DQ nodes say, so graphs carrying a quantization record run
+# at BASIC: the gates measure the graph that ships, exactly (tests/build/test_export_plan.py).
+OPTIMIZATION_LEVELS = ("basic", "extended", "all")
+
+
+def session_options(intra_op_threads: Optional[int] = None, optimization: str = "all"):
     """ONNX Runtime session options tuned for CPU inference (docs/cpu.md).
 
     * intra-op threads = physical cores (``$MEDLITE_ORT_THREADS`` overrides), one inter-op thread and
       sequential execution: the graphs are chains, parallelism lives inside each MatMul;
     * graph optimisation level ``ORT_ENABLE_ALL`` (constant folding, MatMul/Add/GELU/attention fusions,
       and the layout transforms MLAS's NCHWc kernels use), stated explicitly rather than relied upon;
+      ``optimization="basic"`` for Q/DQ graphs (see :data:`OPTIMIZATION_LEVELS`' comment);
     * the memory-pattern planner on (buffers reused across runs of the same shape).
     """
     import onnxruntime as ort
@@ -79,13 +88,15 @@ def session_options(intra_op_threads: Optional[int] = None):
     opts.intra_op_num_threads = int(threads)
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    level = {"basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}[optimization]
+    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
     opts.enable_mem_pattern = True
     return opts
 
 
 def open_session(path: Path, providers: Optional[Sequence[Provider]] = None, *, ctx=None,
-                 warnings: Optional[list] = None, intra_op_threads: Optional[int] = None):
+                 warnings: Optional[list] = None, intra_op_threads: Optional[int] = None,
+                 optimization: str = "all"):
     """An ``InferenceSession`` for ``path``; returns ``(session, providers actually in use)``.
 
     Every requested provider that ONNX Runtime did not take is reported loudly (CPU fallback
@@ -97,7 +108,7 @@ def open_session(path: Path, providers: Optional[Sequence[Provider]] = None, *, 
     if not path.is_file():
         raise DataError(f"{path}: graph file not found")
     requested = list(providers) if providers else default_providers()
-    opts = session_options(intra_op_threads)
+    opts = session_options(intra_op_threads, optimization)
     try:
         sess = ort.InferenceSession(str(path), sess_options=opts, providers=requested)
     except Exception as e:  # noqa: BLE001 - ORT raises its own exception types

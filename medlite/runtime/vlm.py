@@ -84,8 +84,10 @@ class OnnxVlm:
         warnings: list[str] = []
         sessions, used = {}, {}
         for name in needed:
+            # A quantized graph runs exactly as written (no ORT integer fusions): see runtime/sessions.py.
+            level = "basic" if cfg.graphs[name].quantization else "all"
             sessions[name], used[name] = open_session(folder / cfg.graphs[name].file, providers, ctx=ctx,
-                                                      warnings=warnings)
+                                                      warnings=warnings, optimization=level)
         table = None
         if embed_source == "table":
             t = cfg.embedding_table
