@@ -31,7 +31,30 @@ def report_json(manifest: dict, rows: list[dict], files: dict[str, int]) -> dict
     }
 
 
-def report_md(manifest: dict, rows: list[dict], files: dict[str, int]) -> str:
+def _stage_details(m: dict, stage_reports: dict) -> list[str]:
+    """Per stage: bytes before/after, and the lines the stage wrote for the report."""
+    out = []
+    for name, sec in m.get("sections", {}).items():
+        lines = list(stage_reports.get(name, []))
+        if sec.get("bytes_before") is not None and sec.get("bytes_after") is not None:
+            b0, b1 = sec["bytes_before"], sec["bytes_after"]
+            lines.insert(0, f"- bytes {human_bytes(b0)} → {human_bytes(b1)} ({b1 / b0:.2f}×)" if b0 else
+                         f"- bytes → {human_bytes(b1)}")
+        if lines:
+            out += [f"### {name}", ""] + lines + [""]
+    graphs = m.get("graphs") or {}
+    if graphs:
+        out += ["### graphs", "", "| graph | precision | runs on | quantization |", "|---|---|---|---|"]
+        for g, info in graphs.items():
+            where = "TensorRT (and ONNX Runtime)" if info["runtime"] == "tensorrt" else \
+                f"ONNX Runtime only — {info['runtime_reason']}"
+            q = info.get("quantization") or {}
+            out.append(f"| {g} | {info.get('precision')} | {where} | {q.get('scheme', '—')} |")
+        out.append("")
+    return out
+
+
+def report_md(manifest: dict, rows: list[dict], files: dict[str, int], stage_reports: dict | None = None) -> str:
     """The human-readable report (Markdown)."""
     from medlite.checks import Gate
 
@@ -46,7 +69,11 @@ def report_md(manifest: dict, rows: list[dict], files: dict[str, int]) -> str:
             f"- medlite {m['medlite_version']}; recipe sha256 `{m['recipe']['sha256'][:12]}`"
             + (f"; overrides: {', '.join(m['recipe']['overrides'])}" if m['recipe'].get('overrides') else ""),
             ""]
-    out += ["## Stages", ""] + [f"- **{s['name']}**: {s['detail']}" for s in m["stages"]] + [""]
+    out += ["## Stages", ""] + [f"- {'✓' if s.get('ok', True) else '✗'} **{s['name']}**: {s['detail']}"
+                                for s in m["stages"]] + [""]
+    out += _stage_details(m, stage_reports or {})
+    out += ["Per-phase timings (references, artifact, each stage) are in `build-info.json` (not hashed: "
+            "they differ between identical builds).", ""]
     if m["gates"]:
         out += ["## Gates", "", "| gate | result |", "|---|---|"]
         for g in m["gates"]:
@@ -99,10 +126,12 @@ def report_md(manifest: dict, rows: list[dict], files: dict[str, int]) -> str:
     return "\n".join(out)
 
 
-def write_reports(folder: Path, manifest: dict, rows: list[dict]) -> None:
-    """Write ``report.json`` and ``report.md`` into the artifact folder (before the manifest hashes it)."""
+def write_reports(folder: Path, manifest: dict, rows: list[dict], stage_reports: dict | None = None) -> None:
+    """Write ``report.json`` and ``report.md`` into the artifact folder (before the manifest hashes it).
+
+    ``stage_reports``: stage name -> the markdown lines its StageResult wrote."""
     folder = Path(folder)
     files = _files(folder)
     (folder / REPORT_JSON).write_text(json.dumps(report_json(manifest, rows, files), indent=2, sort_keys=True,
                                                  ensure_ascii=False) + "\n", encoding="utf-8")
-    (folder / REPORT_MD).write_text(report_md(manifest, rows, files), encoding="utf-8")
+    (folder / REPORT_MD).write_text(report_md(manifest, rows, files, stage_reports), encoding="utf-8")

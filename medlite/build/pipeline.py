@@ -193,7 +193,8 @@ def build(resolved, choice: ModelChoice, out_root: Path, ctx, *, force: bool = F
         manifest = build_manifest(state, resolved, cal_hash, version, records)
         from medlite.report import write_reports
 
-        write_reports(staging.path, manifest, state.rows)
+        write_reports(staging.path, manifest, state.rows,
+                      {k.split(".", 1)[1]: r.report for k, r in state.results.items()})
         write_build_info(staging.path, records, time.perf_counter() - t_start, resolved, state.timings)
         manifest = af.write_manifest(staging.path, manifest)
         path = staging.commit()
