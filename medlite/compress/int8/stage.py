@@ -132,7 +132,8 @@ def _choose(state, graph: str, opts, samples: list, tmp: Path) -> GraphChoice:
     del proto
     ranges = tmp / graph / "ranges.json"
     choice.feeds = Q.calibrate_ranges(fp32, _feeds(state, graph, samples), ranges, method=opts.activation_calibration,
-                                      percentile=opts.percentile, work_dir=tmp / graph)
+                                      percentile=opts.percentile, work_dir=tmp / graph,
+                                      tensors=Q.activation_inputs(fp32, [t.node for t in choice.targets]))
     choice.ranges = json.loads(ranges.read_text())
     layers = list(dict.fromkeys(t.layer for t in choice.targets))
     heldout = _subset(list(getattr(state.calibration, "heldout", []) or []), MAX_HELDOUT)
