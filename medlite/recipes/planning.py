@@ -147,7 +147,10 @@ def quantize_plan(index: int, opts, inp: PlanInputs) -> dict:
     if opts.vision != "fp16":
         n = p["vision"] + p["projector"]
         lines.append(f"vision {opts.vision}: {human_bytes(n * 2)} → {human_bytes(n * BYTES[opts.vision])}")
-    if opts.llm != "fp16":
-        lines.append(f"llm {opts.llm}: {human_bytes(p['llm'] * 2)} → {human_bytes(p['llm'] * BYTES[opts.llm])}"
-                     + (" (ONNX Runtime only: MatMulNBits)" if opts.llm == "w4a16" else ""))
+    if opts.llm == "w8a8":
+        lines.append(f"llm w8a8: {human_bytes(p['llm'] * 2)} → {human_bytes(p['llm'] * BYTES['w8a8'])}")
+    if opts.llm == "w4a16":
+        from medlite.compress.int4.rules import plan as int4_plan
+
+        lines += int4_plan(index, opts, inp)
     return {"does": "(" + "; ".join(lines) + ")" if lines else ""}

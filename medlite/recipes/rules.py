@@ -64,26 +64,19 @@ def engines_rules(index: int, opts, view: RecipeView):
 
 
 def quantize_rules(index: int, opts, view: RecipeView):
-    """Nothing-to-do, INT4 only through ONNX Runtime, lm_head int4 only with w4a16."""
-    from medlite.engines.targets import INT4_EXPLANATION
+    """Nothing-to-do, lm_head int4 only with w4a16, and the W4A16 rules (INT4 only through ONNX
+    Runtime: :func:`medlite.compress.int4.rules.rules`)."""
+    from medlite.compress.int4.rules import rules as int4_rules
 
     errors: list = []
-    warnings: list = []
     loc = ("stages", index, "quantize")
     if not opts.active():
         errors.append((loc, "quantizes nothing: set vision: int8 and/or llm: w8a8 | w4a16"))
     if opts.lm_head == "int4" and opts.llm != "w4a16":
         errors.append((loc + ("lm_head",), "int4 lm_head needs llm: w4a16 (INT4 weight-only runs through "
                                            "ONNX Runtime's MatMulNBits)"))
-    if opts.llm == "w4a16" or opts.lm_head == "int4":
-        eng = view.by_name.get("engines")
-        if eng and eng[1] is not None and eng[1].precision == "int4":
-            errors.append((("stages", eng[0], "engines", "precision"),
-                           f"int4 weights cannot go into TensorRT engines: {INT4_EXPLANATION}"))
-        elif eng or (view.target is not None and view.target.trt_precisions):
-            warnings.append(f"stages[{index}].quantize.llm: w4a16 — the INT4 decoder is an ONNX Runtime component "
-                            f"of the bundle, never a TensorRT engine: {INT4_EXPLANATION}")
-    return errors, warnings
+    e4, w4 = int4_rules(index, opts, view)
+    return errors + e4, w4
 
 
 def check_rules(index: int, opts, view: RecipeView):
