@@ -1,0 +1,169 @@
+"""Benchmark: INT8 (SmoothQuant + static Q/DQ) on the full-size random TinyLLaVA-1.5B shape, CPU, this machine.
+
+Steps:
+
+1. ``bytes`` — INT8 vision + decoder graph bytes vs the fp16 export's, from the model shape
+   (``medlite.checkpoints.random_ckpt.canonical_layout``, meta device, no weights): quantized
+   Linear/Conv weights 1 byte + an fp32 scale and an int8 zero point per output channel; every other
+   float tensor of >= 4096 elements fp16 (+ Cast), smaller ones fp32 (what ``qdq_onnx`` writes).
+2. ``build`` — in a child process (peak RSS = ``ru_maxrss``): ``medlite demo random --preset
+   tinyllava-1.5b`` (unless ``--ckpt`` exists) → load fp32 → calibration set of ``--samples``
+   Micro Med-VQA train pairs (729 image tokens each) → ``apply_int8`` (SmoothQuant alpha 0.5,
+   min-max calibration, sensitivity off unless ``--sensitivity``) → each graph traced again, the
+   registered Q/DQ pass applied, written → file bytes; time per phase.
+
+Usage::
+
+    nice .venv/bin/python benchmarks/int8_full_size.py --steps bytes
+    nice .venv/bin/python benchmarks/int8_full_size.py --steps build --work /tmp/medlite-int8 --samples 128
+
+Writes ``benchmarks/results/int8_full_size.json`` (merged with earlier steps' results).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULT = ROOT / "benchmarks" / "results" / "int8_full_size.json"
+FP16_MIN = 4096
+_VISION_Q = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2", "linear_1", "linear_2", "patch_embedding")
+_DECODER_Q = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _graph_of(name: str, used_layers: int):
+    """Which exported graph a canonical tensor lands in (None: not in vision/decoder graphs)."""
+    if name.startswith("model.vision_tower."):
+        if ".head." in name:
+            return None
+        if ".encoder.layers." in name and int(name.split(".encoder.layers.")[1].split(".")[0]) >= used_layers:
+            return None
+        return "vision"
+    if name.startswith("model.multi_modal_projector."):
+        return "vision"
+    if "embed_tokens" in name:
+        return None     # embed graph / embed_tokens.bin, unchanged by INT8
+    return "decoder"
+
+
+def step_bytes() -> dict:
+    """Analytic INT8 vs fp16 bytes of the vision and decoder graphs of the full-size shape."""
+    import numpy as np
+
+    from medlite.checkpoints.random_ckpt import canonical_layout, get_preset, preset_configs
+
+    p = get_preset("tinyllava-1.5b")
+    text, vision = preset_configs(p)
+    used = vision.num_hidden_layers - 1          # feature layer -2: the last encoder layer is not in the graph
+    out = {g: {"fp16": 0, "int8": 0, "int8_weights": 0} for g in ("vision", "decoder")}
+    for name, shape in canonical_layout(text, vision):
+        g = _graph_of(name, used)
+        if g is None:
+            continue
+        n = int(np.prod(shape))
+        out[g]["fp16"] += 2 * n
+        quant = name.endswith(".weight") and len(shape) >= 2 and any(
+            f".{k}." in name for k in (_VISION_Q if g == "vision" else _DECODER_Q))
+        if quant:
+            out[g]["int8"] += n + shape[0] * 5        # int8 weight + fp32 scale + int8 zero point per channel
+            out[g]["int8_weights"] += n
+        else:
+            out[g]["int8"] += n * (2 if n >= FP16_MIN else 4)
+    total16 = sum(v["fp16"] for v in out.values())
+    total8 = sum(v["int8"] for v in out.values())
+    return {"graphs": out, "fp16_bytes": total16, "int8_bytes": total8, "ratio": round(total8 / total16, 4),
+            "goal_ratio": 0.55, "note": "lm_head fp16 (default); graph structure bytes (< 1 MB) not counted"}
+
+
+CHILD = r"""
+import json, resource, sys, time
+from pathlib import Path
+t = {}
+t0 = time.perf_counter()
+ckpt, samples, sens, work = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", Path(sys.argv[4])
+from medlite.context import RunContext
+from medlite.checkpoints import load_model
+from medlite.calibration.calibset import build_calibration_set
+from medlite.evaluation.vqa import load_dataset
+from medlite.build.contract import BuildState, PassContext
+from medlite.recipes.options import QuantizeOptions
+from medlite.compress.int8.stage import apply_int8
+ctx = RunContext(cache_dir=work / "cache", quiet=True)
+loaded = load_model(ckpt, ctx=ctx, dtype="fp32") if "dtype" in load_model.__code__.co_varnames else load_model(ckpt, ctx=ctx)
+loaded.model.float()
+t["load"] = time.perf_counter() - t0
+cal = build_calibration_set(load_dataset("builtin:micro-med-vqa", split="train"), samples, ctx=ctx, cache=False)
+state = BuildState(ctx=ctx, recipe=None, target=None, work=work, source=None, model=loaded, calibration=cal)
+t1 = time.perf_counter()
+res = apply_int8(state, 0, QuantizeOptions(vision="int8", llm="w8a8", sensitivity=sens))
+t["smooth+calibrate+quantize"] = time.perf_counter() - t1
+from medlite.export.graphs import decoder_onnx_from_model, vision_onnx_from_model
+from medlite.export.files import write_onnx
+files = {}
+for g in ("decoder", "vision"):
+    t2 = time.perf_counter()
+    m = loaded.model
+    proto = (vision_onnx_from_model(m, image_size=int(m.config.vision_config.image_size), opset=17, metadata={},
+                                    tmp_root=work / "trace") if g == "vision" else
+             decoder_onnx_from_model(m, opset=17, metadata={}, tmp_root=work / "trace"))
+    _, fn = state.export_plan.graph(g).passes[0]
+    proto = fn(proto, PassContext(graph=g, ctx=ctx, model=loaded, state=state, tmp_dir=work / "pass"))
+    written = write_onnx(proto, work / "out" / f"{g}.onnx")
+    files[g] = sum(p.stat().st_size for p in written)
+    t[f"export {g}"] = time.perf_counter() - t2
+print(json.dumps({"seconds": {k: round(v, 1) for k, v in t.items()}, "total_s": round(time.perf_counter() - t0, 1),
+                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "file_bytes": files, "stage_bytes_before": res.bytes_before, "stage_bytes_after": res.bytes_after,
+                  "summary": res.summary, "sensitivity": sens, "samples": samples}))
+"""
+
+
+def step_build(work: Path, ckpt: Path, samples: int, sensitivity: bool) -> dict:
+    """Checkpoint (if missing) and the INT8 build in a child process; its time and peak RSS."""
+    work.mkdir(parents=True, exist_ok=True)
+    out = {}
+    if not (ckpt / "config.json").is_file():
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "medlite.cli", "demo", "random", "--preset", "tinyllava-1.5b",
+                        "--out", str(ckpt)], check=True, cwd=ROOT)
+        out["checkpoint_s"] = round(time.perf_counter() - t0, 1)
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(ckpt), str(samples), "1" if sensitivity else "0", str(work)],
+                          check=True, capture_output=True, text=True, cwd=ROOT)
+    out.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", default="bytes")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/medlite-int8"))
+    ap.add_argument("--ckpt", type=Path, default=None)
+    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--sensitivity", action="store_true")
+    args = ap.parse_args(argv)
+    result = json.loads(RESULT.read_text()) if RESULT.is_file() else {}
+    result["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(),
+                         "load_avg_at_start": os.getloadavg()}
+    for step in args.steps.split(","):
+        t0 = time.perf_counter()
+        if step == "bytes":
+            result["bytes"] = step_bytes()
+        elif step == "build":
+            result["build"] = step_build(args.work, args.ckpt or args.work / "ckpt", args.samples, args.sensitivity)
+        else:
+            raise SystemExit(f"unknown step {step!r}: bytes | build")
+        result.setdefault("step_seconds", {})[step] = round(time.perf_counter() - t0, 1)
+    RESULT.parent.mkdir(parents=True, exist_ok=True)
+    RESULT.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    print(json.dumps(result, indent=1, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
