@@ -37,3 +37,13 @@ def feeds(loaded, samples, graph, *, batch_size=8, text_only=False):
         return list(vision_feeds(loop, batch_size=batch_size))
     return list(decoder_feeds(loop, loaded.model, text_dims(loaded.model), batch_size=batch_size,
                               text_only=text_only))
+
+
+def int8_state(ctx, loaded, calib):
+    """A BuildState whose working model is ``loaded`` (no recipe: the stage's default gates)."""
+    from types import SimpleNamespace
+
+    from medlite.build.contract import BuildState
+
+    return BuildState(ctx=ctx, recipe=None, target=None, work=None, source=SimpleNamespace(model=lambda: None),
+                      model=loaded, calibration=calib)

@@ -9,13 +9,16 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from conftest import make_state
-from int8_fixtures import feeds  # noqa: F401
+
+from int8_fixtures import feeds, int8_state
 from medlite.build.contract import PassContext
 from medlite.compress.int8.stage import PASS_NAME, apply_int8
 from medlite.export.qdq_rules import qdq_issues
 from medlite.export.trt_ops import trt_check_from_onnx
 from medlite.recipes.options import QuantizeOptions
+
+# apply_int8 traces, calibrates and runs the sensitivity pass on both graphs: ~50 s on the busy 2-core machine
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +27,7 @@ def built(tiny_path, cctx, calib):
 
     loaded = load_model(tiny_path, ctx=cctx)
     norm = loaded.model.model.language_model.layers[0].post_attention_layernorm.weight.detach().clone()
-    state = make_state(cctx, loaded, calib)
+    state = int8_state(cctx, loaded, calib)
     opts = QuantizeOptions(vision="int8", llm="w8a8", max_fp16_layers=2)
     return state, apply_int8(state, 0, opts), norm
 
@@ -78,6 +81,6 @@ def test_registered_pass_on_an_exported_graph(built, graph, tmp_path):
 def test_nothing_to_do(tiny_path, cctx, calib):
     from medlite.checkpoints import load_model
 
-    state = make_state(cctx, load_model(tiny_path, ctx=cctx), calib)
+    state = int8_state(cctx, load_model(tiny_path, ctx=cctx), calib)
     res = apply_int8(state, 0, QuantizeOptions(vision="fp16", llm="fp16"))
     assert "nothing" in res.summary and not state.export_plan.graphs
