@@ -95,8 +95,7 @@ from medlite.build.contract import BuildState, PassContext
 from medlite.recipes.options import QuantizeOptions
 from medlite.compress.int8.stage import apply_int8
 ctx = RunContext(cache_dir=work / "cache", quiet=True)
-loaded = load_model(ckpt, ctx=ctx, dtype="fp32") if "dtype" in load_model.__code__.co_varnames else load_model(ckpt, ctx=ctx)
-loaded.model.float()
+loaded = load_model(ckpt, ctx=ctx)   # float32 (the Q/DQ graphs are fp32-based)
 t["load"] = time.perf_counter() - t0
 cal = build_calibration_set(load_dataset("builtin:micro-med-vqa", split="train"), samples, ctx=ctx, cache=False)
 state = BuildState(ctx=ctx, recipe=None, target=None, work=work, source=None, model=loaded, calibration=cal)

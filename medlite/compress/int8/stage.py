@@ -232,6 +232,12 @@ def apply_int8(state, index: int, opts) -> StageResult:
     if not graphs:
         return StageResult(summary="int8: nothing to do (vision fp16, llm not w8a8)")
     t0 = time.perf_counter()
+    import torch
+
+    if next(state.model.model.parameters()).dtype != torch.float32:
+        # SmoothQuant statistics, the traced graphs and their ranges are fp32 (the Q/DQ graphs are fp32-based)
+        ctx.warn("int8: the working model is not fp32; converting it to fp32 for calibration and the Q/DQ graphs")
+        state.model.model.float()
     samples = _subset(list(state.calibration.samples) if state.calibration else [], opts.samples)
     smooth = None
     if "decoder" in graphs and opts.smoothquant_alpha is not None:
