@@ -39,10 +39,15 @@ def make_state(ctx, loaded, calib, *, source=None, work=None, eval_samples=()):
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Small models run fastest on one thread (and on a busy 2-core machine, 40x faster than on two)."""
+def one_thread(request):
+    """Small models run fastest on one thread (and on a busy 2-core machine, 40x faster than on two).
+    Only for the prune / distill tests: other areas under tests/compress keep their own settings."""
     import torch
 
+    if not any(part in ("prune", "distill") for part in request.node.path.parts) and \
+            request.node.path.name != "test_prune_distill_demo.py":
+        yield
+        return
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
