@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -38,12 +39,18 @@ from medlite.serve.worker import Job, ModelWorker, QueueFull
 STATIC = Path(__file__).with_name("static")
 log = logging.getLogger("medlite.serve")
 _FORM_OVERHEAD = 64 * 1024     # multipart framing + the small text fields
+_PREVIEW_SLOTS = 2             # previews decoded at once
 _PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'",
                  "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
 
 
 def _error(e: UploadError) -> JSONResponse:
     return JSONResponse({"error": str(e)}, status_code=e.status)
+
+
+def _busy(retry_after: int) -> JSONResponse:
+    return JSONResponse({"error": f"the server is busy; retry in {retry_after} s", "retry_after": retry_after},
+                        status_code=503, headers={"Retry-After": str(retry_after)})
 
 
 async def read_form(request, limits: ServeLimits):
@@ -119,6 +126,9 @@ class _Api:
 
     def __init__(self, worker: ModelWorker, info: dict, spec, limits: ServeLimits, tmp_root: Optional[Path]):
         self.worker, self.info, self.spec, self.limits, self.tmp_root = worker, info, spec, limits, tmp_root
+        # Previews do not queue for the model, but each holds an upload and its decoded pixels:
+        # bound them too (asks are bounded by the worker's admission).
+        self.previews = threading.BoundedSemaphore(_PREVIEW_SLOTS)
 
     async def index(self, request):
         return FileResponse(STATIC / "index.html", headers=_PAGE_HEADERS)
@@ -127,10 +137,14 @@ class _Api:
         return JSONResponse(self.info)
 
     async def preview(self, request):
+        if not self.previews.acquire(blocking=False):
+            return _busy(1)
         try:
             decoded, name = await _decode_form(await read_form(request, self.limits), self.limits, self.tmp_root)
         except UploadError as e:
             return _error(e)
+        finally:
+            self.previews.release()
 
         def images() -> tuple[str, str]:
             return png_data_url(model_view(decoded.image, self.spec)), png_data_url(decoded.image, max_side=768)
@@ -146,8 +160,7 @@ class _Api:
         try:
             ticket = self.worker.admit()
         except QueueFull as e:
-            return JSONResponse({"error": str(e), "retry_after": e.retry_after}, status_code=503,
-                                headers={"Retry-After": str(e.retry_after)})
+            return _busy(e.retry_after)
         try:
             form = await read_form(request, self.limits)
             question = _question(form, self.limits)

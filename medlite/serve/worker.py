@@ -72,7 +72,7 @@ def count_tokens(vlm, text: str) -> Optional[int]:
 
 
 def _stream_keyword(vlm) -> str:
-    """The runtime's streaming callback keyword (``on_text``, formerly ``on_token``)."""
+    """The runtime's streaming callback keyword: ``on_token`` (``on_text`` in a runtime that names it so)."""
     params = inspect.signature(vlm.answer).parameters
     return "on_text" if "on_text" in params else "on_token"
 

@@ -32,7 +32,7 @@ def main() -> int:
     server = CliServer(args.artifact)
     try:
         with tempfile.TemporaryDirectory() as profile:
-            driver = chromium(profile, width=1280, height=900)
+            driver = chromium(profile, width=1280, height=1060)
             try:
                 got = ask_in_page(driver, server.url, Path(args.image).resolve(), args.question)
                 driver.save_screenshot(args.out)
