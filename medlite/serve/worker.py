@@ -64,7 +64,7 @@ class Job:
 
 def count_tokens(vlm, text: str) -> Optional[int]:
     """Tokens in an answer: the text re-tokenized (the runtime's decoding loop is not instrumented;
-    for the demo model this equals the generated ids, tested in tests/serve). None without a tokenizer."""
+    tests/serve compares it with the ids the runtime generates). None without a tokenizer."""
     tok = getattr(vlm, "tokenizer", None)
     if tok is None or not text:
         return 0 if tok is not None else None
