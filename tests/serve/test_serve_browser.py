@@ -41,7 +41,7 @@ def test_page_answers_like_medlite_ask(browser, cli_server, serve_artifact, ct_s
     browser.save_screenshot(str(shot))
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    ref = run_cli("ask", str(serve_artifact), QUESTION, "--image", str(ct_small))
+    ref = run_cli("ask", "--model", str(serve_artifact), "--image", str(ct_small), QUESTION)
     assert ref.returncode == 0, ref.stderr[-2000:]
     assert got["state"] == "done", got
     assert got["answer"] == ref.stdout.strip() and got["answer"]
