@@ -110,7 +110,7 @@ function parseEvent(raw) {
 
 function stats(d) {
   const parts = [`${d.latency_s.toFixed(2)} s`];
-  if (d.tokens != null) parts.push(`${d.tokens} tokens`);
+  if (d.tokens != null) parts.push(`${d.tokens} token${d.tokens === 1 ? "" : "s"}`);
   if (d.tokens_per_s != null) parts.push(`${d.tokens_per_s.toFixed(1)} tokens/s`);
   if (d.first_text_s != null) parts.push(`first text after ${d.first_text_s.toFixed(2)} s`);
   parts.push(`waited ${d.waited_s.toFixed(2)} s in the queue`);
