@@ -185,35 +185,30 @@ class CheckResult:
 
 
 def compare(refs, candidate, samples: list, options: Any, ctx) -> CheckResult:
-    """Run ``candidate`` (an object with the runtime's ``evaluate(image, questions, max_new_tokens=)``)
-    on ``samples`` and compare with the source's cached references ``refs``
+    """Run ``candidate`` (an object with the runtime's ``evaluate_rows(images, image_index, questions,
+    max_new_tokens=)``) on ``samples`` and compare with the source's cached references ``refs``
     (:class:`medlite.build.references.References` for the same samples).
 
-    Each image is encoded once; its questions run in batches of ``options.batch_size``.
+    Questions run in batches of ``options.batch_size`` rows; each image is encoded once per batch.
     """
     import time
 
-    from medlite.build.references import group_by_image
+    from medlite.build.references import row_batches, run_batch
     from medlite.evaluation.scoring import normalize
 
     pos = {q: i for i, q in enumerate(refs.qids)}
     cand: dict[str, tuple[str, float]] = {}
-    cosines: dict[str, float] = {}
+    cosines: dict[int, float] = {}
     bs = int(getattr(options, "batch_size", 16))
     t0 = time.perf_counter()
     with ctx.progress("check (artifact)", total=len(samples)) as advance:
-        for key, group in group_by_image(samples).items():
-            ref_emb = refs.embedding_of(group[0].qid)
-            image = group[0].load_image()
-            for i in range(0, len(group), bs):
-                chunk = group[i:i + bs]
-                answers, logits, emb = candidate.evaluate(image, [s.question for s in chunk],
-                                                          max_new_tokens=options.max_new_tokens)
-                for s, a, row in zip(chunk, answers, logits):
-                    cand[str(s.qid)] = (a, kl_divergence(refs.logits[pos[str(s.qid)]], row))
-                if key not in cosines:
-                    cosines[key] = mean_cosine(ref_emb, emb)
-                advance(len(chunk))
+        for batch in row_batches(samples, bs):
+            answers, logits, embs = run_batch(candidate, batch, max_new_tokens=options.max_new_tokens)
+            for (number, s), a, row in zip(batch, answers, logits):
+                cand[str(s.qid)] = (a, kl_divergence(refs.logits[pos[str(s.qid)]], row))
+                if number not in cosines:
+                    cosines[number] = mean_cosine(refs.embedding_of(s.qid), embs[number])
+            advance(len(batch))
     seconds = time.perf_counter() - t0
     rows = []
     for s in samples:

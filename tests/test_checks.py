@@ -89,9 +89,10 @@ class _Fake:
     def __init__(self, answers, logits, emb):
         self.answers, self.logits, self.emb, self.calls = answers, logits, emb, []
 
-    def evaluate(self, image, questions, max_new_tokens=16):
+    def evaluate_rows(self, images, image_index, questions, max_new_tokens=16):
         self.calls.append(list(questions))
-        return ([self.answers[q] for q in questions], np.stack([self.logits[q] for q in questions]), self.emb)
+        return ([self.answers[q] for q in questions], np.stack([self.logits[q] for q in questions]),
+                np.stack([self.emb] * len(images)))
 
 
 def test_compare_computes_metrics_against_references():
@@ -122,8 +123,8 @@ def test_compare_computes_metrics_against_references():
     # questions grouped by image (each image's questions together), batch_size 1 here
     assert fake.calls == [["question 0"], ["question 2"], ["question 1"], ["question 3"]]
     fake.calls.clear()
-    checks.compare(refs, fake, samples, CheckOptions(batch_size=8), RunContext(quiet=True))
-    assert fake.calls == [["question 0", "question 2"], ["question 1", "question 3"]]
+    checks.compare(refs, fake, samples, CheckOptions(batch_size=3), RunContext(quiet=True))
+    assert fake.calls == [["question 0", "question 2", "question 1"], ["question 3"]]   # batches span images
 
 
 def test_select_samples_is_stratified_and_deterministic():

@@ -9,7 +9,8 @@ length and the versions of the libraries that compute them. A rebuild, ``verify`
 on the same source and split reuses them; the source need not stay in memory afterwards.
 
 Each image is encoded once for all of its questions, and its questions run as one left-padded batch
-(:func:`medlite.checkpoints.generate.evaluate_image`).
+(:func:`medlite.checkpoints.generate.evaluate_rows`); a batch spans several images when they
+have few questions each.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
@@ -102,28 +103,61 @@ def references_key(identity: dict, samples: list, max_new_tokens: int) -> str:
                         "packages": pk})[:24]
 
 
-def compute_references(loaded, samples: list, *, max_new_tokens: int, batch_size: int, ctx) -> References:
-    """Run the source on every sample (image encoded once, questions batched), with progress."""
-    from medlite.checkpoints.generate import evaluate_image
+def row_batches(samples: list, batch_size: int) -> Iterator[list]:
+    """Batches of ``(image number, sample)``: questions about one image stay together and a batch spans
+    as many images as it takes to fill ``batch_size`` rows (one question per image still batches)."""
+    batch: list = []
+    for number, group in enumerate(group_by_image(samples).values()):
+        for s in group:
+            batch.append((number, s))
+            if len(batch) == batch_size:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
 
+
+def run_batch(model, batch: list, *, max_new_tokens: int):
+    """``model.evaluate_rows`` on one batch from :func:`row_batches`; returns ``(answers, logits,
+    {image number: embeddings})``. Each image is loaded and encoded once per batch."""
+    numbers = list(dict.fromkeys(n for n, _ in batch))
+    images = [next(s for n, s in batch if n == k).load_image() for k in numbers]
+    index = [numbers.index(n) for n, _ in batch]
+    answers, logits, embs = model.evaluate_rows(images, index, [s.question for _, s in batch],
+                                                max_new_tokens=max_new_tokens)
+    return answers, logits, dict(zip(numbers, embs))
+
+
+class _TorchRows:
+    """The source model behind the runtime's ``evaluate_rows`` name."""
+
+    def __init__(self, loaded):
+        self.loaded = loaded
+
+    def evaluate_rows(self, images, image_index, questions, *, max_new_tokens: int):
+        from medlite.checkpoints.generate import evaluate_rows
+
+        return evaluate_rows(self.loaded, images, image_index, questions, max_new_tokens=max_new_tokens)
+
+
+def compute_references(loaded, samples: list, *, max_new_tokens: int, batch_size: int, ctx) -> References:
+    """Run the source on every sample (each image encoded once, questions batched), with progress."""
     answers: dict[str, str] = {}
     logits: dict[str, np.ndarray] = {}
     image_of: dict[str, int] = {}
-    embs = []
+    embs: dict[int, np.ndarray] = {}
+    model = _TorchRows(loaded)
     t0 = time.perf_counter()
     with ctx.progress("references (source model)", total=len(samples)) as advance:
-        for group in group_by_image(samples).values():
-            image = group[0].load_image()
-            for i in range(0, len(group), batch_size):
-                chunk = group[i:i + batch_size]
-                a, lg, emb = evaluate_image(loaded, image, [s.question for s in chunk], max_new_tokens=max_new_tokens)
-                for s, ans, row in zip(chunk, a, lg):
-                    answers[str(s.qid)], logits[str(s.qid)], image_of[str(s.qid)] = ans, row, len(embs)
-                advance(len(chunk))
-            embs.append(emb)
+        for batch in row_batches(samples, batch_size):
+            a, lg, e = run_batch(model, batch, max_new_tokens=max_new_tokens)
+            embs.update(e)
+            for (number, s), ans, row in zip(batch, a, lg):
+                answers[str(s.qid)], logits[str(s.qid)], image_of[str(s.qid)] = ans, row, number
+            advance(len(batch))
     qids = [str(s.qid) for s in samples]
     return References(qids, [answers[q] for q in qids], np.stack([logits[q] for q in qids]).astype(np.float32),
-                      [image_of[q] for q in qids], np.stack(embs).astype(np.float32),
+                      [image_of[q] for q in qids], np.stack([embs[k] for k in sorted(embs)]).astype(np.float32),
                       seconds=time.perf_counter() - t0)
 
 

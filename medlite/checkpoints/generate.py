@@ -174,21 +174,24 @@ def answer_batch(loaded, images: Sequence, questions: Sequence[str], *, max_new_
     return _greedy_rows(loaded, out, mask, pos[:, -1], max_new_tokens=max_new_tokens)
 
 
-def evaluate_image(loaded, image, questions: Sequence[str], *, max_new_tokens: int = 16):
-    """Everything the gates need about one image and its questions, with the image encoded once.
+def evaluate_rows(loaded, images: Sequence, image_index: Sequence[int], questions: Sequence[str], *,
+                  max_new_tokens: int = 16):
+    """Everything the gates need about a batch of questions, each image encoded once.
 
-    Returns ``(answers, first_token_logits [q, vocab] float32, image_embeddings [n_img, hidden] float32)``.
-    The prompts are one left-padded batch whose image positions get the same projected features, so
-    each answer equals :func:`answer` on that question (same greedy rule).
+    Row ``i`` asks ``questions[i]`` about ``images[image_index[i]]``. Returns ``(answers,
+    first_token_logits [rows, vocab] float32, image_embeddings [len(images), n_img, hidden] float32)``.
+    The rows are one left-padded batch whose image positions get their image's projected features,
+    so each answer equals :func:`answer` on that question (same greedy rule).
     """
     import torch
 
     model = loaded.model
     ids, mask, pos = _left_padded(loaded, questions)
     with torch.inference_mode():
-        img = image_features(model, pixel_values(loaded, image))
-        embeds, _ = splice_image_embeds(model, ids, img.expand(len(questions), -1, -1), loaded.image_token_id)
+        img = image_features(model, pixel_values(loaded, list(images)))
+        rows = img[torch.as_tensor(list(image_index), dtype=torch.long)]
+        embeds, _ = splice_image_embeds(model, ids, rows, loaded.image_token_id)
         out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True, return_dict=True)
     first = out.logits[:, -1].float().numpy().copy()
     answers = _greedy_rows(loaded, out, mask, pos[:, -1], max_new_tokens=max_new_tokens)
-    return answers, first, img[0].float().numpy()
+    return answers, first, img.float().numpy()

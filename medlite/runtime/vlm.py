@@ -183,18 +183,20 @@ class OnnxVlm:
         gen = self.generate_ids(images, questions, max_new_tokens=max_new_tokens, on_step=on_step)
         return [clean_answer(self._text(ids), stops) for ids in gen]
 
-    def evaluate(self, image, questions: Sequence[str], *, max_new_tokens: int = 16):
-        """Everything the gates need about one image and its questions, with the image encoded once.
+    def evaluate_rows(self, images: Sequence, image_index: Sequence[int], questions: Sequence[str], *,
+                      max_new_tokens: int = 16):
+        """Everything the gates need about a batch of questions, each image encoded once.
 
-        Returns ``(answers, first_token_logits [q, vocab] float32, image_embeddings [n_img, hidden]
-        float32)``; the questions run as one left-padded batch, and the first-token logits come from
-        the same prefill that starts the answers (nothing is computed twice).
+        Row ``i`` asks ``questions[i]`` about ``images[image_index[i]]``. Returns ``(answers,
+        first_token_logits [rows, vocab] float32, image_embeddings [len(images), n_img, hidden]
+        float32)``; the rows run as one left-padded batch, and the first-token logits come from the
+        same prefill that starts the answers (nothing is computed twice).
         """
         questions = list(questions)
-        if not questions:
-            raise DataError("evaluate: no questions")
-        emb = self._vision([image])[0]
-        rows = [self._prompt_embeds(self.prompt_ids(q), emb) for q in questions]
+        if not questions or len(image_index) != len(questions):
+            raise DataError(f"evaluate_rows: {len(questions)} questions, {len(image_index)} image indices")
+        emb = self._vision(list(images))
+        rows = [self._prompt_embeds(self.prompt_ids(q), emb[j]) for q, j in zip(questions, image_index)]
         m = self.config.model
         first = prefill_inputs(rows, num_layers=m["num_layers"], num_kv_heads=m["num_kv_heads"],
                                head_dim=m["head_dim"], dtype=self._kv_dtype,

@@ -44,15 +44,15 @@ def _run(folder, samples):
     """(answers, first-token logits) on ONNX Runtime CPU, each image encoded once."""
     from medlite.runtime import OnnxVlm
 
+    from medlite.build.references import row_batches, run_batch
+
     vlm = OnnxVlm.open(folder, providers=["CPUExecutionProvider"])
-    by_image: dict = {}
-    for i, s in enumerate(samples):
-        by_image.setdefault((s.image_id, str(s.image_path)), []).append(i)
+    where = {id(s): i for i, s in enumerate(samples)}
     answers, logits = [None] * len(samples), [None] * len(samples)
-    for idx in by_image.values():
-        ans, lg, _ = vlm.evaluate(samples[idx[0]].load_image(), [samples[i].question for i in idx])
-        for j, i in enumerate(idx):
-            answers[i], logits[i] = ans[j], lg[j]
+    for batch in row_batches(samples, 16):
+        ans, lg, _ = run_batch(vlm, batch, max_new_tokens=16)
+        for (_, s), a, row in zip(batch, ans, lg):
+            answers[where[id(s)]], logits[where[id(s)]] = a, row
     return answers, np.stack(logits)
 
 
