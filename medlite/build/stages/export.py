@@ -42,8 +42,13 @@ def run(state, index: int, options):
     }
     graphs = " · ".join(f"{c}.onnx" for c in options.components)
     precs = sorted({(plans[g].precision if g in plans else None) or res.precision for g in res.ops})
-    tail = f"TensorRT {target.tensorrt} ops only" if not ort_only else \
-        f"TensorRT {target.tensorrt} ops in {', '.join(trt_graphs) or 'none'}; ONNX Runtime only: {', '.join(ort_only)}"
+    if not target.trt_precisions:      # a CPU target: every graph runs on ONNX Runtime
+        tail = "ONNX Runtime" + (f"; {', '.join(ort_only)} ONNX Runtime only" if ort_only else "")
+    elif not ort_only:
+        tail = f"TensorRT {target.tensorrt} ops only"
+    else:
+        tail = (f"TensorRT {target.tensorrt} ops in {', '.join(trt_graphs) or 'none'}; "
+                f"ONNX Runtime only: {', '.join(ort_only)}")
     report = [f"- `{n}`: {f['bytes']:,} bytes" for n, f in sorted(res.files.items())]
     report += [f"- {g}.onnx runs on ONNX Runtime only: {why}" for g, why in ort_only.items()]
     return StageResult(summary=f"{graphs} ({'/'.join(precs)}, opset {res.opset}, {tail})",
