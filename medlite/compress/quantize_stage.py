@@ -10,6 +10,9 @@ and register what the export must do on ``state.export_plan``; neither writes gr
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+
 
 def _merge(results: list):
     from medlite.build.contract import StageResult
@@ -27,8 +30,36 @@ def _merge(results: list):
     return out
 
 
+def _llmcompressor_logs_to_stderr() -> None:
+    """llm-compressor's loguru sink writes to stdout (llmcompressor/logger.py ``configure_logger``),
+    which corrupts ``--json`` output; send its warnings to stderr instead (its INFO chatter is dropped:
+    the stage's own progress says enough)."""
+    import sys
+
+    import llmcompressor  # noqa: F401  (configures its logger on import)
+    from loguru import logger
+
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING", format="llm-compressor {level}: {message}")
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """onnxruntime.quantization logs "Please consider pre-processing before quantization" through the
+    root logger at every call (its shape-inference pre-processing does not apply to our exported
+    graphs); hide that advice while the stage runs, keep errors."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def run(state, index: int, opts):
     """Quantize what ``opts`` asks for (see :class:`medlite.recipes.options.QuantizeOptions`)."""
+    _llmcompressor_logs_to_stderr()
     results = []
     if opts.llm == "w4a16" or opts.lm_head == "int4":
         from medlite.compress.int4.stage import apply_w4a16
@@ -37,5 +68,6 @@ def run(state, index: int, opts):
     if opts.vision == "int8" or opts.llm == "w8a8":
         from medlite.compress.int8.stage import apply_int8
 
-        results.append(apply_int8(state, index, opts))
+        with _quiet_root_logger():
+            results.append(apply_int8(state, index, opts))
     return _merge(results)
