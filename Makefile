@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/medlite build recipes/xavier-agx-fp16.yaml
+	$(BIN)/medlite build recipes/xavier-agx-int8.yaml
 
 # The full suite, as CI runs it: the fast tests, then the slow ones — the built-in demo model is
 # trained once (about 5 min on 2 cores, cached in $$MEDLITE_CACHE or the user cache dir) and every
