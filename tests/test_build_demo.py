@@ -14,15 +14,7 @@ from medlite.recipes import builtin_recipes, load_recipe
 pytestmark = pytest.mark.slow
 
 
-# Shipped recipes known not to meet their own gates on the demo model yet, and why (strict: the day
-# one passes, this list must shrink).
-KNOWN_FAILING = {
-    "prune-attn-half": "half of the KV groups: 9.4-point drop after distillation > 2 (issue 15)",
-}
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason=KNOWN_FAILING[n], strict=True))
-                                  if n in KNOWN_FAILING else n for n in sorted(builtin_recipes())])
+@pytest.mark.parametrize("name", sorted(builtin_recipes()))
 def test_shipped_recipe_builds_passes_and_verifies_on_the_demo_model(name, tmp_path, capsys):
     out = tmp_path / "artifacts"
     rc = main(["build", name, "--out", str(out), "--json"])

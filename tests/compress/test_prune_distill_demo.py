@@ -2,7 +2,7 @@
 their query heads, then distillation from the source, recovers the closed accuracy on the held-out
 Micro Med-VQA test split to within 2 points; the pruned model's ONNX export answers like PyTorch.
 
-The options are the shipped recipes' (recipes/prune-mlp25.yaml, recipes/prune-attn-half.yaml); the
+The options are the shipped recipes' (recipes/prune-mlp25.yaml, recipes/experimental/prune-attn-half.yaml); the
 test split is only evaluated, never used for early stopping or tuning (that is the calibration
 set's own held-out slice).
 """
@@ -28,10 +28,13 @@ def demo():
     return ctx, path, calib, load_dataset("builtin:micro-med-vqa", split="test")
 
 
+EXPERIMENTAL = {"prune-attn-half": "recipes/experimental/prune-attn-half.yaml"}   # not shipped yet (issue 15)
+
+
 def _recipe_stages(name: str) -> dict:
     from medlite.recipes import load_recipe
 
-    r = load_recipe(f"recipes/{name}.yaml").recipe
+    r = load_recipe(EXPERIMENTAL.get(name, f"recipes/{name}.yaml")).recipe
     return {s.name: s.options for s in r.stages}
 
 
