@@ -285,9 +285,3 @@ def test_memory_estimate_adds_weights_table_and_kv_cache(bundle):
                                   + mem["embedding_table_bytes"] + mem["kv_cache_bytes"])
     assert mem["fits"] and result.manifest["profiles"] == {"vision": ["default"],
                                                                      "decoder": ["prefill", "decode"]}
-
-
-def test_memory_in_the_stage_line_is_readable_at_both_scales():
-    from medlite.build.stages.engines import _human_bytes
-
-    assert _human_bytes(41.23e6) == "41.2 MB" and _human_bytes(0.93e9) == "0.93 GB" and _human_bytes(12.5e9) == "12.50 GB"

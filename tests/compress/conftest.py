@@ -2,8 +2,6 @@
 Micro Med-VQA train pairs, and a BuildState around a working copy."""
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 
 from medlite.context import RunContext
@@ -27,15 +25,6 @@ def calib(cctx):
     from medlite.evaluation.vqa import load_dataset
 
     return build_calibration_set(load_dataset("builtin:micro-med-vqa", split="train"), 16, ctx=cctx, cache=False)
-
-
-def make_state(ctx, loaded, calib, *, source=None, work=None, eval_samples=()):
-    """A BuildState whose working model is ``loaded`` and whose source model is ``source``."""
-    from medlite.build.contract import BuildState
-
-    src = SimpleNamespace(model=lambda: source)
-    return BuildState(ctx=ctx, recipe=None, target=None, work=work, source=src, model=loaded,
-                      calibration=calib, eval_samples=list(eval_samples))
 
 
 @pytest.fixture(autouse=True)

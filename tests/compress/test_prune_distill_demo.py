@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import make_state
+from compress_state import make_state
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import make_state
+from compress_state import make_state
 from medlite.checkpoints import load_model
 from medlite.compress.distill import data as D
 from medlite.compress.distill.losses import kd_kl

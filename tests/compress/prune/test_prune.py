@@ -12,7 +12,7 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import make_state
+from compress_state import make_state
 from medlite.checkpoints import load_model
 from medlite.compress.prune import importance as imp
 from medlite.compress.prune import structured

@@ -48,7 +48,7 @@ def test_kept_counts():
 def test_plan_estimate_equals_the_pruned_model(tiny_path, cctx, calib):
     from medlite.checkpoints import load_model
     from medlite.compress.prune.stage import run
-    from conftest import make_state
+    from compress_state import make_state
 
     loaded = load_model(tiny_path, ctx=cctx)
     tc = loaded.model.config.text_config
