@@ -17,8 +17,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import tempfile
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -167,15 +165,13 @@ def _cache_file(ctx, key: str) -> Path:
 
 def save_references(refs: References, path: Path) -> None:
     """Write atomically (a concurrent build never reads half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from medlite.fileio import write_bytes_atomic
+
     meta = {"format": FORMAT, "qids": refs.qids, "answers": refs.answers, "image_index": refs.image_index}
     buf = io.BytesIO()
     np.savez(buf, logits=refs.logits, embeddings=refs.embeddings, meta=np.frombuffer(
         json.dumps(meta).encode(), dtype=np.uint8))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    with os.fdopen(fd, "wb") as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, path)
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def load_references(path: Path, samples: list) -> Optional[References]:

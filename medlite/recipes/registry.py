@@ -17,15 +17,9 @@ from medlite.recipes.base import Closed
 from medlite.recipes.options import CheckOptions, EnginesOptions, ExportOptions, QuantizeOptions
 from medlite.recipes.planning import check_plan, engines_plan, export_plan, quantize_plan
 
-try:  # the distill stage's own options (lands with its implementation)
-    from medlite.compress.distill.options import DistillOptions
-    from medlite.compress.distill.options import plan as distill_plan
-    from medlite.compress.distill.options import rules as distill_rules
-    _DISTILL_READY = True
-except ImportError:  # pragma: no cover - only while distillation is being written
-    from medlite.recipes.base import Closed as DistillOptions  # type: ignore[assignment]
-    distill_plan = distill_rules = None
-    _DISTILL_READY = False
+from medlite.compress.distill.options import DistillOptions
+from medlite.compress.distill.options import plan as distill_plan
+from medlite.compress.distill.options import rules as distill_rules
 
 RULE = Callable   # (index, opts, RecipeView) -> (errors, warnings)
 PLAN = Callable   # (index, opts, PlanInputs) -> list[str] | dict
@@ -68,7 +62,7 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
               "medlite.compress.prune.stage:run", prune_plan, prune_rules, needs_calibration=True,
               changes_weights=True, numerics=("torch", "transformers")),
     StageSpec("distill", DistillOptions, "distillation from the untouched source model as teacher",
-              "medlite.compress.distill.stage:run" if _DISTILL_READY else None, distill_plan, distill_rules,
+              "medlite.compress.distill.stage:run", distill_plan, distill_rules,
               needs_calibration=True, changes_weights=True, needs_source=True, numerics=("torch", "transformers")),
     StageSpec("quantize", QuantizeOptions, "INT8 Q/DQ (TensorRT) / W8A8 SmoothQuant / W4A16 GPTQ-AWQ (ONNX Runtime)",
               "medlite.compress.quantize_stage:run", quantize_plan, rules.quantize_rules, needs_calibration=True,
