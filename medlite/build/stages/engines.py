@@ -73,9 +73,16 @@ def _graph_bytes(work: Path, spec: dict) -> int:
 def memory_estimate(work: Path, cfg: dict, options, target) -> dict:
     """Device memory: engine weights (graph files rescaled to the engine precision), the embedding
     table and the KV cache at the longest context and largest batch."""
-    scale = BYTES[options.precision] / BYTES.get(cfg["precision"], 4)
-    vision = int(_graph_bytes(work, cfg["graphs"]["vision"]) * scale)
-    decoder = int(_graph_bytes(work, cfg["graphs"]["decoder"]) * scale)
+    def engine_bytes(name: str) -> int:
+        g = cfg["graphs"][name]
+        if g.get("quantization") or g.get("runtime", "tensorrt") != "tensorrt":
+            # Quantized graphs already store their weights at the deployed width (INT8 Q/DQ, INT4
+            # MatMulNBits): rescaling their fp32-base file by the engine precision would undercount.
+            return _graph_bytes(work, g)
+        prec = g.get("precision") or cfg["precision"]
+        return int(_graph_bytes(work, g) * BYTES[options.precision] / BYTES.get(prec, 4))
+
+    vision, decoder = engine_bytes("vision"), engine_bytes("decoder")
     table = cfg.get("embedding_table") or {}
     table_bytes = (work / table["file"]).stat().st_size if table.get("file") else 0
     m = cfg["model"]
