@@ -22,10 +22,10 @@ from medlite.export.precision import PRECISIONS, check_fp32_islands, model_for_p
 from medlite.export.runtime_config import graph_spec_from_onnx, runtime_config_from_loaded
 from medlite.export.trt_ops import trt_check_from_onnx
 from medlite.fileio import sha256_file
+from medlite.opset import export_opset_problem
 from medlite.units import human_bytes
 from medlite.runtime.config import CONFIG_FILE, GRAPHS
 
-MIN_OPSET, MAX_OPSET = 14, 17   # 17: TensorRT 8.5's maximum; 14: oldest the TorchScript exporter handles here
 _OWN_FILES = [f"{g}.onnx" for g in GRAPHS] + [f"{g}.onnx.data" for g in GRAPHS] + [
     EMBED_TABLE_FILE, CONFIG_FILE, "tokenizer.json"]
 
@@ -190,9 +190,9 @@ def export_onnx(loaded, out_dir, *, ctx, precision: str = "fp32", opset: int = 1
     normalisation and softmax in fp32 (checked). Output bytes depend only on the model and the
     arguments (two exports give identical files).
     """
-    if not MIN_OPSET <= int(opset) <= MAX_OPSET:
-        raise ExportError(f"opset {opset} is not supported: use {MIN_OPSET}..{MAX_OPSET} "
-                          "(TensorRT 8.5 on Xavier parses at most opset 17)")
+    problem = export_opset_problem(opset)
+    if problem:
+        raise ExportError(problem)
     components = list(dict.fromkeys(components))
     unknown = [c for c in components if c not in GRAPHS]
     if unknown or not components:

@@ -25,8 +25,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from medlite.opset import DEFAULT_DOMAINS, model_opset_problem
+
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
-MAX_OPSET = 17
 _TYPE_NAMES = {TensorProto.INT8: "INT8", TensorProto.UINT8: "UINT8", TensorProto.FLOAT: "FP32",
                TensorProto.FLOAT16: "FP16", TensorProto.INT32: "INT32", TensorProto.INT16: "INT16",
                TensorProto.UINT16: "UINT16", TensorProto.BFLOAT16: "BF16"}
@@ -173,12 +174,12 @@ def _node_issues(node, c: _Consts) -> list[tuple[str, str]]:
 
 def qdq_issues(model: onnx.ModelProto) -> list[QdqIssue]:
     """Every Q/DQ node of ``model`` against TensorRT 8.5's explicit-quantization rules (external data is never read)."""
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     c = _Consts(model.graph)
     issues: list[QdqIssue] = []
-    nodes = [n for n in model.graph.node if n.op_type in QDQ_OPS and n.domain in ("", "ai.onnx")]
-    if nodes and opset > MAX_OPSET:
-        issues.append(QdqIssue("opset", "", "", f"Q/DQ graph at opset {opset} > {MAX_OPSET}"))
+    nodes = [n for n in model.graph.node if n.op_type in QDQ_OPS and n.domain in DEFAULT_DOMAINS]
+    problem = model_opset_problem(model) if nodes else None
+    if problem:
+        issues.append(QdqIssue("opset", "", "", f"Q/DQ graph: {problem}"))
     for node in nodes:
         for rule, detail in _node_issues(node, c):
             issues.append(QdqIssue(rule, node.op_type, node.name or node.output[0], detail))

@@ -32,6 +32,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from medlite.opset import default_opset, opset_problem
+
 TRT_85_TABLE = "tensorrt-8.5-ops.json"
 
 _DTYPE_NAMES = {
@@ -247,10 +249,11 @@ def trt_check_from_onnx(model: Union[onnx.ModelProto, str, Path], *, table: Opti
         model = onnx.load(str(model), load_external_data=False)
     table = table or load_trt_op_table()
     ops_table = table["operators"]
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    opset = default_opset(model)
     res = TrtCheck(target=f"tensorrt-{table.get('tensorrt', '?')}", opset=opset)
-    if opset > table["max_opset"]:
-        res.issues.append(TrtIssue("opset", "", "", f"opset {opset} > {table['max_opset']}"))
+    problem = opset_problem(opset, max_opset=table["max_opset"], tensorrt=str(table.get("tensorrt", "8.5")))
+    if problem:
+        res.issues.append(TrtIssue("opset", "", "", problem))
     g = _Graph(model)
 
     for vi in list(g.graph.input) + list(g.graph.output):

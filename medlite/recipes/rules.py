@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from medlite.opset import opset_problem
+
 GATE_FIELDS = ("max_closed_acc_drop", "min_agreement", "max_mean_kl", "min_vision_cosine")
 
 
@@ -27,10 +29,10 @@ def export_rules(index: int, opts, view: RecipeView):
     """opset within the target's TensorRT; the check stage needs every component."""
     errors: list = []
     t = view.target
-    if t is not None and opts.opset > t.max_opset:
-        errors.append((("stages", index, "export", "opset"),
-                       f"opset {opts.opset} is above {t.max_opset}, the highest ONNX opset "
-                       f"TensorRT {t.tensorrt} on {t.name} accepts"))
+    problem = opset_problem(opts.opset, max_opset=t.max_opset, tensorrt=t.tensorrt,
+                            where=f"on {t.name}") if t is not None else None
+    if problem:
+        errors.append((("stages", index, "export", "opset"), problem))
     chk = view.by_name.get("check")
     if chk and len(opts.components) < 3:
         errors.append((("stages", index, "export", "components"),

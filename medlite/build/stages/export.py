@@ -14,9 +14,14 @@ def run(state, index: int, options):
     from medlite.errors import ExportError
     from medlite.export import export_onnx
 
+    from medlite.opset import opset_problem
+
     target = state.target
-    if options.opset > target.max_opset:     # also a validation error; guards programmatic use
-        raise ExportError(f"stages[{index}].export.opset {options.opset} > {target.max_opset} ({target.name})")
+    # also a validation error (medlite.recipes.rules); this guards programmatic use
+    problem = opset_problem(options.opset, max_opset=target.max_opset, tensorrt=target.tensorrt,
+                            where=f"on {target.name}")
+    if problem:
+        raise ExportError(f"stages[{index}].export.opset: {problem}")
     before = state.model.param_breakdown()["total"]["bytes"]
     res = export_onnx(state.model, state.work, ctx=state.ctx, precision=options.precision, opset=options.opset,
                       components=options.components, plan=state.export_plan, pass_state=state)
