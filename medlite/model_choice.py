@@ -58,9 +58,12 @@ class ModelChoice:
         A medlite artifact or ONNX export is not a checkpoint: refused with the commands that take one.
         """
         if self.path is None:
+            cached = cached_demo_folder(ctx)
+            if cached is not None:
+                return cached
             from medlite.demo.model import ensure_demo_model
 
-            return Path(ensure_demo_model(ctx))
+            return Path(ensure_demo_model(ctx))     # imports torch: trains the demo model on first use
         path = Path(self.path).expanduser()
         if (path / "medlite_runtime.json").is_file() or (path / "manifest.json").is_file():
             raise CheckpointError(f"{path}: this is a medlite artifact (ONNX graphs), not a checkpoint; check it "
@@ -76,11 +79,49 @@ class ModelChoice:
                           vision_weights=self.vision_weights, dtype=dtype, template=self.template)
 
     def inspect(self, ctx):
-        """Like :meth:`load` on the ``meta`` device: shapes, sizes and notes, no tensor data read."""
-        from medlite.checkpoints import inspect_checkpoint
+        """Architecture, sizes and notes without loading: :class:`medlite.checkpoints.headers.CheckpointFacts`,
+        read from config.json and safetensors headers without torch where it can (:mod:`medlite.checkpoints.headers`)."""
+        from medlite.checkpoints.headers import inspect_facts
 
-        return inspect_checkpoint(self.folder(ctx), ctx=ctx, base=self.base, vision_tower=self.vision_tower,
-                                  vision_weights=self.vision_weights, template=self.template)
+        return inspect_facts(self.folder(ctx), ctx=ctx, base=self.base, vision_tower=self.vision_tower,
+                             vision_weights=self.vision_weights, template=self.template)
+
+
+def demo_key_without_torch() -> str:
+    """:func:`medlite.demo.model.demo_model_key` of the default recipe, with the library versions read from
+    the installed distributions instead of importing torch / transformers (which takes seconds).
+
+    tests/checkpoints/test_header_inspect.py checks it equals ``demo_model_key()``; should the two ever
+    differ, :func:`cached_demo_folder` finds nothing and the demo model resolves the slow way, never wrongly.
+    """
+    import hashlib
+    import importlib.util
+    import json
+    from importlib.metadata import version
+
+    from medlite.demo.micro_vqa import VERSION
+    from medlite.demo.model import _HASHED_MODULES
+    from medlite.demo.train import DemoRecipe
+
+    h = hashlib.sha256()
+    for mod in _HASHED_MODULES:
+        h.update(mod.encode())
+        h.update(Path(importlib.util.find_spec(mod).origin).read_bytes())
+    h.update(json.dumps(DemoRecipe().to_dict(), sort_keys=True).encode())
+    h.update(f"{VERSION}|torch {version('torch')}|transformers {version('transformers')}|"
+             f"tokenizers {version('tokenizers')}".encode())
+    return h.hexdigest()[:16]
+
+
+def cached_demo_folder(ctx) -> Optional[Path]:
+    """The built-in demo model's folder when it is already built and cached (torch-free), else None."""
+    from medlite.demo.model import _complete
+
+    try:
+        folder = Path(ctx.cache_dir) / "demo-model" / demo_key_without_torch()
+    except (ImportError, OSError):  # no distribution record (PackageNotFoundError): ensure_demo_model decides
+        return None
+    return folder if _complete(folder) else None
 
 
 def load_source(choice: ModelChoice, ctx, *, dtype=None) -> tuple[Any, str]:

@@ -83,12 +83,14 @@ def cmd_validate(args, ctx) -> int:
 
 # -- plan -----------------------------------------------------------------------------------------
 def plan_steps(resolved, inspected, target) -> dict:
-    """Each stage's plan (its registry entry's ``plan``), the files, and the device memory budget."""
+    """Each stage's plan (its registry entry's ``plan``), the files, and the device memory budget.
+
+    ``inspected``: :class:`medlite.checkpoints.headers.CheckpointFacts` (``ModelChoice.inspect``)."""
     from medlite.recipes import planning
     from medlite.recipes.registry import STAGES
 
     r = resolved.recipe
-    sizes = planning.sizes_from_model(inspected)
+    sizes = planning.sizes_from_facts(inspected)
     inp = planning.PlanInputs(**vars(sizes), recipe=r, target=target)
     files: dict[str, int] = {}
     steps, kv = [], 0
@@ -120,8 +122,8 @@ def check_budget(plan: dict, target, where: str) -> None:
 
 @_json_errors
 def cmd_plan(args, ctx) -> int:
-    """Show the stages, the files they write and estimated sizes, without running anything (no torch
-    weights are read: the checkpoint is inspected on the meta device)."""
+    """Show the stages, the files they write and estimated sizes, without running anything (torch-free:
+    sizes come from config.json and the safetensors headers, :mod:`medlite.checkpoints.headers`)."""
     from medlite.engines.targets import TARGETS
     from medlite.model_choice import ModelChoice
     from medlite.units import human_bytes

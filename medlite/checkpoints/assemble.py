@@ -33,8 +33,8 @@ class Plan:
     fmt: str
     path: Path
     text_backbone: str
-    text_config: Any                     # transformers config, vocab_size = source embedding rows
-    vision_config: Any                   # SiglipVisionConfig: layers actually used, no head
+    text_config: Any                     # configspec.TextSpec, vocab_size = source embedding rows
+    vision_config: Any                   # configspec.VisionSpec: layers actually used, no head
     select_strategy: str                 # "full" (all patches) | "default" (drop the first token)
     rules: list[tuple[str, TensorPool, str]]   # (canonical prefix, pool, source prefix)
     image_spec: ImageSpec
@@ -76,9 +76,9 @@ def build_llava_config(plan: Plan, vocab: int, image_token_id: int):
     """The LlavaConfig of the canonical model (vocabulary including the image token)."""
     from transformers import LlavaConfig
 
-    text = plan.text_config.__class__.from_dict(plan.text_config.to_dict())
+    text = plan.text_config.to_transformers()
     text.vocab_size = vocab
-    return LlavaConfig(vision_config=plan.vision_config.to_dict(), text_config=text.to_dict(),
+    return LlavaConfig(vision_config=plan.vision_config.to_transformers().to_dict(), text_config=text.to_dict(),
                        image_token_index=image_token_id, projector_hidden_act="gelu", vision_feature_layer=-1,
                        vision_feature_select_strategy=plan.select_strategy,
                        image_seq_length=plan.num_image_tokens,
@@ -120,16 +120,16 @@ def _fit_rows(t, rows: int, *, key: str, mean_fill: bool):
     return torch.cat([t, pad], dim=0)
 
 
-def assemble(plan: Plan, *, dtype: Optional[str] = None, meta: bool = False, hash_files: bool = True,
-             template: Optional[str] = None, ctx=None) -> LoadedModel:
-    """Turn a plan into a :class:`LoadedModel` (``meta=True``: shapes only, nothing is read)."""
-    import torch
+def token_layout(plan: Plan, notes: list[str], ctx=None) -> tuple[Any, dict, int, int]:
+    """The tokenizer, its special ids, the image token id and the canonical vocabulary size.
 
-    from medlite.checkpoints.tokenizer import load_tokenizer, special_ids, vocab_end, with_image_token
+    ``<image>`` goes right after the source vocabulary (or keeps an HF Llava source's own id); the
+    decisions are appended to ``notes``. Shared by :func:`assemble` and the torch-free
+    :mod:`medlite.checkpoints.headers`, so both report the same ids.
+    """
+    from medlite.checkpoints.tokenizer import load_tokenizer, special_ids, vocab_end
     from medlite.checkpoints.textmodels import default_bos
-    from medlite.prompting import template_for
 
-    notes = list(plan.notes)
     tok = load_tokenizer(plan.tokenizer_dir)
     sp = special_ids(plan.tokenizer_dir, tok, plan.config_dict, default_add_bos=default_bos(plan.text_backbone))
     rows = int(plan.text_config.vocab_size)
@@ -146,16 +146,27 @@ def assemble(plan: Plan, *, dtype: Optional[str] = None, meta: bool = False, has
                                   f"{tok.token_to_id('<image>')} (vocabulary {rows} rows)")
         notes.append(f"image token id {image_id} taken from the source (its lm_head row is the source's; generation "
                      f"suppresses the id)")
-        vocab = rows  # nothing appended
-    elif end > rows:
+        return tok, sp, image_id, rows  # nothing appended
+    if end > rows:
         msg = (f"tokenizer has {end} tokens but the embedding only {rows} rows; ids {rows}..{end - 1} would have "
                f"crashed the source model — they get mean-embedding rows here")
         notes.append(msg)
         if ctx is not None:
             ctx.warn(msg)
-    if plan.existing_image_token_id is None:
-        image_id = max(rows, end)
-        vocab = image_id + 1
+    image_id = max(rows, end)
+    return tok, sp, image_id, image_id + 1
+
+
+def assemble(plan: Plan, *, dtype: Optional[str] = None, meta: bool = False, hash_files: bool = True,
+             template: Optional[str] = None, ctx=None) -> LoadedModel:
+    """Turn a plan into a :class:`LoadedModel` (``meta=True``: shapes only, nothing is read)."""
+    import torch
+
+    from medlite.checkpoints.tokenizer import with_image_token
+    from medlite.prompting import template_for
+
+    notes = list(plan.notes)
+    tok, sp, image_id, vocab = token_layout(plan, notes, ctx)
     config = build_llava_config(plan, vocab, image_id)
     target = dtype or ("float32" if not meta else plan.pools[0].main_dtype())
     tdtype = _torch_dtype(target)

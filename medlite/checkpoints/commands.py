@@ -21,37 +21,42 @@ def _resolve_path(path, ctx) -> Path:
 
 # -- inspect ---------------------------------------------------------------------------------------
 def inspect_report(path, *, ctx, base=None, vision_tower=None, vision_weights=None, template=None) -> dict:
-    """The facts ``medlite inspect`` shows, as a JSON-able dict (read from headers on the meta device).
+    """The facts ``medlite inspect`` shows, as a JSON-able dict (read from headers without torch; see
+    :mod:`medlite.checkpoints.headers` for the cases that still read them on the meta device).
 
     For a LoRA adapter folder the report describes the merged model (base architecture) plus ``adapter``.
     """
-    from medlite.checkpoints.loader import inspect_checkpoint
+    from medlite.checkpoints.headers import inspect_facts
 
-    lm = inspect_checkpoint(path, ctx=ctx, base=base, vision_tower=vision_tower, vision_weights=vision_weights,
-                            template=template)
-    cfg = lm.model.config
-    t, v = cfg.text_config, cfg.vision_config
-    heads = f"{t.num_attention_heads} heads"
-    kv = getattr(t, "num_key_value_heads", None)
-    if kv and kv != t.num_attention_heads:
-        heads += f" / {kv} KV heads"
+    f = inspect_facts(path, ctx=ctx, base=base, vision_tower=vision_tower, vision_weights=vision_weights,
+                      template=template)
+    return report_from_facts(path, f)
+
+
+def report_from_facts(path, f) -> dict:
+    """``medlite inspect``'s dict from :class:`medlite.checkpoints.headers.CheckpointFacts`."""
+    t, v = f.text, f.vision
+    heads = f"{t['num_attention_heads']} heads"
+    if t["num_key_value_heads"] != t["num_attention_heads"]:
+        heads += f" / {t['num_key_value_heads']} KV heads"
     return {
-        "path": str(Path(path)), "format": lm.source.format, "text_backbone": lm.source.text_backbone,
-        "source_dtype": lm.source.dtype,
+        "path": str(Path(path)), "format": f.source.format, "text_backbone": f.source.text_backbone,
+        "source_dtype": f.source.dtype,
         "architecture": {
-            "llm": f"{t.model_type}: {t.num_hidden_layers} layers, hidden {t.hidden_size}, "
-                   f"intermediate {t.intermediate_size}, {heads}, vocab {t.vocab_size} (incl. <image>)",
-            "vision": f"SigLIP: {v.num_hidden_layers} layers used, hidden {v.hidden_size}, intermediate "
-                      f"{v.intermediate_size}, {v.num_attention_heads} heads, patch {v.patch_size}, image {v.image_size}",
-            "projector": f"mlp2x_gelu {v.hidden_size}→{t.hidden_size}→{t.hidden_size}",
-            "feature_select": cfg.vision_feature_select_strategy,
+            "llm": f"{t['model_type']}: {t['num_hidden_layers']} layers, hidden {t['hidden_size']}, "
+                   f"intermediate {t['intermediate_size']}, {heads}, vocab {t['vocab_size']} (incl. <image>)",
+            "vision": f"SigLIP: {v['num_hidden_layers']} layers used, hidden {v['hidden_size']}, intermediate "
+                      f"{v['intermediate_size']}, {v['num_attention_heads']} heads, patch {v['patch_size']}, "
+                      f"image {v['image_size']}",
+            "projector": f"mlp2x_gelu {v['hidden_size']}→{t['hidden_size']}→{t['hidden_size']}",
+            "feature_select": f.feature_select,
         },
-        "params": lm.param_breakdown(),
-        "image_token_id": lm.image_token_id, "num_image_tokens": lm.num_image_tokens,
-        "template": lm.template.name, "image_spec": lm.image_spec.to_dict(),
-        "eos_token_ids": lm.eos_token_ids, "bos_token_id": lm.bos_token_id, "pad_token_id": lm.pad_token_id,
-        "vision_weights": lm.source.vision_weights, "vision_tower": lm.source.vision_tower,
-        "adapter": lm.source.adapter, "notes": lm.source.notes,
+        "params": f.breakdown,
+        "image_token_id": f.image_token_id, "num_image_tokens": f.num_image_tokens,
+        "template": f.template, "image_spec": f.image_spec.to_dict(),
+        "eos_token_ids": f.eos_token_ids, "bos_token_id": f.bos_token_id, "pad_token_id": f.pad_token_id,
+        "vision_weights": f.source.vision_weights, "vision_tower": f.source.vision_tower,
+        "adapter": f.source.adapter, "notes": f.source.notes,
     }
 
 

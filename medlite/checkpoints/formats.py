@@ -20,9 +20,10 @@ from typing import Optional
 
 from medlite.checkpoints.assemble import Plan
 from medlite.checkpoints.pool import TensorPool
-from medlite.checkpoints.textmodels import detect_backbone, text_config_from_dict
+from medlite.checkpoints.configspec import text_spec, vision_spec
+from medlite.checkpoints.textmodels import detect_backbone
 from medlite.checkpoints.vision import (TowerCopy, choose_vision_source, layer_count, resolve_vision_config,
-                                        siglip_config, vision_prefix)
+                                        vision_prefix)
 from medlite.errors import CheckpointError
 from medlite.preprocess import ImageSpec
 
@@ -156,7 +157,7 @@ def plan_legacy(path: Path, cfg: dict, pool: TensorPool, *, vision_tower=None, v
     where = str(path / "config.json")
     notes: list[str] = []
     backbone = detect_backbone(cfg.get("model_type", ""), cfg.get("architectures") or [], pool.keys(), where=where)
-    text = text_config_from_dict(cfg, backbone, where=where)
+    text = text_spec(cfg, backbone, where=where)
     ptype = cfg.get("mm_projector_type", "linear")
     if ptype != "mlp2x_gelu":
         raise CheckpointError(f"{where}: mm_projector_type {ptype!r} is not supported (only mlp2x_gelu, which maps "
@@ -185,7 +186,7 @@ def plan_legacy(path: Path, cfg: dict, pool: TensorPool, *, vision_tower=None, v
     notes.append(f"vision features: hidden_states[-1] of the {used} kept SigLIP layers, all "
                  f"{(vcfg['image_size'] // vcfg['patch_size']) ** 2} patches (SigLipVisionTower ignores "
                  f"mm_vision_select_layer={cfg.get('mm_vision_select_layer')})")
-    vc = siglip_config(vcfg, layers=used)
+    vc = vision_spec(vcfg, layers=used)
     rules = [("model.language_model.", pool, "model."), ("lm_head.", pool, "lm_head."),
              ("model.multi_modal_projector.linear_1.", pool, "model.mm_projector.0."),
              ("model.multi_modal_projector.linear_2.", pool, "model.mm_projector.2."),
@@ -214,7 +215,7 @@ def plan_factory(path: Path, cfg: dict, pool: TensorPool, *, vision_tower=None, 
         raise CheckpointError(f"{where}: Factory config without a text_config dict")
     backbone = detect_backbone(tcfg.get("model_type", ""), tcfg.get("architectures") or [],
                                [k[len("language_model."):] for k in pool.with_prefix("language_model.")], where=where)
-    text = text_config_from_dict(tcfg, backbone, where=where + " text_config")
+    text = text_spec(tcfg, backbone, where=where + " text_config")
     ctype = cfg.get("connector_type")
     if ctype != "mlp2x_gelu":
         raise CheckpointError(f"{where}: connector_type {ctype!r} is not supported (only mlp2x_gelu)")
@@ -245,7 +246,7 @@ def plan_factory(path: Path, cfg: dict, pool: TensorPool, *, vision_tower=None, 
     else:
         notes.append(f"Factory selects hidden_states[{feature_layer}], all {side * side} tokens (cls_patch)")
     notes.append("vision post_layernorm is carried over but never runs (the selected hidden state precedes it)")
-    vc = siglip_config(vcfg, layers=used)
+    vc = vision_spec(vcfg, layers=used)
     rules = [("model.language_model.", pool, "language_model.model."), ("lm_head.", pool, "language_model.lm_head."),
              ("model.multi_modal_projector.linear_1.", pool, "connector._connector.0."),
              ("model.multi_modal_projector.linear_2.", pool, "connector._connector.2."),
@@ -284,7 +285,7 @@ def plan_hf(path: Path, cfg: dict, pool: TensorPool, *, vision_tower=None, visio
                                           ["vision_tower.vision_model.", "vision_tower."], "save_pretrained")
     notes.append(f"HF Llava key layout: {layout} ({lm}*, {proj}*)")
     backbone = detect_backbone(tcfg.get("model_type", ""), tcfg.get("architectures") or [], [], where=where)
-    text = text_config_from_dict(tcfg, backbone, where=where + " text_config")
+    text = text_spec(tcfg, backbone, where=where + " text_config")
     vprefix = vision_prefix(pool, vcands)
     if vprefix is None:
         raise CheckpointError(f"{where}: no vision tower tensors ({vcands[0]}embeddings.patch_embedding.weight)")
@@ -295,7 +296,7 @@ def plan_hf(path: Path, cfg: dict, pool: TensorPool, *, vision_tower=None, visio
     used = _used_layers(total, fl, where)
     strategy = cfg.get("vision_feature_select_strategy", "default")
     _discard_unused_vision(pool, vprefix, used, f"not reached by hidden_states[{fl}] (Llava get_image_features)")
-    vc = siglip_config(vcfg, layers=used)
+    vc = vision_spec(vcfg, layers=used)
     meta = _medlite_json(path)
     if isinstance(meta.get("image_spec"), dict):
         spec = ImageSpec.from_dict(meta["image_spec"])

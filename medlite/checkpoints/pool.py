@@ -27,6 +27,7 @@ from medlite.fileio import sha256_file
 _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
               "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
               "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+_NUMPY_DTYPES = {"float64", "float32", "float16", "int64", "int32", "int16", "int8", "uint8", "bool"}
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors refuses headers above 100 MB as well
 
 
@@ -206,6 +207,20 @@ class TensorPool:
 
         try:
             with safe_open(str(e.file), framework="pt", device="cpu") as f:
+                return f.get_tensor(name)
+        except Exception as ex:  # safetensors raises its own error types
+            raise CheckpointError(f"{e.file}: cannot read tensor {name!r} ({ex})") from None
+
+    def read_numpy(self, name: str):
+        """The tensor as a numpy array without torch, or None where numpy cannot hold it (bfloat16, float8,
+        PyTorch ``*.bin`` files): then :meth:`read` is the way."""
+        e = self._entry(name)
+        if e.file in self._bins or e.dtype not in _NUMPY_DTYPES:
+            return None
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(e.file), framework="numpy") as f:
                 return f.get_tensor(name)
         except Exception as ex:  # safetensors raises its own error types
             raise CheckpointError(f"{e.file}: cannot read tensor {name!r} ({ex})") from None

@@ -211,35 +211,46 @@ def choose_vision_source(*, ckpt: Optional[TensorPool], ckpt_prefix: Optional[st
     return keep_pool, keep_prefix, vw
 
 
-def _first_difference(a: TensorPool, ap: str, b: TensorPool, bp: str, layers: int) -> Optional[str]:
-    import torch
+def _difference(x, y, rest: str) -> Optional[str]:
+    """Two copies of one tensor (both numpy arrays or both torch tensors), compared at the lower precision."""
+    if tuple(x.shape) != tuple(y.shape):
+        return f"{rest} shape {tuple(x.shape)} vs {tuple(y.shape)}"
+    is_torch = hasattr(x, "element_size")
+    sx, sy = (x.element_size(), y.element_size()) if is_torch else (x.itemsize, y.itemsize)
+    # a half-precision checkpoint copy of an fp32 tower repo is the same weights: compare at the lower precision
+    if x.dtype != y.dtype and sx != sy:
+        low = x.dtype if sx < sy else y.dtype
+        x, y = (x.to(low), y.to(low)) if is_torch else (x.astype(low), y.astype(low))
+    if is_torch:
+        import torch
 
+        xf, yf = x.float(), y.float()
+        return None if torch.equal(xf, yf) else f"{rest} (max abs diff {float((xf - yf).abs().max()):.3g})"
+    import numpy as np
+
+    xf, yf = x.astype(np.float32), y.astype(np.float32)
+    return None if np.array_equal(xf, yf) else f"{rest} (max abs diff {float(np.abs(xf - yf).max()):.3g})"
+
+
+def _first_difference(a: TensorPool, ap: str, b: TensorPool, bp: str, layers: int) -> Optional[str]:
+    """The first vision tensor that differs between the two copies (numpy where it can: no torch import)."""
     names = [k[len(ap):] for k in a.with_prefix(ap)
              if k[len(ap):].startswith("embeddings.") or
              ((m := _LAYER.match(k[len(ap):])) and int(m.group(1)) < layers)]
     for rest in sorted(names):
         if bp + rest not in b:
             return f"{rest} missing in the tower copy"
-        x, y = a.read(ap + rest), b.read(bp + rest)
-        if x.shape != y.shape:
-            return f"{rest} shape {tuple(x.shape)} vs {tuple(y.shape)}"
-        # a half-precision checkpoint copy of an fp32 tower repo is the same weights: compare at the lower precision
-        if x.dtype != y.dtype and x.element_size() != y.element_size():
-            low = x.dtype if x.element_size() < y.element_size() else y.dtype
-            x, y = x.to(low), y.to(low)
-        if not torch.equal(x.float(), y.float()):
-            return f"{rest} (max abs diff {float((x.float() - y.float()).abs().max()):.3g})"
+        x, y = a.read_numpy(ap + rest), b.read_numpy(bp + rest)
+        if x is None or y is None:
+            x, y = a.read(ap + rest), b.read(bp + rest)
+        found = _difference(x, y, rest)
+        if found:
+            return found
     return None
 
 
 def siglip_config(vcfg: dict, *, layers: int):
-    """A transformers ``SiglipVisionConfig`` with ``layers`` encoder layers and no pooling head."""
-    from transformers import SiglipVisionConfig
+    """A transformers ``SiglipVisionConfig`` with ``layers`` encoder layers and no pooling head (imports torch)."""
+    from medlite.checkpoints.configspec import vision_spec
 
-    keep = {k: v for k, v in vcfg.items() if k in (
-        "hidden_size", "intermediate_size", "num_attention_heads", "num_channels", "image_size", "patch_size",
-        "hidden_act", "layer_norm_eps", "attention_dropout")}
-    for req in ("hidden_size", "intermediate_size", "num_attention_heads", "image_size", "patch_size"):
-        if req not in keep:
-            raise CheckpointError(f"vision config lacks {req!r}: {sorted(vcfg)}")
-    return SiglipVisionConfig(**keep, num_hidden_layers=layers, vision_use_head=False)
+    return vision_spec(vcfg, layers=layers).to_transformers()

@@ -1,8 +1,9 @@
 """``medlite plan``'s arithmetic: parameters per component, expected file bytes, KV cache and the
 device memory budget, and each built-in stage's plan function (torch-free).
 
-Parameter counts come from ``medlite.checkpoints.inspect_checkpoint``, which assembles the model on
-the ``meta`` device from headers (no tensor data read, so a 3 GB checkpoint plans in seconds).
+Parameter counts come from :func:`medlite.checkpoints.headers.inspect_facts`, which reads
+``config.json`` and the safetensors headers without torch (no tensor data read, so a 3 GB checkpoint
+plans in well under a second).
 """
 from __future__ import annotations
 
@@ -35,23 +36,18 @@ class PlanInputs(ComponentSizes):
     target: Any = None
 
 
-def sizes_from_model(loaded) -> ComponentSizes:
-    """Count parameters on a loaded (or meta-device inspected) model."""
-    m = loaded.model
-    emb_w = m.model.language_model.get_input_embeddings().weight
-    emb, tied = emb_w.numel(), m.lm_head.weight is emb_w
-    bd = loaded.param_breakdown()
-    tc = m.config.text_config
-    heads = tc.num_attention_heads
-    kv = {"num_layers": tc.num_hidden_layers, "num_kv_heads": getattr(tc, "num_key_value_heads", None) or heads,
-          "head_dim": getattr(tc, "head_dim", None) or tc.hidden_size // heads}
-    text = {"hidden_size": tc.hidden_size, "intermediate_size": tc.intermediate_size, "num_attention_heads": heads,
-            "num_layers": tc.num_hidden_layers, "num_kv_heads": kv["num_kv_heads"], "head_dim": kv["head_dim"]}
+def sizes_from_facts(facts) -> ComponentSizes:
+    """Parameters per component from :class:`medlite.checkpoints.headers.CheckpointFacts`."""
+    t, bd = facts.text, facts.breakdown
+    kv = {"num_layers": t["num_hidden_layers"], "num_kv_heads": t["num_key_value_heads"], "head_dim": t["head_dim"]}
+    text = {"hidden_size": t["hidden_size"], "intermediate_size": t["intermediate_size"],
+            "num_attention_heads": t["num_attention_heads"], "num_layers": t["num_hidden_layers"],
+            "num_kv_heads": kv["num_kv_heads"], "head_dim": kv["head_dim"]}
     return ComponentSizes(params={"vision": bd["vision_tower"]["params"], "projector": bd["projector"]["params"],
-                                  "embed": emb, "lm_head": 0 if tied else m.lm_head.weight.numel(),
+                                  "embed": facts.embed_params, "lm_head": facts.lm_head_params,
                                   "llm": bd["llm"]["params"]},
-                          method="checkpoint headers", kv=kv, tied=tied, text=text,
-                          num_image_tokens=int(getattr(loaded, "num_image_tokens", 0) or 0))
+                          method="checkpoint headers", kv=kv, tied=facts.tied, text=text,
+                          num_image_tokens=int(facts.num_image_tokens or 0))
 
 
 def estimate_files(sizes: ComponentSizes, precision: str, components: list, quant: Optional[dict] = None) -> dict:
