@@ -32,8 +32,14 @@ class QuantizeOptions(Closed):
     percentile: float = Field(99.99, gt=90.0, le=100.0, description="percentile calibration's percentile")
     smoothquant_alpha: Optional[float] = Field(0.5, ge=0.0, le=1.0,
                                                description="w8a8: SmoothQuant migration strength; null = none")
+    vision_smoothquant_alpha: Optional[float] = Field(
+        None, ge=0.0, le=1.0, description="vision int8: SmoothQuant on the SigLIP layers (LayerNorm -> q/k/v, fc1); "
+        "null = none")
     sensitivity: bool = Field(True, description="keep the most sensitive layers in fp16 until the gates hold")
     max_fp16_layers: int = Field(8, ge=0, description="cap on layers kept in fp16 by the sensitivity pass")
+    sensitivity_max_kl: float = Field(
+        1e-4, gt=0.0, le=1.0, description="sensitivity target: mean first-answer-token KL (nats) of the whole VLM vs "
+        "fp32 on the calibration held-out, shared by the INT8 graphs (1e-4 ~ a 0.03-logit shift of a near tie)")
     # INT4 weight-only (ONNX Runtime)
     algorithm: Literal["gptq", "awq", "rtn"] = Field("gptq", description="w4a16 algorithm (llm-compressor)")
     group_size: Literal[32, 64, 128] = Field(128, description="w4a16 group size (= MatMulNBits block size)")

@@ -28,6 +28,13 @@ MAPPINGS = [
     [[_LM + r"mlp\.gate_proj$", _LM + r"mlp\.up_proj$"], _LM + r"post_attention_layernorm$"],
 ]
 
+# SigLIP encoder layers: LayerNorm (with bias) → q/k/v and → fc1; the projector has no norm in front.
+_VT = r"re:.*vision_tower\.encoder\.layers\.\d+\."
+VISION_MAPPINGS = [
+    [[_VT + r"self_attn\.q_proj$", _VT + r"self_attn\.k_proj$", _VT + r"self_attn\.v_proj$"], _VT + r"layer_norm1$"],
+    [[_VT + r"mlp\.fc1$"], _VT + r"layer_norm2$"],
+]
+
 
 @dataclass
 class SmoothResult:
@@ -56,18 +63,32 @@ def smooth_language_model(model, loop, *, alpha: float, ctx=None) -> SmoothResul
     ``model`` is the HF ``LlavaForConditionalGeneration``; ``loop`` a
     :class:`~medlite.calibration.forward.ForwardLoop` whose batches carry real image tokens.
     """
+    return smooth_model(model, loop, alpha=alpha, mappings=MAPPINGS, what="decoder", ctx=ctx)
+
+
+def smooth_vision_tower(model, loop, *, alpha: float, ctx=None) -> SmoothResult:
+    """SmoothQuant on the SigLIP encoder layers (LayerNorm → q/k/v, LayerNorm → fc1), in place.
+
+    The loop's batches encode their images with the working model, so the hooks see the calibration
+    images' activations.
+    """
+    return smooth_model(model, loop, alpha=alpha, mappings=VISION_MAPPINGS, what="vision", ctx=ctx)
+
+
+def smooth_model(model, loop, *, alpha: float, mappings, what: str, ctx=None) -> SmoothResult:
+    """SmoothQuant with ``mappings`` ([balance layers], smooth layer) driven by ``loop``'s forwards."""
     import torch
     from llmcompressor.core import Event, EventType, State
     from llmcompressor.core.state import Data
     from llmcompressor.modifiers.transform import SmoothQuantModifier
 
-    mod = SmoothQuantModifier(smoothing_strength=float(alpha), mappings=MAPPINGS)
+    mod = SmoothQuantModifier(smoothing_strength=float(alpha), mappings=mappings)
     state = State(model=model)
     state.data = Data(calib=loop)      # the modifier only checks that calibration data exists
     mod.initialize(state)
     names = [m.smooth_name for m in mod.resolved_mappings_]
     if not names:
-        raise ValueError("SmoothQuant matched no decoder layer (language_model.layers.N.*_layernorm)")
+        raise ValueError(f"SmoothQuant matched no {what} layer norm")
     before = _norm_weights(model, names)
     mod.update_event(state, Event(type_=EventType.CALIBRATION_START))
     try:
@@ -82,9 +103,10 @@ def smooth_language_model(model, loop, *, alpha: float, ctx=None) -> SmoothResul
     res = SmoothResult(alpha=float(alpha), smoothed=names, samples=n,
                        max_scale=float(ratios.max()), min_scale=float(ratios.min()))
     if ctx is not None:
-        ctx.info(f"SmoothQuant alpha {alpha}: {len(names)} norms smoothed on {n} calibration pairs "
+        ctx.info(f"SmoothQuant ({what}) alpha {alpha}: {len(names)} norms smoothed on {n} calibration pairs "
                  f"(channel factors {res.min_scale:.3g}..{res.max_scale:.3g})")
     return res
 
 
-__all__ = ["MAPPINGS", "SmoothResult", "smooth_language_model"]
+__all__ = ["MAPPINGS", "SmoothResult", "VISION_MAPPINGS", "smooth_language_model", "smooth_model",
+           "smooth_vision_tower"]

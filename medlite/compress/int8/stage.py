@@ -31,7 +31,7 @@ from medlite.build.contract import StageResult
 from medlite.compress.int8 import qdq_onnx as Q
 
 PASS_NAME = "int8_static_qdq"
-MAX_HELDOUT = 64     # held-out pairs used by the sensitivity pass (cost grows linearly)
+MAX_HELDOUT = 128    # held-out pairs used by the sensitivity pass (cost grows linearly)
 SCHEME = ("INT8 static Q/DQ (onnxruntime.quantization QDQ): weights per-channel symmetric along the output "
           "channel, activations per-tensor symmetric static scales, zero point 0, opset 17")
 
@@ -98,15 +98,17 @@ def _feeds(state, graph: str, samples: list, *, batch_size: int = 8):
     return decoder_feeds(loop, state.model.model, text_dims(state.model.model), batch_size=batch_size)
 
 
-def _gate(state, graph: str):
+def _gate(state, graph: str, opts, n_graphs: int):
+    """The held-out gate of one graph: the check stage's thresholds, and the KL target shared by the graphs."""
     from medlite.compress.int8.sensitivity import Gate
 
+    share = opts.sensitivity_max_kl / max(n_graphs, 1)
     check = state.recipe.stage("check") if state.recipe is not None else None
     if check is None:
-        return Gate(min_cosine=0.999) if graph == "vision" else Gate(max_kl=0.01, min_top1=0.995)
-    if graph == "vision":
-        return Gate(min_cosine=check.min_vision_cosine)
-    return Gate(max_kl=check.max_mean_kl, min_top1=check.min_agreement)
+        return Gate(min_cosine=0.999 if graph == "vision" else None, max_kl=share, min_top1=0.995)
+    kl = share if check.max_mean_kl is None else min(share, check.max_mean_kl)
+    return Gate(min_cosine=check.min_vision_cosine if graph == "vision" else None, max_kl=kl,
+                min_top1=check.min_agreement)
 
 
 def quantized_proto(fp32_path: Path, out_dir: Path, ranges_path: Path, nodes, *, method: str) -> onnx.ModelProto:
@@ -120,9 +122,21 @@ def quantized_proto(fp32_path: Path, out_dir: Path, ranges_path: Path, nodes, *,
     return proto
 
 
-def _choose(state, graph: str, opts, samples: list, tmp: Path) -> GraphChoice:
+def _heldout(state, graph: str, fp32: Path, heldout: list):
+    """The held-out reference of one graph: the vision graph through the whole VLM's answer token, the
+    decoder on its prefill feeds (both: first-answer-token KL and top-1 vs the fp32 graph)."""
+    from medlite.compress.int8.answer_heldout import VisionAnswerHeldOut
+    from medlite.compress.int8.sensitivity import HeldOut
+
+    if graph == "vision":
+        return VisionAnswerHeldOut(fp32, state.forward_loop(samples=heldout, description="int8 vision held-out"),
+                                   state.model.model)
+    return HeldOut(graph, fp32, list(_feeds(state, graph, heldout)))
+
+
+def _choose(state, graph: str, opts, samples: list, tmp: Path, n_graphs: int = 1) -> GraphChoice:
     """Trace, calibrate and (optionally) run the sensitivity fallback for one graph."""
-    from medlite.compress.int8.sensitivity import HeldOut, choose_fallback
+    from medlite.compress.int8.sensitivity import choose_fallback
 
     ctx = state.ctx
     proto = _trace(state, graph, tmp)
@@ -150,8 +164,8 @@ def _choose(state, graph: str, opts, samples: list, tmp: Path) -> GraphChoice:
         return m
 
     if heldout:
-        ref = HeldOut(graph, fp32, list(_feeds(state, graph, heldout)))
-        choice.fallback = choose_fallback(layers, measure, _gate(state, graph),
+        ref = _heldout(state, graph, fp32, heldout)
+        choice.fallback = choose_fallback(layers, measure, _gate(state, graph, opts, n_graphs),
                                           max_fp16=opts.max_fp16_layers if opts.sensitivity else 0,
                                           scores_wanted=bool(opts.sensitivity), ctx=ctx)
         choice.kept_fp16 = list(choice.fallback.kept_fp16)
@@ -239,7 +253,12 @@ def apply_int8(state, index: int, opts) -> StageResult:
         ctx.warn("int8: the working model is not fp32; converting it to fp32 for calibration and the Q/DQ graphs")
         state.model.model.float()
     samples = _subset(list(state.calibration.samples) if state.calibration else [], opts.samples)
-    smooth = None
+    smooth = vsmooth = None
+    if "vision" in graphs and opts.vision_smoothquant_alpha is not None:
+        from medlite.compress.int8.smoothquant import smooth_vision_tower
+
+        vsmooth = smooth_vision_tower(state.model.model, state.forward_loop(samples=samples, description="smoothquant vision"),
+                                      alpha=opts.vision_smoothquant_alpha, ctx=ctx)
     if "decoder" in graphs and opts.smoothquant_alpha is not None:
         from medlite.compress.int8.smoothquant import smooth_language_model
 
@@ -249,7 +268,7 @@ def apply_int8(state, index: int, opts) -> StageResult:
     tmp = Path(tempfile.mkdtemp(prefix="medlite-int8-", dir=ctx.cache_dir if ctx.cache_dir.is_dir() else None))
     try:
         for g in graphs:
-            choices[g] = _choose(state, g, opts, samples, tmp)
+            choices[g] = _choose(state, g, opts, samples, tmp, len(graphs))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for g, c in choices.items():
@@ -263,7 +282,8 @@ def apply_int8(state, index: int, opts) -> StageResult:
                   "counts_by_modality": dict(sorted(Counter(s.modality for s in samples).items())),
                   "modalities": "image+question pairs (real image tokens)"}
     manifest = {"method": SCHEME, "activation_calibration": opts.activation_calibration,
-                "smoothquant": smooth.to_dict() if smooth else None, "calibration": calib_info,
+                "smoothquant": smooth.to_dict() if smooth else None,
+                "smoothquant_vision": vsmooth.to_dict() if vsmooth else None, "calibration": calib_info,
                 "components": {g: _component(c) for g, c in choices.items()}}
     before = sum(c.bytes_fp16 for c in choices.values())
     after = sum(c.bytes_int8 for c in choices.values())

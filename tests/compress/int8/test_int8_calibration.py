@@ -99,3 +99,78 @@ def test_fallback_keeps_the_most_sensitive_layers_until_the_gate_holds():
     assert capped.kept_fp16 == ["b"] and not capped.gate_holds
     easy = choose_fallback(list(harm), measure, Gate(max_kl=1.0), max_fp16=3)
     assert easy.kept_fp16 == [] and easy.gate_holds and np.isclose(easy.metric_all.mean_kl, sum(harm.values()))
+
+
+def test_vision_smoothquant_is_exact_and_leaves_the_decoder(tiny_path, cctx, calib):
+    from medlite.calibration.forward import ForwardLoop
+    from medlite.checkpoints import load_model
+    from medlite.checkpoints.generate import image_features
+    from medlite.compress.int8.smoothquant import smooth_vision_tower
+
+    lm = load_model(tiny_path, ctx=cctx)
+    dec_before = {k: v.clone() for k, v in lm.model.model.language_model.state_dict().items()}
+    ln_before = lm.model.model.vision_tower.encoder.layers[0].layer_norm1.weight.detach().clone()
+    loop = ForwardLoop(lm, calib.samples[:16], batch_size=8)
+    px = next(loop.batches()).pixel_values
+    with torch.no_grad():
+        ref = image_features(lm.model, px).clone()
+    res = smooth_vision_tower(lm.model, loop, alpha=0.5)
+    assert res.smoothed and all("vision_tower.encoder.layers." in n for n in res.smoothed)
+    assert not torch.equal(ln_before, lm.model.model.vision_tower.encoder.layers[0].layer_norm1.weight)
+    for k, v in lm.model.model.language_model.state_dict().items():
+        assert torch.equal(v, dec_before[k]), k
+    with torch.no_grad():
+        got = image_features(lm.model, px)
+    assert float((got - ref).abs().max() / ref.abs().max()) < 1e-4
+
+
+def test_rendered_views_of_one_source_image_are_distinct_calibration_images():
+    """Views rendered from one source image share its image_id but not their pixels: each is fed."""
+    from types import SimpleNamespace
+
+    from medlite.compress.int8.calib_feeds import distinct_images
+
+    fns = [lambda: 1, lambda: 2]
+    samples = [SimpleNamespace(image_id="src", image_path=None, image_fn=f) for f in fns + fns[:1]]
+    assert distinct_images(samples) == samples[:2]
+    files = [SimpleNamespace(image_id="a", image_path=p, image_fn=None) for p in ("x.png", "y.png", "x.png")]
+    assert distinct_images(files) == files[:2]
+
+
+def test_vision_heldout_measures_the_answer_token(tiny8, calib, fp32_graphs, tmp_path):
+    """The vision metric runs the whole VLM: the fp32 graph itself scores 0; a perturbed graph's KL
+    equals the KL computed here from the torch model fed the perturbed graph's embeddings."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from medlite.calibration.forward import ForwardLoop
+    from medlite.checks import kl_divergence
+    from medlite.compress.int8.answer_heldout import VisionAnswerHeldOut
+
+    samples = calib.heldout[:12] or calib.samples[:12]
+    held = VisionAnswerHeldOut(fp32_graphs["vision"], ForwardLoop(tiny8, samples, batch_size=6), tiny8.model)
+    same = held.metric(fp32_graphs["vision"])
+    assert same.mean_kl < 1e-10 and same.top1_agreement == 1.0 and same.cosine > 0.999999
+    proto = onnx.load(str(fp32_graphs["vision"]))
+    w = max(proto.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+    arr = numpy_helper.to_array(w)
+    w.CopyFrom(numpy_helper.from_array(arr + np.random.default_rng(0).normal(0, 0.2 * arr.std(), arr.shape).astype(arr.dtype), w.name))
+    bad = tmp_path / "bad.onnx"
+    onnx.save(proto, str(bad))
+    got = held.metric(bad)
+    sess = ort.InferenceSession(str(bad), providers=["CPUExecutionProvider"])
+    kls = []
+    for inp in ForwardLoop(tiny8, samples, batch_size=6).batches(tiny8.model):
+        img = torch.from_numpy(sess.run(None, {"pixel_values": inp.pixel_values.float().numpy()})[0])
+        emb = inp.inputs_embeds.clone()
+        emb[inp.image_positions] = img.reshape(-1, img.shape[-1])
+        with torch.no_grad():
+            out = tiny8.model.model.language_model(inputs_embeds=emb, attention_mask=inp.attention_mask,
+                                                   position_ids=inp.position_ids)
+            logits = tiny8.model.lm_head(out.last_hidden_state[:, -1]).double().numpy()
+        kls.append(logits)
+    ref_logits = np.concatenate(held.ref_logits)
+    want = np.mean([kl_divergence(r, c) for r, c in zip(ref_logits, np.concatenate(kls))])
+    assert got.mean_kl > 1e-6 and abs(got.mean_kl - want) <= 1e-6 * max(1.0, want) + 1e-9
