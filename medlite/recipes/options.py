@@ -44,7 +44,8 @@ class QuantizeOptions(Closed):
     algorithm: Literal["gptq", "awq", "rtn"] = Field("gptq", description="w4a16 algorithm (llm-compressor)")
     group_size: Literal[32, 64, 128] = Field(128, description="w4a16 group size (= MatMulNBits block size)")
     symmetric: bool = Field(True, description="w4a16: symmetric (no zero points) or asymmetric")
-    act_order: bool = Field(False, description="w4a16 GPTQ: quantize columns in activation order (g_idx)")
+    act_order: bool = Field(True, description="w4a16 GPTQ: quantize columns in activation order (llm-compressor's "
+                            "'weight' ordering, its default: groups stay contiguous, no g_idx); ignored by awq/rtn")
     samples: Optional[int] = Field(None, ge=1, description="cap on calibration samples used (default: all)")
 
     def active(self) -> dict:

@@ -102,11 +102,20 @@ def language_linear_names(model, lm_head: bool) -> list[str]:
 def _scheme(bits: int, opts: LlmcOptions) -> dict:
     weights = {"num_bits": bits, "type": "int", "symmetric": opts.symmetric, "strategy": "group",
                "group_size": int(opts.group_size)}
-    if opts.algorithm == "gptq":
-        # compressed-tensors 0.19 removed "group" act-order (the one needing g_idx, 2026-08-27): only
-        # "weight" (static) ordering remains, which keeps groups contiguous, so no g_idx is needed.
-        weights["actorder"] = "weight" if opts.act_order else None
     return {"weights": weights, "input_activations": None, "output_activations": None}
+
+
+def _gptq_actorder(opts: LlmcOptions):
+    """GPTQModifier's ``actorder``: "weight" or None, always explicit.
+
+    compressed-tensors 0.19 refuses "group"/"dynamic" act-order (the variants that store a
+    ``weight_g_idx``: "has been removed"); "weight" (alias "static") quantizes columns in
+    activation order but restores the column order afterwards, so groups stay contiguous and no
+    ``g_idx`` is needed. It must be passed to the modifier: ``GPTQModifier.actorder`` defaults to a
+    sentinel that turns a scheme's ``actorder: None`` into "static", so leaving it out would run
+    act-order even when the recipe says ``act_order: false`` (measured, llmcompressor 0.14).
+    """
+    return "weight" if opts.act_order else None
 
 
 def _modifiers(names_by_bits: dict[int, list[str]], opts: LlmcOptions) -> list:
@@ -115,7 +124,8 @@ def _modifiers(names_by_bits: dict[int, list[str]], opts: LlmcOptions) -> list:
     if opts.algorithm == "gptq":
         from llmcompressor.modifiers.quantization import GPTQModifier
 
-        return [GPTQModifier(config_groups=groups, dampening_frac=opts.dampening_frac, **opts.extra)]
+        return [GPTQModifier(config_groups=groups, dampening_frac=opts.dampening_frac, actorder=_gptq_actorder(opts),
+                             **opts.extra)]
     from llmcompressor.modifiers.quantization import QuantizationModifier
 
     mods = [QuantizationModifier(config_groups=groups)]
@@ -309,7 +319,8 @@ def record_from_module(name: str, module, symmetric: bool, k: Optional[int] = No
     The integers are what compressed-tensors' own ``quantize`` gives for the module's (already GPTQ-
     updated) weight with its scale and zero point — the values its pack-quantized compressor saves.
     Signed integers in ``[-2^(b-1), 2^(b-1) - 1]`` become unsigned by adding ``2^(b-1)`` (as
-    MatMulNBits stores them); a padded module is cut back to its real K columns.
+    MatMulNBits stores them); a padded module is cut back to its real K columns. A ``weight_g_idx``
+    (what older compressed-tensors stored for "group" act-order) is kept as the record's ``g_idx``.
     """
     from compressed_tensors.quantization.lifecycle.forward import quantize
 
@@ -319,12 +330,19 @@ def record_from_module(name: str, module, symmetric: bool, k: Optional[int] = No
     scale = module.weight_scale.detach().float()
     zp = getattr(module, "weight_zero_point", None)
     zp = torch.zeros_like(scale) if zp is None else zp.detach().float()
-    q = quantize(w, scale, zp, args, dtype=torch.float32)
+    g_idx = getattr(module, "weight_g_idx", None)   # "group" act-order of compressed-tensors < 0.19
+    if g_idx is None:
+        q = quantize(w, scale, zp, args, dtype=torch.float32)
+    else:   # column j uses group g_idx[j]: compressed-tensors' formula with per-column scale / zero point
+        g = g_idx.detach().long()
+        lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+        q = torch.clamp(torch.round(w / scale[:, g] + zp[:, g]), lo, hi)
+        g_idx = g_idx.detach().to(torch.int32).clone()
     offset = 1 << (bits - 1)
     k = q.shape[1] if k is None else int(k)
     return QuantizedLinear(name=name, bits=bits, group_size=gs, qweight=(q + offset).to(torch.int16)[:, :k],
                            scales=scale.clone(), zero_points=(zp + offset).round().to(torch.int16),
-                           symmetric=symmetric,
+                           symmetric=symmetric, g_idx=None if g_idx is None else g_idx[:k],
                            bias=None if module.bias is None else module.bias.detach().float().clone())
 
 

@@ -68,7 +68,10 @@ def apply_w4a16(state, index: int, opts):
     ctx = state.ctx
     samples = list(state.calibration.samples) if state.calibration is not None else None
     if samples is not None and opts.samples is not None and opts.samples < len(samples):
-        samples = samples[: int(opts.samples)]
+        from medlite.build.references import select_samples
+
+        # stratified, never "the first N": the calibration set lists its samples stratum by stratum
+        samples = select_samples(samples, int(opts.samples))
     loop = state.forward_loop(samples=samples, description=f"{opts.algorithm.upper()} calibration")
     model = state.model.model
     before = sum(int(model.get_submodule(n).weight.numel()) * model.get_submodule(n).weight.element_size()

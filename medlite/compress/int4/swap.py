@@ -56,7 +56,9 @@ class MatMulNBitsLinear(nn.Module):
         self.K, self.N, self.bits, self.block_size = packed.K, packed.N, packed.bits, packed.block_size
         self.register_buffer("B", torch.from_numpy(packed.B.copy()))
         self.register_buffer("scales", torch.from_numpy(packed.scales.astype(np.float32)).to(dtype))
-        self.register_buffer("zero_points", torch.from_numpy(packed.zero_points.copy()))
+        zp = torch.from_numpy(packed.zero_points.copy())
+        # unpacked zero points (written with g_idx) are in the activation dtype, like the scales
+        self.register_buffer("zero_points", zp.to(dtype) if zp.is_floating_point() else zp)
         self.register_buffer("g_idx", None if packed.g_idx is None else torch.from_numpy(packed.g_idx.copy()))
         # The dequantized weight only feeds the eager computation; it is not an input of the exported
         # node, so the traced graph does not keep it (pruned as unused).

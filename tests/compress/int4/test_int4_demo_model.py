@@ -67,7 +67,7 @@ def _metrics(demo, out):
             "kl": float(np.mean([kl_divergence(p, q) for p, q in zip(rl, cl)]))}
 
 
-def _w4a16(demo, algorithm, group):
+def _w4a16(demo, algorithm, group, symmetric):
     from types import SimpleNamespace
 
     from medlite.build.contract import BuildState
@@ -80,7 +80,7 @@ def _w4a16(demo, algorithm, group):
     state = BuildState(ctx=ctx, recipe=None, target=None, work=None, source=None, model=loaded,
                        calibration=demo["calib"])
     apply_w4a16(state, 0, SimpleNamespace(vision="fp16", llm="w4a16", lm_head="int4", algorithm=algorithm,
-                                          group_size=group, symmetric=True, act_order=False, samples=None))
+                                          group_size=group, symmetric=symmetric, act_order=True, samples=None))
     out = demo["tmp"].mktemp(f"{algorithm}{group}")
     export_onnx(loaded, out, ctx=ctx, precision="fp32", allow_trt_issues=True, plan=state.export_plan)
     return _metrics(demo, _run(out, demo["heldout"]))
@@ -98,17 +98,24 @@ def _rtn(demo, group):
     return _metrics(demo, _run(out, demo["heldout"]))
 
 
-# AWQ g32 misses issue 14's gate on the demo model: agreement 98.1 % (drop 0.2 points, KL 9.6e-4),
-# measured in CI and alone. Strict: when it passes, this mark must go.
-AWQ_MISS = pytest.mark.xfail(reason="AWQ g32 agreement 98.1 % < 99.5 % on the demo model (issue 14 open)", strict=True)
+# AWQ runs asymmetric, its canonical form (AutoAWQ zero_point=True; llm-compressor's own AWQ example uses
+# W4A16_ASYM): compressed-tensors' symmetric int4 grid (scale = max|w| / 7.5, q in [-8, 7]) clips each
+# group's largest positive weight, and AWQ, which only rescales channels, inherits that error. Chosen on
+# the calibration held-out slice (docs/quantization-int4.md). Asymmetric AWQ g32 still misses issue 14's
+# gate here: agreement 99.38 % (symmetric: 98.12 %), drop 0.63 points, KL 2.7e-4 vs round-to-nearest's
+# 2.1e-4 — the demo model has no activation outlier channels for AWQ to protect (measured, see the docs).
+# Strict: when it passes, this mark must go.
+AWQ_MISS = pytest.mark.xfail(reason="AWQ g32 (asymmetric) agreement 99.38 % < 99.5 %, KL above RTN's on the demo "
+                             "model (issue 14 open)", strict=True)
 
 
-@pytest.mark.parametrize("algorithm,group,min_agree,max_drop", [("gptq", 32, 0.995, 0.5),
-                                                               pytest.param("awq", 32, 0.995, 0.5, marks=AWQ_MISS),
-                                                               ("gptq", 128, 0.99, None)])
-def test_w4a16_gates_and_no_worse_than_round_to_nearest(demo, algorithm, group, min_agree, max_drop):
-    ours, rtn = _w4a16(demo, algorithm, group), _rtn(demo, group)
-    print(f"{algorithm} g{group}: {ours}; RTN g{group}: {rtn}")
+@pytest.mark.parametrize("algorithm,group,symmetric,min_agree,max_drop", [
+    ("gptq", 32, True, 0.995, 0.5),
+    pytest.param("awq", 32, False, 0.995, 0.5, marks=AWQ_MISS),
+    ("gptq", 128, True, 0.99, None)])
+def test_w4a16_gates_and_no_worse_than_round_to_nearest(demo, algorithm, group, symmetric, min_agree, max_drop):
+    ours, rtn = _w4a16(demo, algorithm, group, symmetric), _rtn(demo, group)
+    print(f"{algorithm} g{group} {'sym' if symmetric else 'asym'}: {ours}; RTN g{group}: {rtn}")
     assert ours["agreement"] >= min_agree, ours
     if max_drop is not None:
         assert ours["drop"] <= max_drop, ours

@@ -38,8 +38,25 @@ def test_cpu_target_accepts_int4_silently():
 
 
 def test_act_order_is_gptq_only():
-    errors, _ = rules(1, _opts(algorithm="awq", act_order=True), _view("cpu-x86_64"))
+    errors, _ = rules(1, _opts(algorithm="awq", act_order=True, symmetric=False), _view("cpu-x86_64"))
     assert errors == [(("stages", 1, "quantize", "act_order"), "act_order is a GPTQ option; algorithm is awq")]
+
+
+def test_act_order_default_is_not_an_awq_error():
+    """act_order defaults to true (GPTQ's 'weight' ordering); only a written ``act_order: true`` is checked."""
+    from medlite.recipes.options import QuantizeOptions
+
+    opts = QuantizeOptions(llm="w4a16", algorithm="awq", symmetric=False)
+    assert opts.act_order is True
+    assert rules(0, opts, _view("cpu-x86_64")) == ([], [])
+    errors, _ = rules(0, QuantizeOptions(llm="w4a16", algorithm="awq", symmetric=False, act_order=True),
+                      _view("cpu-x86_64"))
+    assert [e[0] for e in errors] == [("stages", 0, "quantize", "act_order")]
+
+
+def test_symmetric_awq_is_warned_about():
+    _, warnings = rules(0, _opts(algorithm="awq"), _view("cpu-x86_64"))
+    assert len(warnings) == 1 and "symmetric: false" in warnings[0]
 
 
 def test_plan_bytes_of_the_full_size_shape():

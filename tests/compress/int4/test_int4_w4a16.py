@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from int4_decoder import export_decoder, max_rel, ort_logits
 from onnx import numpy_helper
 
 
@@ -46,15 +47,7 @@ def quantized(cctx, tiny_path, calib):
 
 
 def _decoder(q, tmp_path):
-    from medlite.compress.int4.stage import pack_records
-    from medlite.compress.int4.swap import matmul_nbits_swap
-    from medlite.export.graphs import decoder_onnx_from_model
-
-    with matmul_nbits_swap(pack_records(q.records))(q.loaded.model):
-        proto = decoder_onnx_from_model(q.loaded.model, opset=17, metadata={})
-    path = tmp_path / "decoder.onnx"
-    onnx.save(proto, str(path))
-    return proto, path
+    return export_decoder(q.loaded, q.records, tmp_path)
 
 
 def test_only_language_model_quantized(quantized):
@@ -93,24 +86,9 @@ def test_initializers_unpack_to_the_quantizers_values(quantized, tmp_path):
 
 
 def test_onnxruntime_logits_equal_llmcompressor_fake_quant(quantized, tmp_path):
-    import onnxruntime as ort
-
     _, path = _decoder(quantized, tmp_path)
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     p = quantized.probe
-    tc = quantized.loaded.model.config.text_config
-    b = p.inputs_embeds.shape[0]
-    feed = {"inputs_embeds": p.inputs_embeds.numpy(),
-            "attention_mask": np.concatenate([np.zeros((b, 1), np.int32), p.attention_mask.int().numpy()], 1),
-            "position_ids": p.position_ids.int().numpy()}
-    hd = tc.hidden_size // tc.num_attention_heads
-    for i in range(tc.num_hidden_layers):
-        for kind in ("key", "value"):
-            feed[f"past_key_values.{i}.{kind}"] = np.zeros((b, tc.num_key_value_heads, 1, hd), np.float32)
-    logits = sess.run(["logits"], feed)[0]
-    ref = quantized.seen["__logits__"]
-    real = p.attention_mask.bool().numpy()
-    rel = np.abs(logits[real] - ref[real]).max() / np.abs(ref[real]).max()
+    rel = max_rel(ort_logits(path, quantized.loaded, p), quantized.seen["__logits__"], p.attention_mask.bool().numpy())
     assert rel <= 1e-3, rel
 
 
