@@ -37,7 +37,6 @@ SHAPE = {"hidden_size": 2048, "intermediate_size": 5632, "num_attention_heads": 
 
 BUILD = r"""
 import json, resource, sys, time
-from types import SimpleNamespace
 import torch
 from medlite.build.contract import BuildState
 from medlite.calibration.calibset import build_calibration_set
@@ -46,6 +45,7 @@ from medlite.compress.int4.stage import apply_w4a16
 from medlite.context import RunContext
 from medlite.evaluation.vqa import load_dataset
 from medlite.export import export_onnx
+from medlite.recipes.options import QuantizeOptions
 ckpt, out, samples, head = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 ctx = RunContext(quiet=True)
 t0 = time.perf_counter()
@@ -53,12 +53,12 @@ loaded = load_model(ckpt, ctx=ctx, dtype=torch.float32)
 calib = build_calibration_set(load_dataset("builtin:micro-med-vqa", split="train"), samples, ctx=ctx, cache=False)
 t1 = time.perf_counter()
 state = BuildState(ctx=ctx, recipe=None, target=None, work=None, source=None, model=loaded, calibration=calib)
-res = apply_w4a16(state, 0, SimpleNamespace(vision="fp16", llm="w4a16", lm_head=head, algorithm="gptq",
-                                            group_size=128, symmetric=True, act_order=False, samples=None))
+res = apply_w4a16(state, 0, QuantizeOptions(vision="fp16", llm="w4a16", lm_head=head, algorithm="gptq",
+                                            group_size=128, symmetric=True))
 t2 = time.perf_counter()
 export_onnx(loaded, out, ctx=ctx, precision="fp32", allow_trt_issues=True, plan=state.export_plan)
 t3 = time.perf_counter()
-print(json.dumps({"load_s": t1 - t0, "gptq_s": t2 - t1, "export_s": t3 - t2, "total_s": t3 - t0,
+print(json.dumps({"act_order": QuantizeOptions().act_order, "load_s": t1 - t0, "gptq_s": t2 - t1, "export_s": t3 - t2, "total_s": t3 - t0,
                   "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                   "summary": res.summary}))
 """

@@ -259,3 +259,50 @@ def test_verify_refuses_a_different_source_checkpoint(checked, tmp_path, capsys)
     rc = main(["verify", res["artifact"], "--model", str(other), "--vision-tower", str(other / "vision_tower")])
     assert rc == 2
     assert "does not have the file hashes recorded in manifest.json" in capsys.readouterr().err
+
+
+OVERLAP = """\
+name: chk-overlap
+version: 1.0.0
+target: jetson-xavier-agx-32gb
+calibration: {dataset: "DATA", split: train, samples: 6}
+evaluation: {dataset: "DATA", split: test}
+stages:
+  - export: {precision: fp16}
+  - check: {max_new_tokens: 2, max_mean_kl: 0.01, min_vision_cosine: 0.99, min_agreement: null}
+"""
+
+
+def test_verify_leaves_out_the_calibration_images_as_the_build_did(tiny_ckpt, tmp_path, capsys):
+    """VQA-RAD's splits share images (the fixture: 5 of its 12 test images are also in train): the
+    build drops the test questions about calibration images, and verify must score the very same
+    questions (it re-ran the gates on every test question before, and reported a mismatch)."""
+    import shutil
+
+    from PIL import Image
+
+    from medlite.build.pipeline import load_calibration
+    from medlite.context import RunContext
+    from medlite.evaluation.vqa import load_dataset
+    from medlite.recipes import load_recipe
+
+    data = tmp_path / "vqa_rad.json"
+    shutil.copyfile(Path(__file__).parent / "evaluation" / "fixtures" / "vqa_rad.json", data)
+    (tmp_path / "images").mkdir()
+    for k, name in enumerate(sorted({r["image_name"] for r in json.loads(data.read_text())})):
+        Image.new("RGB", (16, 16), (k * 13 % 255, 40 + k, 90)).save(tmp_path / "images" / name, format="JPEG")
+    recipe = tmp_path / "overlap.yaml"
+    recipe.write_text(OVERLAP.replace("DATA", str(data)))
+    rc, res = build(tmp_path, recipe, tiny_ckpt, tmp_path / "o", capsys=capsys)
+    assert rc == 0 and res["status"] == "passed", res
+    art = Path(res["artifact"])
+    asked = {q["qid"] for q in json.loads((art / "report.json").read_text())["questions"]}
+    cal, _, _ = load_calibration(load_recipe(recipe).recipe, RunContext(cache_dir=tmp_path / "cache", quiet=True))
+    used = {s.image_id for s in cal.samples}
+    test = load_dataset(str(data), split="test")
+    dropped = [s for s in test if s.image_id in used]
+    assert dropped and len(asked) == res["metrics"]["n"] == len(test) - len(dropped)
+    assert not asked & {str(s.qid) for s in dropped}
+    assert main(["--cache-dir", str(tmp_path / "cache"), "verify", str(art), *model_args(tiny_ckpt)[2:], "--json"]) == 0
+    v = json.loads(capsys.readouterr().out)
+    assert v["ok"] and v["checks"]["ok"] and v["checks"]["metrics"]["n"] == res["metrics"]["n"], v

@@ -55,6 +55,25 @@ def run(state, index: int, options):
                        ok=not bad)
 
 
+def _calibration(recipe, manifest: dict, ctx):
+    """The build's calibration set (its images are left out of the evaluation, as the build did), or None.
+
+    Rebuilt from the recipe (deterministic, usually from the cache); a content hash other than the
+    manifest's means the calibration data changed since the build, and the re-run would not compare
+    like with like.
+    """
+    if recipe.calibration is None:
+        return None
+    from medlite.build.pipeline import load_calibration
+
+    cal, digest, _ = load_calibration(recipe, ctx)
+    recorded = (manifest.get("calibration") or {}).get("content_hash")
+    if recorded is not None and digest != recorded:
+        raise MedliteError(f"verify: the calibration set rebuilt from the recipe has content hash {digest[:12]}, "
+                           f"manifest.json records {recorded[:12]}: the calibration data changed since the build")
+    return cal
+
+
 def rerun_checks(path: Path, manifest: dict, args, ctx) -> dict:
     """Re-run an artifact's check stage and compare with its manifest.
 
@@ -85,7 +104,7 @@ def rerun_checks(path: Path, manifest: dict, args, ctx) -> dict:
     if dict(loaded.source.files) != dict(recorded_src.get("files", {})):
         raise MedliteError(f"verify: the source checkpoint ({choice.path or DEMO_SOURCE}) does not have the file "
                            "hashes recorded in manifest.json; pass the original checkpoint with --model")
-    samples = check_samples(recipe, load_evaluation(recipe, None, ctx))
+    samples = check_samples(recipe, load_evaluation(recipe, _calibration(recipe, manifest, ctx), ctx))
     source = Source(choice, loaded, label, ctx)
     with ctx.stage("check") as info:
         refs = source.references(samples, max_new_tokens=options.max_new_tokens, batch_size=options.batch_size)
