@@ -30,6 +30,7 @@ import contextlib
 import math
 import re
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Optional
 
 import torch
@@ -219,10 +220,12 @@ class _Captured(Exception):
     pass
 
 
-def _layer_inputs(model, loop) -> list[tuple[tuple, dict]]:
-    """(args, kwargs) of the first decoder layer for every calibration batch (real image tokens)."""
+def _layer_inputs(model, loop) -> tuple[list[tuple[tuple, dict]], list]:
+    """(args, kwargs) of the first decoder layer for every calibration batch (real image tokens), and
+    each batch's ``[batch, seq]`` attention mask (1 = real token, 0 = left padding)."""
     layers = model.model.language_model.layers
     seen: list = []
+    masks: list = []
 
     def grab(_m, args, kwargs):
         seen.append((args, dict(kwargs)))
@@ -231,36 +234,45 @@ def _layer_inputs(model, loop) -> list[tuple[tuple, dict]]:
     handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
         for inp in loop.batches(model):
+            masks.append(inp.attention_mask.detach().clone())
             with torch.no_grad(), contextlib.suppress(_Captured):
                 model.model.language_model(inputs_embeds=inp.inputs_embeds, attention_mask=inp.attention_mask,
                                            position_ids=inp.position_ids, use_cache=False, return_dict=True)
     finally:
         handle.remove()
-    return seen
+    return seen, masks
 
 
 def _hidden(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _run_sequential(model, cached: list, lm_head: bool, ctx) -> None:
-    """Per decoder layer: calibrate (hooks on), quantize, propagate (hooks off)."""
+def _run_sequential(model, cached: list, lm_head: bool, ctx, state=None) -> None:
+    """Per decoder layer: calibrate (hooks on), quantize, propagate (hooks off).
+
+    ``state`` (llm-compressor's session state) gets the index of the batch being calibrated, which is
+    how AWQ finds that batch's loss mask (``state.loss_masks``), as llm-compressor's own pipeline does.
+    """
     from llmcompressor.core import LifecycleCallbacks
     from llmcompressor.modifiers.utils.hooks import HooksMixin
 
     layers = model.model.language_model.layers
     states = [(args, kw) for args, kw in cached]
     steps = list(layers) + ([None] if lm_head else [])
+    state = state if state is not None else SimpleNamespace()
     progress = ctx.progress("quantize language model", total=len(steps)) if ctx else contextlib.nullcontext()
     with progress as advance, torch.no_grad():
         for layer in steps:
             if layer is None:   # final norm + lm_head
-                for args, kw in states:
+                for i, (args, kw) in enumerate(states):
+                    state.current_batch_idx = i
                     model.lm_head(model.model.language_model.norm(args[0]))
                 LifecycleCallbacks.sequential_epoch_end([model.lm_head, *model.lm_head.modules()])
             else:
-                for args, kw in states:
+                for i, (args, kw) in enumerate(states):
+                    state.current_batch_idx = i
                     layer(*args, **kw)
+                state.current_batch_idx = -1
                 LifecycleCallbacks.sequential_epoch_end(list(layer.modules()))
                 with HooksMixin.disable_hooks():
                     states = [((_hidden(layer(*args, **kw)), *args[1:]), kw) for args, kw in states]
@@ -292,12 +304,16 @@ def quantize_language_model(model, loop, opts: LlmcOptions, *, ctx=None,
             by_bits.setdefault(head_bits, []).append(mapping["lm_head"])
         with create_session() as session, _cpu_safe_cache(), _quiet_llmcompressor():
             session.initialize(model=model, start=-1, recipe=_modifiers(by_bits, opts))
-            cached = _layer_inputs(model, loop)
+            cached, masks = _layer_inputs(model, loop)
             if not cached:
                 raise ValueError("no calibration batches: the calibration set is empty")
+            # AWQ's activation statistics and output loss skip the left padding (llm-compressor's
+            # use_loss_mask mechanism; GPTQ does not read it)
+            session.state.loss_masks = masks
             LifecycleCallbacks.calibration_start()
             with calibration_forward_context(model), DisableQuantization(model):
-                _run_sequential(model, cached, head_bits is not None, ctx)
+                _run_sequential(model, cached, head_bits is not None, ctx, state=session.state)
+            session.state.loss_masks = None
             LifecycleCallbacks.calibration_end()
             session.finalize()
         records = {n: record_from_module(n, model.get_submodule(q), opts.symmetric,

@@ -117,3 +117,29 @@ def test_stage_registers_swap_and_runtime(cctx, tiny_path, calib):
     assert bits == [4] * 14 + [8]
     assert not any(isinstance(m, type(loaded.model.lm_head)) and m.__class__.__name__ == "MatMulNBitsLinear"
                    for m in loaded.model.modules())   # swaps restored after the trace
+
+
+def test_awq_statistics_skip_left_padding(cctx, tiny_path, calib):
+    """AWQ's activation statistics count exactly the real tokens of the calibration batches (no padding)."""
+    from unittest import mock
+
+    from llmcompressor.modifiers.transform.awq.base import AWQModifier
+
+    from medlite.calibration.forward import ForwardLoop
+    from medlite.checkpoints import load_model
+    from medlite.compress.int4.llmc import LlmcOptions, quantize_language_model
+
+    loaded = load_model(tiny_path, ctx=cctx)
+    loop = ForwardLoop(loaded, calib.samples[:8], batch_size=4)
+    real = sum(int(b.attention_mask.sum()) for b in loop.batches())
+    padded = sum(b.attention_mask.numel() for b in loop.batches())
+    counts = []
+    original = AWQModifier._compute_best_scale
+
+    def spy(self, mapping, *args, **kwargs):
+        counts.append(int(self._smooth_activation_stats[mapping.smooth_name][1]))
+        return original(self, mapping, *args, **kwargs)
+
+    with mock.patch.object(AWQModifier, "_compute_best_scale", spy):
+        quantize_language_model(loaded.model, loop, LlmcOptions("awq", 32, symmetric=False))
+    assert real < padded and counts and set(counts) == {real}
