@@ -107,14 +107,11 @@ def _scheme(bits: int, opts: LlmcOptions) -> dict:
 
 
 def _gptq_actorder(opts: LlmcOptions):
-    """GPTQModifier's ``actorder``: "weight" or None, always explicit.
+    """GPTQModifier's ``actorder``, always explicit: its default sentinel turns a scheme's None into
+    "static", which ran act-order under ``act_order: false`` (measured, llmcompressor 0.14).
 
-    compressed-tensors 0.19 refuses "group"/"dynamic" act-order (the variants that store a
-    ``weight_g_idx``: "has been removed"); "weight" (alias "static") quantizes columns in
-    activation order but restores the column order afterwards, so groups stay contiguous and no
-    ``g_idx`` is needed. It must be passed to the modifier: ``GPTQModifier.actorder`` defaults to a
-    sentinel that turns a scheme's ``actorder: None`` into "static", so leaving it out would run
-    act-order even when the recipe says ``act_order: false`` (measured, llmcompressor 0.14).
+    compressed-tensors 0.19 refuses "group"/"dynamic" (the variants storing ``weight_g_idx``);
+    "weight" restores the column order after quantizing, so groups stay contiguous (no ``g_idx``).
     """
     return "weight" if opts.act_order else None
 
@@ -248,11 +245,8 @@ def _hidden(out):
 
 
 def _run_sequential(model, cached: list, lm_head: bool, ctx, state=None) -> None:
-    """Per decoder layer: calibrate (hooks on), quantize, propagate (hooks off).
-
-    ``state`` (llm-compressor's session state) gets the index of the batch being calibrated, which is
-    how AWQ finds that batch's loss mask (``state.loss_masks``), as llm-compressor's own pipeline does.
-    """
+    """Per decoder layer: calibrate (hooks on), quantize, propagate (hooks off). ``state`` (the session's)
+    gets the batch index, which is how AWQ finds that batch's ``state.loss_masks`` entry."""
     from llmcompressor.core import LifecycleCallbacks
     from llmcompressor.modifiers.utils.hooks import HooksMixin
 
