@@ -11,11 +11,16 @@ Steps:
    Micro Med-VQA train pairs (729 image tokens each) → ``apply_int8`` (SmoothQuant alpha 0.5,
    min-max calibration, sensitivity off unless ``--sensitivity``) → each graph traced again, the
    registered Q/DQ pass applied, written → file bytes; time per phase.
+3. ``sensitivity-cost`` — in a child process, per graph on ``--heldout-rows`` held-out pairs: the held-out
+   reference (vision: whole-VLM answer token), one re-quantization and one whole-graph measure; the pass
+   time they imply at the stage's held-out size (``(layers + 1) × (re-quantize + measure)`` + reference,
+   linear in rows; the fallback's own steps come on top).
 
 Usage::
 
     nice .venv/bin/python benchmarks/int8_full_size.py --steps bytes
     nice .venv/bin/python benchmarks/int8_full_size.py --steps build --work /tmp/medlite-int8 --samples 128
+    nice .venv/bin/python benchmarks/int8_full_size.py --steps sensitivity-cost --heldout-rows 8
 
 Writes ``benchmarks/results/int8_full_size.json`` (merged with earlier steps' results).
 """
@@ -138,6 +143,75 @@ def step_build(work: Path, ckpt: Path, samples: int, sensitivity: bool) -> dict:
     return out
 
 
+SENS_CHILD = r"""
+import json, resource, shutil, sys, time
+from pathlib import Path
+ckpt, rows, work = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
+from medlite.context import RunContext
+from medlite.checkpoints import load_model
+from medlite.calibration.calibset import build_calibration_set
+from medlite.evaluation.vqa import load_dataset
+from medlite.build.contract import BuildState
+from medlite.compress.int8 import qdq_onnx as Q
+from medlite.compress.int8 import stage as S
+ctx = RunContext(cache_dir=work / "cache", quiet=True)
+loaded = load_model(ckpt, ctx=ctx)
+cal = build_calibration_set(load_dataset("builtin:micro-med-vqa", split="train"), rows, ctx=ctx, cache=False)
+state = BuildState(ctx=ctx, recipe=None, target=None, work=work, source=None, model=loaded, calibration=cal)
+held = S._subset(list(cal.heldout), rows)
+out = {"heldout_rows": len(held), "distinct_heldout_images": len({id(s.image_fn) for s in held}), "graphs": {}}
+for g in ("vision", "decoder"):
+    d, t = {}, time.perf_counter()
+    tmp = work / "sens" / g
+    proto = S._trace(state, g, work / "sens")
+    targets = Q.quant_targets(proto, g)
+    fp32 = Q.save_for_ort(proto, tmp / "fp32.onnx")
+    del proto
+    d["trace_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    Q.calibrate_ranges(fp32, S._feeds(state, g, list(cal.samples)[:rows]), tmp / "ranges.json", method="minmax",
+                       work_dir=tmp, tensors=Q.activation_inputs(fp32, [x.node for x in targets]))
+    d["calibrate_s_for_rows"] = time.perf_counter() - t
+    t = time.perf_counter()
+    ref = S._heldout(state, g, fp32, held)
+    d["heldout_reference_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    q = Q.save_for_ort(S.quantized_proto(fp32, tmp / "m" / "staged", tmp / "ranges.json", [x.node for x in targets],
+                                         method="minmax"), tmp / "m" / "q_loadable.onnx")
+    d["requantize_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    d["metric"] = ref.metric(q).to_dict()
+    d["measure_s"] = time.perf_counter() - t
+    d["layers"] = len(dict.fromkeys(x.layer for x in targets))
+    out["graphs"][g] = d
+    shutil.rmtree(tmp, ignore_errors=True)
+out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps(out))
+"""
+
+
+def step_sensitivity_cost(work: Path, ckpt: Path, rows: int) -> dict:
+    """The sensitivity pass's unit costs on ``rows`` held-out pairs (one whole-graph measure per graph)
+    and the pass time they imply at the stage's 128 held-out rows (cost is linear in rows)."""
+    work.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run([sys.executable, "-c", SENS_CHILD, str(ckpt), str(rows), str(work)],
+                          capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode:
+        raise SystemExit(f"sensitivity-cost child failed:\n{proc.stderr[-3000:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    from medlite.compress.int8.stage import MAX_HELDOUT
+
+    scale = MAX_HELDOUT / max(out["heldout_rows"], 1)
+    for g in out["graphs"].values():
+        # a pass = the reference + (1 whole graph + 1 per layer) x (re-quantize + measure); the reference
+        # and each measure are linear in the held-out rows, a re-quantization is not (fallback steps extra)
+        g["pass_estimate_s_at_stage_rows"] = round(g["heldout_reference_s"] * scale + (g["layers"] + 1) * (
+            g["requantize_s"] + g["measure_s"] * scale), 0)
+    out["stage_heldout_rows"] = MAX_HELDOUT
+    return out
+
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", default="bytes")
@@ -145,6 +219,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ckpt", type=Path, default=None)
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--sensitivity", action="store_true")
+    ap.add_argument("--heldout-rows", type=int, default=8, help="sensitivity-cost: held-out pairs to time")
     args = ap.parse_args(argv)
     result = json.loads(RESULT.read_text()) if RESULT.is_file() else {}
     result["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(),
@@ -155,8 +230,11 @@ def main(argv=None) -> int:
             result["bytes"] = step_bytes()
         elif step == "build":
             result["build"] = step_build(args.work, args.ckpt or args.work / "ckpt", args.samples, args.sensitivity)
+        elif step == "sensitivity-cost":
+            result["sensitivity_cost"] = step_sensitivity_cost(args.work, args.ckpt or args.work / "ckpt",
+                                                               args.heldout_rows)
         else:
-            raise SystemExit(f"unknown step {step!r}: bytes | build")
+            raise SystemExit(f"unknown step {step!r}: bytes | build | sensitivity-cost")
         result.setdefault("step_seconds", {})[step] = round(time.perf_counter() - t0, 1)
     RESULT.parent.mkdir(parents=True, exist_ok=True)
     RESULT.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
