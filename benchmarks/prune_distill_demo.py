@@ -35,9 +35,7 @@ def one_recipe(name: str, path, calib, test, ctx, base: float) -> dict:
     from medlite.compress.prune.stage import run as prune
     from medlite.recipes import load_recipe
 
-    opts = {s.name: s.options for s in load_recipe(next(p for p in (ROOT / "recipes" / f"{name}.yaml",
-                                                           ROOT / "recipes" / "experimental" / f"{name}.yaml")
-                                                 if p.is_file())).recipe.stages}
+    opts = {s.name: s.options for s in load_recipe(ROOT / "recipes" / f"{name}.yaml").recipe.stages}
     source, student = load_model(path, ctx=ctx), load_model(path, ctx=ctx)
     state = BuildState(ctx=ctx, recipe=None, target=None, work=None, source=SimpleNamespace(model=lambda: source),
                        model=student, calibration=calib, eval_samples=list(test))
