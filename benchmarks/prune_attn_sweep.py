@@ -98,8 +98,7 @@ def main() -> int:
     source, student = load_model(path, ctx=ctx), load_model(path, ctx=ctx)
     t_answers = D.teacher_answers(source, selection, ctx=ctx, max_new_tokens=8)
     recipe = {s.name: s.options for s in load_recipe(ROOT / "recipes" / "prune-attn-half.yaml").recipe.stages}
-    opts = recipe["distill"].model_copy(update=json.loads(a.opts))
-    opts = type(opts).model_validate(opts.model_dump())
+    opts = type(recipe["distill"]).model_validate({**recipe["distill"].model_dump(), **json.loads(a.opts)})
     if a.attn_only:
         attention_only(distill_stage)
     state = prune_student(student, source, calib, test, ctx, a.keep)
