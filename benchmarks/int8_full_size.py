@@ -124,7 +124,8 @@ for g in ("decoder", "vision"):
 print(json.dumps({"seconds": {k: round(v, 1) for k, v in t.items()}, "total_s": round(time.perf_counter() - t0, 1),
                   "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                   "file_bytes": files, "stage_bytes_before": res.bytes_before, "stage_bytes_after": res.bytes_after,
-                  "summary": res.summary, "sensitivity": sens, "samples": samples}))
+                  "summary": res.summary, "sensitivity": sens, "samples": samples,
+                  "stage_phases_s": dict(state.timings)}))
 """
 
 

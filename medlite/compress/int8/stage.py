@@ -163,14 +163,15 @@ def _choose(state, graph: str, opts, samples: list, tmp: Path, n_graphs: int = 1
         shutil.rmtree(d, ignore_errors=True)
         return m
 
-    if heldout:
+    if heldout and opts.sensitivity:
         ref = _heldout(state, graph, fp32, heldout)
         choice.fallback = choose_fallback(layers, measure, _gate(state, graph, opts, n_graphs),
-                                          max_fp16=opts.max_fp16_layers if opts.sensitivity else 0,
-                                          scores_wanted=bool(opts.sensitivity), ctx=ctx)
+                                          max_fp16=opts.max_fp16_layers, ctx=ctx)
         choice.kept_fp16 = list(choice.fallback.kept_fp16)
     elif opts.sensitivity:
         ctx.warn(f"int8 {graph}: the calibration set has no held-out slice: no sensitivity pass, every layer INT8")
+    # sensitivity off: no held-out run at all (on the full-size model its reference alone costs
+    # > 20 min on 2 cores); the check stage still gates the artifact
     final = quantized_proto(fp32, tmp / graph / "final", ranges, choice.nodes(), method=opts.activation_calibration)
     choice.bytes_int8 = initializer_bytes(final)
     return choice
@@ -264,11 +265,14 @@ def apply_int8(state, index: int, opts) -> StageResult:
 
         smooth = smooth_language_model(state.model.model, state.forward_loop(samples=samples, description="smoothquant"),
                                        alpha=opts.smoothquant_alpha, ctx=ctx)
+    state.timings[f"quantize[{index}] int8 smoothquant"] = round(time.perf_counter() - t0, 2)
     choices: dict = {}
     tmp = Path(tempfile.mkdtemp(prefix="medlite-int8-", dir=ctx.cache_dir if ctx.cache_dir.is_dir() else None))
     try:
         for g in graphs:
+            t1 = time.perf_counter()
             choices[g] = _choose(state, g, opts, samples, tmp, len(graphs))
+            state.timings[f"quantize[{index}] int8 {g}"] = round(time.perf_counter() - t1, 2)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for g, c in choices.items():
