@@ -110,6 +110,7 @@ t["smooth+calibrate+quantize"] = time.perf_counter() - t1
 from medlite.export.graphs import decoder_onnx_from_model, vision_onnx_from_model
 from medlite.export.files import write_onnx
 files = {}
+(work / "out").mkdir(parents=True, exist_ok=True)
 for g in ("decoder", "vision"):
     t2 = time.perf_counter()
     m = loaded.model
@@ -139,7 +140,9 @@ def step_build(work: Path, ckpt: Path, samples: int, sensitivity: bool) -> dict:
                         "--out", str(ckpt)], check=True, cwd=ROOT)
         out["checkpoint_s"] = round(time.perf_counter() - t0, 1)
     proc = subprocess.run([sys.executable, "-c", CHILD, str(ckpt), str(samples), "1" if sensitivity else "0", str(work)],
-                          check=True, capture_output=True, text=True, cwd=ROOT)
+                          capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode:
+        raise SystemExit(f"build child failed:\n{proc.stderr[-3000:]}")
     out.update(json.loads(proc.stdout.strip().splitlines()[-1]))
     return out
 
