@@ -35,6 +35,11 @@ _VISION_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "nu
 _REQUIRED_VISION = ("hidden_size", "intermediate_size", "num_attention_heads", "image_size", "patch_size")
 
 
+def _int_field(name: str) -> property:
+    """A read-only int property of a config view: the recorded value, else transformers' default."""
+    return property(lambda self: int(self._get(name)), doc=f"``{name}`` (config.json, else the default)")
+
+
 @dataclass
 class TextSpec:
     """The text backbone's config.json fields (``fields``) for ``backbone``; ``where`` names the file."""
@@ -51,25 +56,11 @@ class TextSpec:
     def model_type(self) -> str:
         return self.backbone
 
-    @property
-    def vocab_size(self) -> int:
-        return int(self._get("vocab_size"))
-
-    @property
-    def hidden_size(self) -> int:
-        return int(self._get("hidden_size"))
-
-    @property
-    def intermediate_size(self) -> int:
-        return int(self._get("intermediate_size"))
-
-    @property
-    def num_hidden_layers(self) -> int:
-        return int(self._get("num_hidden_layers"))
-
-    @property
-    def num_attention_heads(self) -> int:
-        return int(self._get("num_attention_heads"))
+    vocab_size = _int_field("vocab_size")
+    hidden_size = _int_field("hidden_size")
+    intermediate_size = _int_field("intermediate_size")
+    num_hidden_layers = _int_field("num_hidden_layers")
+    num_attention_heads = _int_field("num_attention_heads")
 
     @property
     def num_key_value_heads(self) -> int:
