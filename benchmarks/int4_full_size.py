@@ -137,7 +137,9 @@ def main() -> int:
         res["build"]["samples"] = a.samples
     if "speed" in steps:
         if not (fp32 / "decoder.onnx").is_file():
-            _child(["-m", "medlite.cli", "export", "--model", str(ckpt), "--out", str(fp32), "--precision", "fp32"])
+            # the export prints its own progress, not JSON: run it plainly
+            subprocess.run([sys.executable, "-m", "medlite.cli", "export", "--model", str(ckpt), "--out", str(fp32),
+                            "--precision", "fp32"], cwd=ROOT, check=True)
         speed = {"int4_ort": _bench(int4, a.runs), "fp32_ort": _bench(fp32, a.runs), "fp32_torch": _bench(ckpt, a.runs)}
         bw = res.get("bandwidth_gbs") or bandwidth_gbs()
         for name, folder in (("int4_ort", int4), ("fp32_ort", fp32)):

@@ -99,8 +99,18 @@ from medlite.evaluation.vqa import load_dataset
 from medlite.build.contract import BuildState, PassContext
 from medlite.recipes.options import QuantizeOptions
 from medlite.compress.int8.stage import apply_int8
+sys.path.insert(0, "benchmarks")
+from rss_phases import PhaseRss
+import medlite.compress.int8.stage as S, medlite.compress.int8.qdq_onnx as Q, medlite.compress.int8.smoothquant as SQ
+import medlite.export.graphs as G
+rss = PhaseRss().__enter__()
+for owner, attr in ((SQ, "smooth_language_model"), (S, "_trace"), (Q, "calibrate_ranges"), (S, "quantized_proto"),
+                    (G, "decoder_onnx_from_model"), (G, "vision_onnx_from_model")):
+    rss.wrap(owner, attr)
+rss.wrap(S, "_choose", lambda state, graph, *a, **k: f"int8 {graph}")
 ctx = RunContext(cache_dir=work / "cache", quiet=True)
-loaded = load_model(ckpt, ctx=ctx)   # float32 (the Q/DQ graphs are fp32-based)
+with rss.phase("load"):
+    loaded = load_model(ckpt, ctx=ctx)   # float32 (the Q/DQ graphs are fp32-based)
 t["load"] = time.perf_counter() - t0
 cal = build_calibration_set(load_dataset("builtin:micro-med-vqa", split="train"), samples, ctx=ctx, cache=False)
 state = BuildState(ctx=ctx, recipe=None, target=None, work=work, source=None, model=loaded, calibration=cal)
@@ -109,6 +119,7 @@ res = apply_int8(state, 0, QuantizeOptions(vision="int8", llm="w8a8", sensitivit
 t["smooth+calibrate+quantize"] = time.perf_counter() - t1
 from medlite.export.graphs import decoder_onnx_from_model, vision_onnx_from_model
 from medlite.export.files import write_onnx
+rss.wrap(sys.modules[__name__], "write_onnx")
 files = {}
 (work / "out").mkdir(parents=True, exist_ok=True)
 for g in ("decoder", "vision"):
@@ -118,15 +129,18 @@ for g in ("decoder", "vision"):
                                     tmp_root=work / "trace") if g == "vision" else
              decoder_onnx_from_model(m, opset=17, metadata={}, tmp_root=work / "trace"))
     _, fn = state.export_plan.graph(g).passes[0]
-    proto = fn(proto, PassContext(graph=g, ctx=ctx, model=loaded, state=state, tmp_dir=work / "pass"))
+    with rss.phase(f"export q/dq pass {g}"):
+        proto = fn(proto, PassContext(graph=g, ctx=ctx, model=loaded, state=state, tmp_dir=work / "pass"))
     written = write_onnx(proto, work / "out" / f"{g}.onnx")
     files[g] = sum(p.stat().st_size for p in written)
     t[f"export {g}"] = time.perf_counter() - t2
+    del proto
+rss.__exit__()
 print(json.dumps({"seconds": {k: round(v, 1) for k, v in t.items()}, "total_s": round(time.perf_counter() - t0, 1),
                   "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                   "file_bytes": files, "stage_bytes_before": res.bytes_before, "stage_bytes_after": res.bytes_after,
                   "summary": res.summary, "sensitivity": sens, "samples": samples,
-                  "stage_phases_s": dict(state.timings)}))
+                  "stage_phases_s": dict(state.timings), "peak_rss_gb_by_phase": rss.to_dict()}))
 """
 
 

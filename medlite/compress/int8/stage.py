@@ -14,6 +14,7 @@ For ``vision: int8`` and/or ``llm: w8a8``:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from collections import Counter
@@ -145,9 +146,11 @@ def _choose(state, graph: str, opts, samples: list, tmp: Path, n_graphs: int = 1
     fp32 = Q.save_for_ort(proto, tmp / graph / "fp32.onnx")
     del proto
     ranges = tmp / graph / "ranges.json"
-    choice.feeds = Q.calibrate_ranges(fp32, _feeds(state, graph, samples), ranges, method=opts.activation_calibration,
-                                      percentile=opts.percentile, work_dir=tmp / graph,
-                                      tensors=Q.activation_inputs(fp32, [t.node for t in choice.targets]))
+    with _parked(state, tmp):     # the feeds need only the vision tower, projector and embeddings
+        choice.feeds = Q.calibrate_ranges(fp32, _feeds(state, graph, samples), ranges,
+                                          method=opts.activation_calibration, percentile=opts.percentile,
+                                          work_dir=tmp / graph,
+                                          tensors=Q.activation_inputs(fp32, [t.node for t in choice.targets]))
     choice.ranges = json.loads(ranges.read_text())
     layers = list(dict.fromkeys(t.layer for t in choice.targets))
     heldout = _subset(list(getattr(state.calibration, "heldout", []) or []), MAX_HELDOUT)
@@ -172,9 +175,20 @@ def _choose(state, graph: str, opts, samples: list, tmp: Path, n_graphs: int = 1
         ctx.warn(f"int8 {graph}: the calibration set has no held-out slice: no sensitivity pass, every layer INT8")
     # sensitivity off: no held-out run at all (on the full-size model its reference alone costs
     # > 20 min on 2 cores); the check stage still gates the artifact
-    final = quantized_proto(fp32, tmp / graph / "final", ranges, choice.nodes(), method=opts.activation_calibration)
-    choice.bytes_int8 = initializer_bytes(final)
+    with _parked(state, tmp):
+        final = quantized_proto(fp32, tmp / graph / "final", ranges, choice.nodes(), method=opts.activation_calibration)
+        choice.bytes_int8 = initializer_bytes(final)
+        del final
     return choice
+
+
+def _parked(state, folder: Optional[Path]):
+    """The working model's decoder blocks (and untied lm_head) parked on disk while ONNX Runtime
+    holds a copy of the traced graph (:mod:`medlite.compress.offload`; full-size peak RSS)."""
+    from medlite.compress.offload import idle_decoder_modules, weights_on_disk
+
+    model = state.model.model
+    return weights_on_disk(idle_decoder_modules(model), keep=[model.get_input_embeddings()], folder=folder)
 
 
 def int8_qdq_pass(choice: GraphChoice, *, method: str):
@@ -185,13 +199,19 @@ def int8_qdq_pass(choice: GraphChoice, *, method: str):
         fp32 = Q.save_for_ort(proto, tmp / "fp32.onnx")
         ranges = tmp / "ranges.json"
         ranges.write_text(json.dumps(choice.ranges))
+        # the traced proto's weights are now copied to disk: drop them from the caller's proto too
+        # (the export reassigns it to this pass's result), so quantize_static's in-memory copy of
+        # the fp32 graph does not stack on them
+        del proto.graph.initializer[:]
         names = {n for node in onnx.load(str(fp32), load_external_data=False).graph.node
                  for n in list(node.input) + list(node.output)}
         missing = [n for n in json.loads(ranges.read_text()).get("data", {}) if n not in names][:3]
         if missing and getattr(pctx, "ctx", None) is not None:
             pctx.ctx.warn(f"int8 {choice.graph}: calibrated tensors {missing} are not in the exported graph; "
                           "their activations are quantized with ONNX Runtime's defaults")
-        return quantized_proto(fp32, tmp / "staged", ranges, choice.nodes(), method=method)
+        state = getattr(pctx, "state", None)
+        with (_parked(state, tmp) if getattr(state, "model", None) is not None else contextlib.nullcontext()):
+            return quantized_proto(fp32, tmp / "staged", ranges, choice.nodes(), method=method)
 
     return int8_qdq_onnx_from_onnx
 
