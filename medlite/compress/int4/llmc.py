@@ -90,6 +90,8 @@ class LlmcOptions:
     act_order: bool = False
     lm_head: str = "fp16"            # fp16 | int8 | int4
     dampening_frac: float = 0.01
+    observer: Optional[str] = None   # weight observer (llm-compressor registry name); None: min-max
+    observer_kwargs: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
 
@@ -103,6 +105,8 @@ def language_linear_names(model, lm_head: bool) -> list[str]:
 def _scheme(bits: int, opts: LlmcOptions) -> dict:
     weights = {"num_bits": bits, "type": "int", "symmetric": opts.symmetric, "strategy": "group",
                "group_size": int(opts.group_size)}
+    if opts.observer:
+        weights.update(observer=opts.observer, observer_kwargs=dict(opts.observer_kwargs))
     return {"weights": weights, "input_activations": None, "output_activations": None}
 
 
