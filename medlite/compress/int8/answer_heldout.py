@@ -6,6 +6,8 @@ answer token enough to flip near-tie questions (docs/quantization-int8.md, "Sens
 vision graph's held-out metric runs the candidate graph on the held-out images, splices its
 embeddings into the held-out prompts and runs the working model's language model (PyTorch, fp32):
 
+* ``tie_kl`` (the loss) — mean δ²/8, δ the shift of the fp32 top-2 first-token gap: the KL a near
+  tie would see (:func:`medlite.compress.int8.sensitivity.answer_metrics` says why);
 * ``mean_kl`` — mean KL(fp32 graph ‖ candidate) of the first answer token's distribution;
 * ``top1_agreement`` — fraction of rows whose first answer token is unchanged;
 * ``cosine`` — mean cosine of the projected image embeddings against the fp32 graph.
@@ -16,11 +18,9 @@ distinct image is encoded once per candidate (the prompts that ask about it reus
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
-
 import numpy as np
 
-from medlite.compress.int8.sensitivity import GraphMetric, HeldOut
+from medlite.compress.int8.sensitivity import GraphMetric, HeldOut, answer_metrics
 
 
 class VisionAnswerHeldOut:
@@ -64,22 +64,12 @@ class VisionAnswerHeldOut:
 
     def metric(self, path: Path) -> GraphMetric:
         """The candidate vision graph's metric against the fp32 graph (smaller ``loss`` = closer)."""
-        from medlite.checks import kl_divergence, mean_cosine
+        from medlite.checks import mean_cosine
 
         embeds, logits = self._outputs(path)
         cos = float(np.mean([mean_cosine(r.reshape(-1, r.shape[-1]), c.reshape(-1, c.shape[-1]))
                              for r, c in zip(self.ref_embeds, embeds)]))
-        kls, same = _kl_and_top1(self.ref_logits, logits, kl_divergence)
-        return GraphMetric(loss=kls, mean_kl=kls, top1_agreement=same, cosine=cos)
-
-
-def _kl_and_top1(ref: Sequence[np.ndarray], cand: Sequence[np.ndarray], kl_divergence) -> tuple[float, float]:
-    kls, same = [], []
-    for r, c in zip(ref, cand):
-        for i in range(r.shape[0]):
-            kls.append(kl_divergence(r[i], c[i]))
-            same.append(int(np.argmax(r[i]) == np.argmax(c[i])))
-    return float(np.mean(kls)), float(np.mean(same))
+        return answer_metrics(self.ref_logits, logits, cosine=cos)
 
 
 __all__ = ["VisionAnswerHeldOut"]

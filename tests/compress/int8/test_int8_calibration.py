@@ -124,6 +124,28 @@ def test_vision_smoothquant_is_exact_and_leaves_the_decoder(tiny_path, cctx, cal
     assert float((got - ref).abs().max() / ref.abs().max()) < 1e-4
 
 
+def test_tie_kl_is_the_kl_a_tie_sees_and_ignores_confidence():
+    """tie_kl = mean δ²/8 of the top-2 gap shift: on an exact two-way tie it equals the true KL (to
+    second order); on a confident answer with the same shift the plain KL is far smaller, tie_kl not."""
+    from medlite.checks import kl_divergence
+    from medlite.compress.int8.sensitivity import Gate, answer_metrics
+
+    d = 0.04
+    tie, tie_q = np.array([[0.0, 0.0, -30.0]]), np.array([[-d / 2, d / 2, -30.0]])
+    sure, sure_q = np.array([[6.0, 0.0, -30.0]]), np.array([[6.0 - d / 2, d / 2, -30.0]])
+    m_tie = answer_metrics([tie], [tie_q])
+    assert m_tie.tie_kl == pytest.approx(d * d / 8) and m_tie.loss == m_tie.tie_kl
+    assert m_tie.mean_kl == pytest.approx(kl_divergence(tie[0], tie_q[0])) and m_tie.mean_kl == pytest.approx(d * d / 8, rel=1e-3)
+    assert m_tie.top1_agreement == 0.0          # the tie flipped
+    m_sure = answer_metrics([sure], [sure_q])
+    assert m_sure.tie_kl == pytest.approx(d * d / 8) and m_sure.top1_agreement == 1.0
+    assert m_sure.mean_kl < m_tie.mean_kl / 50    # what the plain KL of a confident answer hides
+    # rows from several batches are pooled; the gate reads the tie KL
+    both = answer_metrics([tie, sure], [tie_q, sure_q])
+    assert both.tie_kl == pytest.approx(d * d / 8) and both.top1_agreement == 0.5
+    assert not Gate(max_kl=d * d / 10).holds(both) and Gate(max_kl=d * d / 7).holds(both)
+
+
 def test_rendered_views_of_one_source_image_are_distinct_calibration_images():
     """Views rendered from one source image share its image_id but not their pixels: each is fed."""
     from types import SimpleNamespace
@@ -172,5 +194,13 @@ def test_vision_heldout_measures_the_answer_token(tiny8, calib, fp32_graphs, tmp
             logits = tiny8.model.lm_head(out.last_hidden_state[:, -1]).double().numpy()
         kls.append(logits)
     ref_logits = np.concatenate(held.ref_logits)
-    want = np.mean([kl_divergence(r, c) for r, c in zip(ref_logits, np.concatenate(kls))])
+    cand = np.concatenate(kls)
+    want = np.mean([kl_divergence(r, c) for r, c in zip(ref_logits, cand)])
     assert got.mean_kl > 1e-6 and abs(got.mean_kl - want) <= 1e-6 * max(1.0, want) + 1e-9
+    # tie KL from the same logits: the gap between the reference's two largest logits, before and after
+    gaps = []
+    for r, c in zip(ref_logits, cand):
+        i, j = np.argpartition(-r, 1)[:2]
+        i, j = (i, j) if r[i] >= r[j] else (j, i)
+        gaps.append((r[i] - r[j]) - (c[i] - c[j]))
+    assert got.tie_kl == pytest.approx(np.mean(np.square(gaps)) / 8, rel=1e-5) and got.loss == got.tie_kl
