@@ -38,8 +38,9 @@ class QuantizeOptions(Closed):
     sensitivity: bool = Field(True, description="keep the most sensitive layers in fp16 until the gates hold")
     max_fp16_layers: int = Field(8, ge=0, description="cap on layers kept in fp16 by the sensitivity pass")
     sensitivity_max_kl: float = Field(
-        1e-4, gt=0.0, le=1.0, description="sensitivity target: mean first-answer-token KL (nats) of the whole VLM vs "
-        "fp32 on the calibration held-out, shared by the INT8 graphs (1e-4 ~ a 0.03-logit shift of a near tie)")
+        1e-4, gt=0.0, le=1.0, description="sensitivity target: tie KL (nats; mean shift² of the fp32 top-2 first-answer-token "
+        "gap / 8) of the whole VLM vs fp32 on the calibration held-out, shared by the INT8 graphs (1e-4 ~ a 0.03-logit "
+        "shift of a near tie)")
     # INT4 weight-only (ONNX Runtime)
     algorithm: Literal["gptq", "awq", "rtn"] = Field("gptq", description="w4a16 algorithm (llm-compressor)")
     group_size: Literal[32, 64, 128] = Field(128, description="w4a16 group size (= MatMulNBits block size)")
