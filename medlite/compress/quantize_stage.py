@@ -36,8 +36,12 @@ def _llmcompressor_logs_to_stderr() -> None:
     the stage's own progress says enough)."""
     import sys
 
-    import llmcompressor  # noqa: F401  (configures its logger on import)
     from loguru import logger
+
+    # its import already logs to that sink (llmcompressor/modeling/fuse.py calls get_high_precision()
+    # at import time: "No accelerator available!" on a CPU): import it with stdout pointing at stderr
+    with contextlib.redirect_stdout(sys.stderr):
+        import llmcompressor  # noqa: F401  (configures its logger on import)
 
     logger.remove()
     logger.add(sys.stderr, level="WARNING", format="llm-compressor {level}: {message}")
