@@ -16,6 +16,8 @@ Usage::
 
     nice .venv/bin/python benchmarks/int4_full_size.py --work /tmp/medlite-int4 --steps bandwidth,bytes
     nice .venv/bin/python benchmarks/int4_full_size.py --work /tmp/medlite-int4 --steps build,speed --samples 16
+    # speed only: a fast round-to-nearest export with the same MatMulNBits graph as GPTQ's
+    nice .venv/bin/python benchmarks/int4_full_size.py --steps build,speed --algorithm rtn --lm-head int4 --runs 1
 
 Writes ``benchmarks/results/int4_full_size.json`` (merged with earlier steps' results).
 """
@@ -46,14 +48,14 @@ from medlite.context import RunContext
 from medlite.evaluation.vqa import load_dataset
 from medlite.export import export_onnx
 from medlite.recipes.options import QuantizeOptions
-ckpt, out, samples, head = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+ckpt, out, samples, head, algorithm = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
 ctx = RunContext(quiet=True)
 t0 = time.perf_counter()
 loaded = load_model(ckpt, ctx=ctx, dtype=torch.float32)
 calib = build_calibration_set(load_dataset("builtin:micro-med-vqa", split="train"), samples, ctx=ctx, cache=False)
 t1 = time.perf_counter()
 state = BuildState(ctx=ctx, recipe=None, target=None, work=None, source=None, model=loaded, calibration=calib)
-res = apply_w4a16(state, 0, QuantizeOptions(vision="fp16", llm="w4a16", lm_head=head, algorithm="gptq",
+res = apply_w4a16(state, 0, QuantizeOptions(vision="fp16", llm="w4a16", lm_head=head, algorithm=algorithm,
                                             group_size=128, symmetric=True))
 t2 = time.perf_counter()
 export_onnx(loaded, out, ctx=ctx, precision="fp32", allow_trt_issues=True, plan=state.export_plan)
@@ -118,6 +120,9 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=128, help="calibration pairs for the GPTQ build")
     ap.add_argument("--lm-head", default="int8", choices=["fp16", "fp32", "int8", "int4"])
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--algorithm", default="gptq", choices=["gptq", "rtn"],
+                    help="build: rtn makes a speed-only export fast (same MatMulNBits graph as GPTQ's: "
+                         "ops, bits, block size and initializer shapes; no calibration)")
     a = ap.parse_args()
     work, steps = Path(a.work), set(a.steps.split(","))
     work.mkdir(parents=True, exist_ok=True)
@@ -133,8 +138,9 @@ def main() -> int:
         if not (ckpt / "config.json").is_file():
             res["create_checkpoint"] = _child(["-m", "medlite.cli", "demo", "random", "--preset", "tinyllava-1.5b",
                                                "--format", "legacy", "--out", str(ckpt)])
-        res["build"] = _child([str(ckpt), str(int4), str(a.samples), a.lm_head], python_code=BUILD)
-        res["build"]["samples"] = a.samples
+        key = "build" if a.algorithm == "gptq" else f"build_{a.algorithm}"
+        res[key] = _child([str(ckpt), str(int4), str(a.samples), a.lm_head, a.algorithm], python_code=BUILD)
+        res[key].update(samples=a.samples, lm_head=a.lm_head, algorithm=a.algorithm)
     if "speed" in steps:
         if not (fp32 / "decoder.onnx").is_file():
             # the export prints its own progress, not JSON: run it plainly
@@ -148,6 +154,12 @@ def main() -> int:
             if tps:
                 speed[name]["decoder_weight_bytes"] = wbytes
                 speed[name]["bandwidth_efficiency"] = tps * wbytes / (bw * 1e9)
+        speed["int4_export"] = json.loads((int4 / "medlite_runtime.json").read_text()).get("graphs", {}).get(
+            "decoder", {}).get("quantization", {})
+        speed["ratios"] = {k: round(speed["int4_ort"]["decode_tokens_per_s"] / speed[k]["decode_tokens_per_s"], 2)
+                           for k in ("fp32_torch", "fp32_ort")
+                           if speed["int4_ort"].get("decode_tokens_per_s") and speed[k].get("decode_tokens_per_s")}
+        speed["loadavg_after"] = list(os.getloadavg())
         res["speed"] = speed
     RESULT.parent.mkdir(parents=True, exist_ok=True)
     RESULT.write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")

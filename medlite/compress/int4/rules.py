@@ -29,6 +29,7 @@ def rules(index: int, opts, view):
     * ``act_order: true`` written with awq/rtn is an error (a GPTQ option; its default, true, is
       ignored by them); ``algorithm``/``act_order`` without ``llm: w4a16`` do nothing (warning);
     * awq with ``symmetric: true`` is a warning (measured worse than asymmetric, see the docs);
+    * ``lm_head: int8`` with w4a16 is a warning (MatMulNBits bits=8 is slow on ONNX Runtime's CPU kernel);
     * a target whose runtimes cannot run INT4 is an error.
     """
     errors: list = []
@@ -45,6 +46,11 @@ def rules(index: int, opts, view):
                         "grid clips each group's largest weight and AWQ only rescales channels (demo model g32: "
                         "agreement 98.1 % symmetric vs 99.4 % asymmetric); AWQ's usual form is symmetric: false "
                         "(docs/quantization-int4.md)")
+    if getattr(opts, "llm", None) == "w4a16" and getattr(opts, "lm_head", None) == "int8":
+        warnings.append(f"stages[{index}].quantize.lm_head: int8 is MatMulNBits bits=8, which onnxruntime's CPU "
+                        "kernel runs on a slow path (measured ~23x slower than bits=4 for the full-size lm_head, "
+                        "benchmarks/matmulnbits_kernels.py): it saves bytes, not decode time — for CPU speed use "
+                        "lm_head: int4 (docs/quantization-int4.md)")
     eng = view.by_name.get("engines")
     if eng and eng[1] is not None and getattr(eng[1], "precision", None) == "int4":
         errors.append((("stages", eng[0], "engines", "precision"),

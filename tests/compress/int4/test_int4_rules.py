@@ -77,3 +77,14 @@ def test_shipped_int4_recipes_validate():
     nx = load_recipe(str(ROOT / "recipes" / "xavier-nx-int4.yaml"))
     assert nx.recipe.stage("engines").precision == "fp16"
     assert any("ONNX Runtime" in w for w in nx.warnings)
+
+
+def test_int8_lm_head_with_w4a16_is_warned_about():
+    """MatMulNBits bits=8 is onnxruntime's slow CPU path: the recipe says so, and the CPU recipe avoids it."""
+    from medlite.recipes import load_recipe
+
+    _, warnings = rules(0, _opts(lm_head="int8"), _view("cpu-x86_64"))
+    assert len(warnings) == 1 and "lm_head: int4" in warnings[0] and "bits=8" in warnings[0]
+    assert rules(0, _opts(lm_head="int4"), _view("cpu-x86_64")) == ([], [])
+    cpu = load_recipe(str(ROOT / "recipes" / "cpu-int4.yaml"))
+    assert cpu.recipe.stage("quantize").lm_head == "int4" and not any("bits=8" in w for w in cpu.warnings)
