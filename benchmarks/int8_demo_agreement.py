@@ -19,7 +19,9 @@ Two evaluations (``--split``):
 Configurations: ``vision`` (vision int8 only), ``all`` (vision int8 + w8a8, SmoothQuant 0.5), ``llm`` (w8a8 only),
 ``all-text`` (as ``all`` but the decoder calibrated on text-only feeds: the image tokens removed),
 ``plain`` (both, no SmoothQuant, no sensitivity fallback — the plain quantize_static baseline);
-``--set key=value`` overrides a ``QuantizeOptions`` field for every configuration of the run.
+``--set key=value`` overrides a ``QuantizeOptions`` field for every configuration of the run; the held-out
+evaluation leaves out exactly the ``sensitivity_rows`` pairs the pass judged on (and, with ``--exclude-rows N``,
+those of ``sensitivity_rows=N`` too, so runs of different sizes share their unseen pairs).
 
 Usage::
 
@@ -167,11 +169,13 @@ def eval_test(vlm, test, src) -> dict:
             "closed_acc_drop_points": 100 * (acc(src) - acc(art)), "vision_cosine": float(sum(cos) / len(cos))}
 
 
-def selection_slice(calib) -> list:
-    """The held-out pairs the sensitivity pass does not see (it takes ``stage._subset(heldout, MAX_HELDOUT)``)."""
-    from medlite.compress.int8.stage import MAX_HELDOUT, _subset
+def selection_slice(calib, rows: int, also_exclude=()) -> list:
+    """The held-out pairs the sensitivity pass does not see: it takes ``stage._subset(heldout, rows)``
+    (``rows`` = ``sensitivity_rows``); ``also_exclude`` drops the pass rows of other sizes too, so runs
+    with different ``sensitivity_rows`` are compared on the same unseen pairs."""
+    from medlite.compress.int8.stage import _subset
 
-    used = {s.qid for s in _subset(list(calib.heldout), MAX_HELDOUT)}
+    used = {s.qid for n in (rows, *also_exclude) for s in _subset(list(calib.heldout), n)}
     return [s for s in calib.heldout if s.qid not in used]
 
 
@@ -189,6 +193,8 @@ def main(argv=None) -> int:
     ap.add_argument("--split", choices=["test", "heldout"], default="test")
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--set", action="append", help="QuantizeOptions override key=value (every configuration)")
+    ap.add_argument("--exclude-rows", type=int, action="append", default=[],
+                    help="heldout: also leave out the pass rows of sensitivity_rows=N (same unseen pairs across N)")
     ap.add_argument("--note", default="")
     ap.add_argument("--cache", type=Path, default=None)
     ap.add_argument("--work", type=Path, default=Path("/tmp/medlite-int8-demo"))
@@ -199,6 +205,7 @@ def main(argv=None) -> int:
     from medlite.context import RunContext
     from medlite.demo.model import ensure_demo_model
     from medlite.evaluation.vqa import load_dataset
+    from medlite.recipes.options import QuantizeOptions
 
     ctx = RunContext(cache_dir=args.cache, quiet=True) if args.cache else RunContext(quiet=True)
     demo = ensure_demo_model(ctx)
@@ -210,7 +217,8 @@ def main(argv=None) -> int:
         test = load_dataset("builtin:micro-med-vqa", split="test")
         src = _answers(lambda ims, qs: answer_batch(SOURCE[0], ims, qs, max_new_tokens=16), test)
     else:
-        test = selection_slice(calib)
+        rows = overrides.get("sensitivity_rows", QuantizeOptions.model_fields["sensitivity_rows"].default)
+        test = selection_slice(calib, rows, args.exclude_rows)
         src = _first_logits(lambda *a: evaluate_rows(SOURCE[0], *a, max_new_tokens=1), test)
     result = {"split": args.split, "questions": len(test), "calibration": calib.to_dict(),
               "source_seconds": round(time.perf_counter() - t0, 1), "load_avg": os.getloadavg(), "configs": {}}
@@ -223,9 +231,14 @@ def main(argv=None) -> int:
             metrics = gap_metrics(src, _first_logits(lambda *a: vlm.evaluate_rows(*a, max_new_tokens=1), test))
         files = sum((out / f).stat().st_size for f in os.listdir(out) if f.endswith((".onnx", ".data")) and
                     f.split(".")[0] in ("vision", "decoder"))
-        kept = {g: [k["layer"] for k in c["kept_fp16"]] for g, c in res.manifest["components"].items()}
+        comps = res.manifest["components"]
+        kept = {g: [k["layer"] for k in c["kept_fp16"]] for g, c in comps.items()}
+        # the pass's own estimate, per graph, on its rows (the other graph fp32)
+        pass_tie = {g: c["sensitivity"]["metric_final"].get("tie_kl") for g, c in comps.items() if "sensitivity" in c}
         row = {**metrics, "quantize_seconds": round(t_quant, 1), "vision_decoder_file_bytes": files,
-               "summary": res.summary, "kept_fp16": kept}
+               "summary": res.summary, "kept_fp16": kept, "pass_tie_kl": pass_tie,
+               "sensitivity_rows": opts.get("sensitivity_rows", QuantizeOptions.model_fields["sensitivity_rows"].default),
+               "excluded_pass_rows": sorted(set(args.exclude_rows)) if args.split == "heldout" else []}
         result["configs"][name] = {**row, "components": res.manifest["components"]}
         print(name, json.dumps(row), flush=True)
         RUNS.parent.mkdir(parents=True, exist_ok=True)

@@ -41,6 +41,9 @@ class QuantizeOptions(Closed):
         1e-4, gt=0.0, le=1.0, description="sensitivity target: tie KL (nats; mean shift² of the fp32 top-2 first-answer-token "
         "gap / 8) of the whole VLM vs fp32 on the calibration held-out, shared by the INT8 graphs (1e-4 ~ a 0.03-logit "
         "shift of a near tie)")
+    sensitivity_rows: int = Field(
+        128, ge=8, description="held-out pairs the sensitivity pass judges layers on (evenly spread over the calibration "
+        "held-out slice; more rows = less selection bias in the fp16 choice, cost grows linearly)")
     # INT4 weight-only (ONNX Runtime)
     algorithm: Literal["gptq", "awq", "rtn"] = Field("gptq", description="w4a16 algorithm (llm-compressor)")
     group_size: Literal[32, 64, 128] = Field(128, description="w4a16 group size (= MatMulNBits block size)")

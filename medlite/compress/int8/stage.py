@@ -32,7 +32,7 @@ from medlite.build.contract import StageResult
 from medlite.compress.int8 import qdq_onnx as Q
 
 PASS_NAME = "int8_static_qdq"
-MAX_HELDOUT = 128    # held-out pairs used by the sensitivity pass (cost grows linearly)
+MAX_HELDOUT = 128    # default of QuantizeOptions.sensitivity_rows (held-out pairs of the sensitivity pass)
 SCHEME = ("INT8 static Q/DQ (onnxruntime.quantization QDQ): weights per-channel symmetric along the output "
           "channel, activations per-tensor symmetric static scales, zero point 0, opset 17")
 
@@ -153,7 +153,7 @@ def _choose(state, graph: str, opts, samples: list, tmp: Path, n_graphs: int = 1
                                           tensors=Q.activation_inputs(fp32, [t.node for t in choice.targets]))
     choice.ranges = json.loads(ranges.read_text())
     layers = list(dict.fromkeys(t.layer for t in choice.targets))
-    heldout = _subset(list(getattr(state.calibration, "heldout", []) or []), MAX_HELDOUT)
+    heldout = _subset(list(getattr(state.calibration, "heldout", []) or []), opts.sensitivity_rows)
     step = [0]
 
     def measure(excluded) -> object:
