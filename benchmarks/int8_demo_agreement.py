@@ -195,6 +195,9 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", help="QuantizeOptions override key=value (every configuration)")
     ap.add_argument("--exclude-rows", type=int, action="append", default=[],
                     help="heldout: also leave out the pass rows of sensitivity_rows=N (same unseen pairs across N)")
+    ap.add_argument("--rows", choices=["unseen", "pass"], default="unseen",
+                    help="heldout: evaluate on the pairs the pass did not see (default) or on its own rows "
+                         "(diagnostic: the combined graphs on the rows each graph was chosen on)")
     ap.add_argument("--note", default="")
     ap.add_argument("--cache", type=Path, default=None)
     ap.add_argument("--work", type=Path, default=Path("/tmp/medlite-int8-demo"))
@@ -218,7 +221,11 @@ def main(argv=None) -> int:
         src = _answers(lambda ims, qs: answer_batch(SOURCE[0], ims, qs, max_new_tokens=16), test)
     else:
         rows = overrides.get("sensitivity_rows", QuantizeOptions.model_fields["sensitivity_rows"].default)
-        test = selection_slice(calib, rows, args.exclude_rows)
+        if args.rows == "pass":
+            from medlite.compress.int8.stage import _subset
+            test = _subset(list(calib.heldout), rows)
+        else:
+            test = selection_slice(calib, rows, args.exclude_rows)
         src = _first_logits(lambda *a: evaluate_rows(SOURCE[0], *a, max_new_tokens=1), test)
     result = {"split": args.split, "questions": len(test), "calibration": calib.to_dict(),
               "source_seconds": round(time.perf_counter() - t0, 1), "load_avg": os.getloadavg(), "configs": {}}
@@ -238,7 +245,8 @@ def main(argv=None) -> int:
         row = {**metrics, "quantize_seconds": round(t_quant, 1), "vision_decoder_file_bytes": files,
                "summary": res.summary, "kept_fp16": kept, "pass_tie_kl": pass_tie,
                "sensitivity_rows": opts.get("sensitivity_rows", QuantizeOptions.model_fields["sensitivity_rows"].default),
-               "excluded_pass_rows": sorted(set(args.exclude_rows)) if args.split == "heldout" else []}
+               "excluded_pass_rows": sorted(set(args.exclude_rows)) if args.split == "heldout" else [],
+               "eval_rows": args.rows if args.split == "heldout" else "test"}
         result["configs"][name] = {**row, "components": res.manifest["components"]}
         print(name, json.dumps(row), flush=True)
         RUNS.parent.mkdir(parents=True, exist_ok=True)
