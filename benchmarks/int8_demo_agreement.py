@@ -179,6 +179,24 @@ def selection_slice(calib, rows: int, also_exclude=()) -> list:
     return [s for s in calib.heldout if s.qid not in used]
 
 
+def _choice_facts(comps: dict) -> dict:
+    """Kept fp16 layers and the pass's own tie KL per graph (on its rows, the other graph fp32)."""
+    return {"kept_fp16": {g: [k["layer"] for k in c["kept_fp16"]] for g, c in comps.items()},
+            "pass_tie_kl": {g: c["sensitivity"]["metric_final"].get("tie_kl") for g, c in comps.items()
+                            if "sensitivity" in c}}
+
+
+def heldout_rows(calib, args, overrides: dict) -> list:
+    """The held-out pairs to evaluate on: unseen by the pass (``--rows unseen``) or its own (``--rows pass``)."""
+    from medlite.compress.int8.stage import _subset
+    from medlite.recipes.options import QuantizeOptions
+
+    rows = overrides.get("sensitivity_rows", QuantizeOptions.model_fields["sensitivity_rows"].default)
+    if args.rows == "pass":
+        return _subset(list(calib.heldout), rows)
+    return selection_slice(calib, rows, args.exclude_rows)
+
+
 def _parse_sets(items) -> dict:
     out = {}
     for item in items or []:
@@ -220,12 +238,7 @@ def main(argv=None) -> int:
         test = load_dataset("builtin:micro-med-vqa", split="test")
         src = _answers(lambda ims, qs: answer_batch(SOURCE[0], ims, qs, max_new_tokens=16), test)
     else:
-        rows = overrides.get("sensitivity_rows", QuantizeOptions.model_fields["sensitivity_rows"].default)
-        if args.rows == "pass":
-            from medlite.compress.int8.stage import _subset
-            test = _subset(list(calib.heldout), rows)
-        else:
-            test = selection_slice(calib, rows, args.exclude_rows)
+        test = heldout_rows(calib, args, overrides)
         src = _first_logits(lambda *a: evaluate_rows(SOURCE[0], *a, max_new_tokens=1), test)
     result = {"split": args.split, "questions": len(test), "calibration": calib.to_dict(),
               "source_seconds": round(time.perf_counter() - t0, 1), "load_avg": os.getloadavg(), "configs": {}}
@@ -239,12 +252,9 @@ def main(argv=None) -> int:
         files = sum((out / f).stat().st_size for f in os.listdir(out) if f.endswith((".onnx", ".data")) and
                     f.split(".")[0] in ("vision", "decoder"))
         comps = res.manifest["components"]
-        kept = {g: [k["layer"] for k in c["kept_fp16"]] for g, c in comps.items()}
-        # the pass's own estimate, per graph, on its rows (the other graph fp32)
-        pass_tie = {g: c["sensitivity"]["metric_final"].get("tie_kl") for g, c in comps.items() if "sensitivity" in c}
         row = {**metrics, "quantize_seconds": round(t_quant, 1), "vision_decoder_file_bytes": files,
-               "summary": res.summary, "kept_fp16": kept, "pass_tie_kl": pass_tie,
-               "sensitivity_rows": opts.get("sensitivity_rows", QuantizeOptions.model_fields["sensitivity_rows"].default),
+               "summary": res.summary, **_choice_facts(comps),
+               "sensitivity_rows": QuantizeOptions(**opts).sensitivity_rows,
                "excluded_pass_rows": sorted(set(args.exclude_rows)) if args.split == "heldout" else [],
                "eval_rows": args.rows if args.split == "heldout" else "test"}
         result["configs"][name] = {**row, "components": res.manifest["components"]}
