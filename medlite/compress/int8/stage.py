@@ -33,6 +33,8 @@ from medlite.compress.int8 import qdq_onnx as Q
 
 PASS_NAME = "int8_static_qdq"
 MAX_HELDOUT = 128    # default of QuantizeOptions.sensitivity_rows (held-out pairs of the sensitivity pass)
+FEED_BYTES = 1 << 30      # calibrated activations per ORT calibration feed (see feed_rows)
+PROMPT_TEXT_TOKENS = 64   # template + question tokens of a prompt, for sizing decoder feeds
 SCHEME = ("INT8 static Q/DQ (onnxruntime.quantization QDQ): weights per-channel symmetric along the output "
           "channel, activations per-tensor symmetric static scales, zero point 0, opset 17")
 
@@ -99,6 +101,25 @@ def _feeds(state, graph: str, samples: list, *, batch_size: int = 8):
     return decoder_feeds(loop, state.model.model, text_dims(state.model.model), batch_size=batch_size)
 
 
+def feed_rows(fp32: Path, tensors: set, tokens: int, *, cap: int = 8, budget: int = FEED_BYTES) -> int:
+    """Rows per calibration feed, so the activations ONNX Runtime's calibrator returns for one feed
+    (every calibrated tensor at once, fp32) stay under ``budget`` bytes; at most ``cap``.
+
+    Measured on the full-size shape (benchmarks/int8_full_size.py, per-phase RSS): 8 rows per feed
+    made the decoder's calibration the build's peak (15.0 GB; ~0.8 GB of activations per row of ~800
+    tokens). The demo model stays at ``cap`` (well under a MB per row), so its ranges are unchanged.
+    """
+    proto = onnx.load(str(fp32), load_external_data=False)
+    inits = {t.name: t for t in proto.graph.initializer}
+    width = {}
+    for n in proto.graph.node:
+        if len(n.input) > 1 and n.input[0] in tensors and n.input[1] in inits:
+            dims = list(inits[n.input[1]].dims)
+            width[n.input[0]] = dims[0] if n.op_type == "MatMul" else int(np.prod(dims[1:]))
+    per_row = 4 * max(tokens, 1) * sum(width.values())
+    return int(max(1, min(cap, budget // max(per_row, 1))))
+
+
 def _gate(state, graph: str, opts, n_graphs: int):
     """The held-out gate of one graph: the check stage's thresholds, and the KL target shared by the graphs."""
     from medlite.compress.int8.sensitivity import Gate
@@ -146,11 +167,13 @@ def _choose(state, graph: str, opts, samples: list, tmp: Path, n_graphs: int = 1
     fp32 = Q.save_for_ort(proto, tmp / graph / "fp32.onnx")
     del proto
     ranges = tmp / graph / "ranges.json"
+    tensors = Q.activation_inputs(fp32, [t.node for t in choice.targets])
+    image_tokens = int(getattr(state.model, "num_image_tokens", 0) or 0)
+    rows = feed_rows(fp32, tensors, image_tokens + (PROMPT_TEXT_TOKENS if graph == "decoder" else 0))
     with _parked(state, tmp):     # the feeds need only the vision tower, projector and embeddings
-        choice.feeds = Q.calibrate_ranges(fp32, _feeds(state, graph, samples), ranges,
+        choice.feeds = Q.calibrate_ranges(fp32, _feeds(state, graph, samples, batch_size=rows), ranges,
                                           method=opts.activation_calibration, percentile=opts.percentile,
-                                          work_dir=tmp / graph,
-                                          tensors=Q.activation_inputs(fp32, [t.node for t in choice.targets]))
+                                          work_dir=tmp / graph, tensors=tensors)
     choice.ranges = json.loads(ranges.read_text())
     layers = list(dict.fromkeys(t.layer for t in choice.targets))
     heldout = _subset(list(getattr(state.calibration, "heldout", []) or []), opts.sensitivity_rows)
@@ -322,4 +345,5 @@ def apply_int8(state, index: int, opts) -> StageResult:
                        report=_report(choices, smooth, calib_info, opts))
 
 
-__all__ = ["GraphChoice", "PASS_NAME", "apply_int8", "initializer_bytes", "int8_qdq_pass", "quantized_proto"]
+__all__ = ["GraphChoice", "PASS_NAME", "apply_int8", "feed_rows", "initializer_bytes", "int8_qdq_pass",
+           "quantized_proto"]
