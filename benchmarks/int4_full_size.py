@@ -18,6 +18,8 @@ Usage::
     nice .venv/bin/python benchmarks/int4_full_size.py --work /tmp/medlite-int4 --steps build,speed --samples 16
     # speed only: a fast round-to-nearest export with the same MatMulNBits graph as GPTQ's
     nice .venv/bin/python benchmarks/int4_full_size.py --steps build,speed --algorithm rtn --lm-head int4 --runs 1
+    nice .venv/bin/python benchmarks/int4_full_size.py --steps build,speed --algorithm rtn --lm-head int4 --runs 1 \
+        --int4-compute int8 --speed-key speed_int8_compute
 
 Writes ``benchmarks/results/int4_full_size.json`` (merged with earlier steps' results).
 """
@@ -48,14 +50,14 @@ from medlite.context import RunContext
 from medlite.evaluation.vqa import load_dataset
 from medlite.export import export_onnx
 from medlite.recipes.options import QuantizeOptions
-ckpt, out, samples, head, algorithm = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+ckpt, out, samples, head, algorithm, compute = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6]
 ctx = RunContext(quiet=True)
 t0 = time.perf_counter()
 loaded = load_model(ckpt, ctx=ctx, dtype=torch.float32)
 calib = build_calibration_set(load_dataset("builtin:micro-med-vqa", split="train"), samples, ctx=ctx, cache=False)
 t1 = time.perf_counter()
 state = BuildState(ctx=ctx, recipe=None, target=None, work=None, source=None, model=loaded, calibration=calib)
-res = apply_w4a16(state, 0, QuantizeOptions(vision="fp16", llm="w4a16", lm_head=head, algorithm=algorithm,
+res = apply_w4a16(state, 0, QuantizeOptions(vision="fp16", llm="w4a16", lm_head=head, algorithm=algorithm, int4_compute=compute,
                                             group_size=128, symmetric=True))
 t2 = time.perf_counter()
 export_onnx(loaded, out, ctx=ctx, precision="fp32", allow_trt_issues=True, plan=state.export_plan)
@@ -120,6 +122,9 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=128, help="calibration pairs for the GPTQ build")
     ap.add_argument("--lm-head", default="int8", choices=["fp16", "fp32", "int8", "int4"])
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--int4-compute", default="fp32", choices=["fp32", "int8"],
+                    help="build: MatMulNBits compute type (QuantizeOptions.int4_compute; int8 = accuracy_level 4)")
+    ap.add_argument("--speed-key", default="speed", help="results key of the speed step")
     ap.add_argument("--algorithm", default="gptq", choices=["gptq", "rtn"],
                     help="build: rtn makes a speed-only export fast (same MatMulNBits graph as GPTQ's: "
                          "ops, bits, block size and initializer shapes; no calibration)")
@@ -139,8 +144,10 @@ def main() -> int:
             res["create_checkpoint"] = _child(["-m", "medlite.cli", "demo", "random", "--preset", "tinyllava-1.5b",
                                                "--format", "legacy", "--out", str(ckpt)])
         key = "build" if a.algorithm == "gptq" else f"build_{a.algorithm}"
-        res[key] = _child([str(ckpt), str(int4), str(a.samples), a.lm_head, a.algorithm], python_code=BUILD)
-        res[key].update(samples=a.samples, lm_head=a.lm_head, algorithm=a.algorithm)
+        key += "" if a.int4_compute == "fp32" else f"_{a.int4_compute}_compute"
+        res[key] = _child([str(ckpt), str(int4), str(a.samples), a.lm_head, a.algorithm, a.int4_compute],
+                          python_code=BUILD)
+        res[key].update(samples=a.samples, lm_head=a.lm_head, algorithm=a.algorithm, int4_compute=a.int4_compute)
     if "speed" in steps:
         if not (fp32 / "decoder.onnx").is_file():
             # the export prints its own progress, not JSON: run it plainly
@@ -160,7 +167,7 @@ def main() -> int:
                            for k in ("fp32_torch", "fp32_ort")
                            if speed["int4_ort"].get("decode_tokens_per_s") and speed[k].get("decode_tokens_per_s")}
         speed["loadavg_after"] = list(os.getloadavg())
-        res["speed"] = speed
+        res[a.speed_key] = speed
     RESULT.parent.mkdir(parents=True, exist_ok=True)
     RESULT.write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
     print(json.dumps(res, indent=2, sort_keys=True))

@@ -50,6 +50,10 @@ class QuantizeOptions(Closed):
     symmetric: bool = Field(True, description="w4a16: symmetric (no zero points) or asymmetric")
     act_order: bool = Field(True, description="w4a16 GPTQ: quantize columns in activation order (llm-compressor's "
                             "'weight' ordering, its default: groups stay contiguous, no g_idx); ignored by awq/rtn")
+    int4_compute: Literal["fp32", "int8"] = Field(
+        "fp32", description="w4a16: MatMulNBits compute type on ONNX Runtime (accuracy_level): fp32 dequantizes the "
+        "weights (exact W4A16); int8 also quantizes each activation block to int8 at run time (accuracy_level 4, "
+        "onnxruntime-genai's CPU default) — faster on CPUs, a numerics change the gates must hold")
     samples: Optional[int] = Field(None, ge=1, description="cap on calibration samples used (default: all)")
 
     def active(self) -> dict:

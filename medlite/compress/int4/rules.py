@@ -36,8 +36,10 @@ def rules(index: int, opts, view):
     warnings: list = []
     loc = ("stages", index, "quantize")
     if not _int4_asked(opts):
-        if _act_order_asked(opts) or getattr(opts, "algorithm", "gptq") != "gptq":
-            warnings.append(f"stages[{index}].quantize: algorithm/act_order apply to llm: w4a16 only; ignored")
+        if _act_order_asked(opts) or getattr(opts, "algorithm", "gptq") != "gptq" or \
+                getattr(opts, "int4_compute", "fp32") != "fp32":
+            warnings.append(f"stages[{index}].quantize: algorithm/act_order/int4_compute apply to llm: w4a16 only; "
+                            "ignored")
         return errors, warnings
     if _act_order_asked(opts) and opts.algorithm != "gptq":
         errors.append((loc + ("act_order",), f"act_order is a GPTQ option; algorithm is {opts.algorithm}"))

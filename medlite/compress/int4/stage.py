@@ -44,6 +44,9 @@ def pack_records(records: dict) -> dict:
             for n, r in records.items()}
 
 
+ACCURACY_LEVEL = {"fp32": 0, "int8": 4}   # MatMulNBits accuracy_level per QuantizeOptions.int4_compute
+
+
 def quantization_record(opts, records: dict, packed: dict, samples: int) -> dict:
     """The decoder's quantization record (medlite_runtime.json, manifest): deterministic facts only."""
     bits = sorted({r.bits for r in records.values()})
@@ -51,7 +54,26 @@ def quantization_record(opts, records: dict, packed: dict, samples: int) -> dict
             "symmetric": bool(opts.symmetric), "act_order": bool(opts.act_order and opts.algorithm == "gptq"),
             "lm_head": opts.lm_head, "bits": bits, "layers": len(records),
             "packed_bytes": int(sum(p.nbytes() for p, _ in packed.values())),
-            "calibration_samples": int(samples), "libraries": _versions()}
+            "calibration_samples": int(samples), "libraries": _versions(),
+            "compute": getattr(opts, "int4_compute", "fp32"),
+            "accuracy_level": ACCURACY_LEVEL[getattr(opts, "int4_compute", "fp32")]}
+
+
+def accuracy_level_pass(level: int):
+    """A graph pass setting ``accuracy_level`` on every MatMulNBits node (ONNX Runtime's compute type:
+    0 = unset, fp32 compute on the dequantized weights; 4 = int8 compute, activations quantized per block)."""
+
+    def matmulnbits_accuracy_onnx_from_onnx(proto, pctx):
+        import onnx
+
+        for node in proto.graph.node:
+            if node.op_type == "MatMulNBits":
+                kept = [a for a in node.attribute if a.name != "accuracy_level"]
+                del node.attribute[:]
+                node.attribute.extend(kept + [onnx.helper.make_attribute("accuracy_level", int(level))])
+        return proto
+
+    return matmulnbits_accuracy_onnx_from_onnx
 
 
 def apply_w4a16(state, index: int, opts):
@@ -83,6 +105,11 @@ def apply_w4a16(state, index: int, opts):
     plan.runtime = ONNXRUNTIME
     plan.runtime_reason = INT4_RUNTIME_REASON
     plan.quantization = quantization_record(opts, records, packed, len(loop))
+    if getattr(opts, "int4_compute", "fp32") != "fp32":
+        plan.passes.append(("matmulnbits_accuracy_level", accuracy_level_pass(ACCURACY_LEVEL[opts.int4_compute])))
+        ctx.warn(f"int4_compute: {opts.int4_compute} — ONNX Runtime quantizes each {opts.group_size}-element "
+                 "activation block to int8 inside MatMulNBits (accuracy_level 4): faster on CPU, not exact W4A16; "
+                 "the check stage measures the result")
     after = plan.quantization["packed_bytes"]
     head = "" if opts.lm_head == "fp16" else f", lm_head {opts.lm_head}"
     summary = (f"LLM W4A16 {opts.algorithm.upper()} g{opts.group_size} "
@@ -103,4 +130,4 @@ def _target_names(model, opts) -> list:
     return language_linear_names(model, lm_head=opts.lm_head != "fp16")
 
 
-__all__ = ["FORMAT", "apply_w4a16", "llmc_options", "pack_records", "quantization_record"]
+__all__ = ["ACCURACY_LEVEL", "FORMAT", "accuracy_level_pass", "apply_w4a16", "llmc_options", "pack_records", "quantization_record"]

@@ -143,3 +143,23 @@ def test_awq_statistics_skip_left_padding(cctx, tiny_path, calib):
     with mock.patch.object(AWQModifier, "_compute_best_scale", spy):
         quantize_language_model(loaded.model, loop, LlmcOptions("awq", 32, symmetric=False))
     assert real < padded and counts and set(counts) == {real}
+
+
+def test_int8_compute_sets_accuracy_level_and_stays_close(quantized, tmp_path):
+    """``int4_compute: int8``: every MatMulNBits gets accuracy_level 4; ONNX Runtime then quantizes each
+    activation block to int8, so the logits move (the attribute takes effect) but stay close to the
+    fake-quant reference, and the plain export stays exact."""
+    from medlite.compress.int4.stage import ACCURACY_LEVEL, accuracy_level_pass
+
+    proto, path = _decoder(quantized, tmp_path)
+    fast = accuracy_level_pass(ACCURACY_LEVEL["int8"])(proto, None)
+    levels = [next(a.i for a in n.attribute if a.name == "accuracy_level") for n in fast.graph.node
+              if n.op_type == "MatMulNBits"]
+    assert levels == [4] * 15
+    fast_path = tmp_path / "decoder_int8_compute.onnx"
+    onnx.save(fast, str(fast_path))
+    p = quantized.probe
+    mask = p.attention_mask.bool().numpy()
+    ref = quantized.seen["__logits__"]
+    rel_fast = max_rel(ort_logits(fast_path, quantized.loaded, p), ref, mask)
+    assert 1e-6 < rel_fast <= 5e-2, rel_fast
