@@ -44,6 +44,10 @@ class QuantizeOptions(Closed):
     sensitivity_rows: int = Field(
         128, ge=8, description="held-out pairs the sensitivity pass judges layers on (evenly spread over the calibration "
         "held-out slice; more rows = less selection bias in the fp16 choice, cost grows linearly)")
+    sensitivity_confidence: Optional[float] = Field(
+        0.9, ge=0.5, lt=1.0, description="the sensitivity fallback stops when a one-sided upper confidence bound "
+        "(Student t over the held-out rows) of each graph's tie KL is within its target, at this confidence; "
+        "null = the point estimate (a mean of heavy-tailed per-row shifts: optimistic on unseen pairs)")
     # INT4 weight-only (ONNX Runtime)
     algorithm: Literal["gptq", "awq", "rtn"] = Field("gptq", description="w4a16 algorithm (llm-compressor)")
     group_size: Literal[32, 64, 128] = Field(128, description="w4a16 group size (= MatMulNBits block size)")

@@ -192,7 +192,7 @@ def _choose(state, graph: str, opts, samples: list, tmp: Path, n_graphs: int = 1
     if heldout and opts.sensitivity:
         ref = _heldout(state, graph, fp32, heldout)
         choice.fallback = choose_fallback(layers, measure, _gate(state, graph, opts, n_graphs),
-                                          max_fp16=opts.max_fp16_layers, ctx=ctx)
+                                          max_fp16=opts.max_fp16_layers, confidence=opts.sensitivity_confidence, ctx=ctx)
         choice.kept_fp16 = list(choice.fallback.kept_fp16)
     elif opts.sensitivity:
         ctx.warn(f"int8 {graph}: the calibration set has no held-out slice: no sensitivity pass, every layer INT8")
