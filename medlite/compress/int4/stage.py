@@ -1,10 +1,13 @@
 """The quantize stage's ``llm: w4a16`` part: llm-compressor GPTQ / AWQ / RTN → MatMulNBits decoder.
 
 :func:`apply_w4a16` quantizes the working model's language model in place (calibrated through the
-whole VLM with the framework's forward loop), keeps the quantizer's integers, scales and zero
-points, and registers on ``state.export_plan.graph("decoder")`` the module swap that makes the
-decoder export emit ``com.microsoft::MatMulNBits`` with exactly those tensors. The decoder graph is
-marked ONNX-Runtime-only: TensorRT 8.5 has no INT4.
+whole VLM with the framework's forward loop), packs the quantizer's integers, scales and zero
+points layer by layer and installs them in the working model as
+:class:`~medlite.compress.int4.swap.MatMulNBitsLinear` modules (the fp32 weights are dropped: the
+working model holds the packed bytes only, and its eager forward gives the fake-quant numbers). It
+registers on ``state.export_plan.graph("decoder")`` the module swap (a no-op for layers already
+installed) that makes the decoder export emit ``com.microsoft::MatMulNBits`` with exactly those
+tensors. The decoder graph is marked ONNX-Runtime-only: TensorRT 8.5 has no INT4.
 """
 from __future__ import annotations
 
@@ -33,26 +36,49 @@ def llmc_options(opts):
                        act_order=bool(opts.act_order), lm_head=opts.lm_head)
 
 
-def pack_records(records: dict) -> dict:
-    """``{name: QuantizedLinear}`` → ``{name: (PackedNBits, bias)}`` for :func:`matmul_nbits_swap`."""
+def pack_record(r) -> tuple:
+    """One :class:`~medlite.compress.int4.records.QuantizedLinear` → ``(PackedNBits, bias or None)``."""
     from medlite.compress.int4.pack import pack_matmul_nbits
 
-    return {n: (pack_matmul_nbits(r.qweight.numpy(), r.scales.numpy(), r.zero_points.numpy(), bits=r.bits,
-                                  block_size=r.group_size,
-                                  g_idx=None if r.g_idx is None else r.g_idx.numpy()),
-                None if r.bias is None else r.bias.numpy())
-            for n, r in records.items()}
+    return (pack_matmul_nbits(r.qweight.numpy(), r.scales.numpy(), r.zero_points.numpy(), bits=r.bits,
+                              block_size=r.group_size, g_idx=None if r.g_idx is None else r.g_idx.numpy()),
+            None if r.bias is None else r.bias.numpy())
+
+
+def pack_records(records: dict) -> dict:
+    """``{name: QuantizedLinear}`` → ``{name: (PackedNBits, bias)}`` for :func:`matmul_nbits_swap`."""
+    return {n: pack_record(r) for n, r in records.items()}
+
+
+def packing_installer(model):
+    """A ``consume`` for :func:`~medlite.compress.int4.llmc.quantize_language_model`: pack each record and
+    install its :class:`~medlite.compress.int4.swap.MatMulNBitsLinear` in the working model for good.
+
+    The fp32 weight and the record's integers are dropped layer by layer, so the working model ends
+    with the packed bytes only (full size: 4.4 GB of language-model weights → 0.55 GB); its eager
+    forward dequantizes on the fly with the quantizer's numbers (the same as the fake-quant weights).
+    """
+    from medlite.compress.int4.swap import install_matmul_nbits
+
+    def consume(name: str, rec) -> tuple:
+        packed = pack_record(rec)
+        install_matmul_nbits(model, name, *packed)
+        return packed
+
+    return consume
 
 
 ACCURACY_LEVEL = {"fp32": 0, "int8": 4}   # MatMulNBits accuracy_level per QuantizeOptions.int4_compute
 
 
-def quantization_record(opts, records: dict, packed: dict, samples: int) -> dict:
-    """The decoder's quantization record (medlite_runtime.json, manifest): deterministic facts only."""
-    bits = sorted({r.bits for r in records.values()})
+def quantization_record(opts, packed: dict, samples: int) -> dict:
+    """The decoder's quantization record (medlite_runtime.json, manifest): deterministic facts only.
+
+    ``packed``: ``{name: (PackedNBits, bias)}`` of every quantized layer."""
+    bits = sorted({p.bits for p, _ in packed.values()})
     return {"method": "w4a16", "format": FORMAT, "algorithm": opts.algorithm, "group_size": int(opts.group_size),
             "symmetric": bool(opts.symmetric), "act_order": bool(opts.act_order and opts.algorithm == "gptq"),
-            "lm_head": opts.lm_head, "bits": bits, "layers": len(records),
+            "lm_head": opts.lm_head, "bits": bits, "layers": len(packed),
             "packed_bytes": int(sum(p.nbytes() for p, _ in packed.values())),
             "calibration_samples": int(samples), "libraries": _versions(),
             "compute": getattr(opts, "int4_compute", "fp32"),
@@ -98,13 +124,14 @@ def apply_w4a16(state, index: int, opts):
     model = state.model.model
     before = sum(int(model.get_submodule(n).weight.numel()) * model.get_submodule(n).weight.element_size()
                  for n in _target_names(model, opts))
-    records = quantize_language_model(model, loop, llmc_options(opts), ctx=ctx)
-    packed = pack_records(records)
+    # each layer is packed and installed as a MatMulNBits module as soon as it is read: the working
+    # model drops its fp32 language-model weights (the export traces the packed layers directly)
+    packed = quantize_language_model(model, loop, llmc_options(opts), ctx=ctx, consume=packing_installer(model))
     plan = state.export_plan.graph("decoder")
     plan.swaps.append(("matmul_nbits", matmul_nbits_swap(packed)))
     plan.runtime = ONNXRUNTIME
     plan.runtime_reason = INT4_RUNTIME_REASON
-    plan.quantization = quantization_record(opts, records, packed, len(loop))
+    plan.quantization = quantization_record(opts, packed, len(loop))
     if getattr(opts, "int4_compute", "fp32") != "fp32":
         plan.passes.append(("matmulnbits_accuracy_level", accuracy_level_pass(ACCURACY_LEVEL[opts.int4_compute])))
         ctx.warn(f"int4_compute: {opts.int4_compute} — ONNX Runtime quantizes each {opts.group_size}-element "
@@ -113,14 +140,14 @@ def apply_w4a16(state, index: int, opts):
     after = plan.quantization["packed_bytes"]
     head = "" if opts.lm_head == "fp16" else f", lm_head {opts.lm_head}"
     summary = (f"LLM W4A16 {opts.algorithm.upper()} g{opts.group_size} "
-               f"{'sym' if opts.symmetric else 'asym'}{head}: {len(records)} Linear → MatMulNBits, "
+               f"{'sym' if opts.symmetric else 'asym'}{head}: {len(packed)} Linear → MatMulNBits, "
                f"{before / 1e6:.1f} → {after / 1e6:.1f} MB · {len(loop)} calibration samples · ONNX Runtime only")
-    report = [f"- language model: {len(records)} Linear layers → `{FORMAT}` ({opts.algorithm}, group "
+    report = [f"- language model: {len(packed)} Linear layers → `{FORMAT}` ({opts.algorithm}, group "
               f"{opts.group_size}, {'symmetric' if opts.symmetric else 'asymmetric'}"
               f"{', act-order' if opts.act_order and opts.algorithm == 'gptq' else ''}), lm_head {opts.lm_head}",
               f"- calibrated on {len(loop)} image + question pairs through the whole VLM (real image tokens)",
               f"- decoder.onnx runs on ONNX Runtime only: {INT4_RUNTIME_REASON}"]
-    return StageResult(summary=summary, changed=sorted(records), bytes_before=before, bytes_after=after,
+    return StageResult(summary=summary, changed=sorted(packed), bytes_before=before, bytes_after=after,
                        manifest={"w4a16": plan.quantization}, report=report)
 
 
@@ -130,4 +157,5 @@ def _target_names(model, opts) -> list:
     return language_linear_names(model, lm_head=opts.lm_head != "fp16")
 
 
-__all__ = ["ACCURACY_LEVEL", "FORMAT", "accuracy_level_pass", "apply_w4a16", "llmc_options", "pack_records", "quantization_record"]
+__all__ = ["ACCURACY_LEVEL", "FORMAT", "accuracy_level_pass", "apply_w4a16", "llmc_options", "pack_record", "pack_records",
+           "packing_installer", "quantization_record"]

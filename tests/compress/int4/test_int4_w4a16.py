@@ -92,11 +92,22 @@ def test_onnxruntime_logits_equal_llmcompressor_fake_quant(quantized, tmp_path):
     assert rel <= 1e-3, rel
 
 
+def _probe_logits(model, probe) -> np.ndarray:
+    with torch.no_grad():
+        out = model.model.language_model(inputs_embeds=probe.inputs_embeds, attention_mask=probe.attention_mask,
+                                         position_ids=probe.position_ids)
+        return model.lm_head(out.last_hidden_state).numpy()
+
+
 def test_stage_registers_swap_and_runtime(cctx, tiny_path, calib):
-    """apply_w4a16 through the build contract: ORT-only decoder plan with a quantization record."""
+    """apply_w4a16 through the build contract: ORT-only decoder plan with a quantization record; the
+    working model holds only the packed layers, and its eager logits equal the fake-quant model's."""
     from medlite.build.contract import ONNXRUNTIME, BuildState
+    from medlite.calibration.forward import ForwardLoop
     from medlite.checkpoints import load_model
+    from medlite.compress.int4.llmc import LlmcOptions, quantize_language_model
     from medlite.compress.int4.stage import apply_w4a16
+    from medlite.compress.int4.swap import MatMulNBitsLinear
     from medlite.export.graphs import decoder_onnx_from_model
 
     loaded = load_model(tiny_path, ctx=cctx)
@@ -110,13 +121,36 @@ def test_stage_registers_swap_and_runtime(cctx, tiny_path, calib):
     assert rec["format"] == "com.microsoft.MatMulNBits" and rec["calibration_samples"] == 4
     assert rec["bits"] == [4, 8] and rec["layers"] == 15 and rec["group_size"] == 128
     assert 0 < res.bytes_after < res.bytes_before and res.ok and len(res.changed) == 15
-    with state.export_plan.swaps_for("decoder", loaded.model):
-        proto = decoder_onnx_from_model(loaded.model, opset=17, metadata={})
+    model = loaded.model
+    installed = [n for n, m in model.named_modules() if isinstance(m, MatMulNBitsLinear)]
+    assert sorted(installed) == sorted(res.changed)       # every quantized layer is packed for good ...
+    assert not [n for n, m in model.model.language_model.named_modules() if isinstance(m, torch.nn.Linear)]
+    # ... and computes what the fake-quant (dequantized fp32) model computes: round-to-nearest again on
+    # a fresh copy, baked into plain Linear layers by quantize_language_model itself
+    ref = load_model(tiny_path, ctx=cctx)
+    quantize_language_model(ref.model, ForwardLoop(ref, calib.samples[:4]), LlmcOptions("rtn", 128, lm_head="int8"))
+    probe = ForwardLoop(loaded, calib.samples[8:10]).batch(calib.samples[8:10])
+    np.testing.assert_allclose(_probe_logits(model, probe), _probe_logits(ref.model, probe), rtol=0, atol=1e-6)
+    with state.export_plan.swaps_for("decoder", model):
+        proto = decoder_onnx_from_model(model, opset=17, metadata={})
     bits = sorted(next(a.i for a in n.attribute if a.name == "bits") for n in proto.graph.node
                   if n.op_type == "MatMulNBits")
     assert bits == [4] * 14 + [8]
-    assert not any(isinstance(m, type(loaded.model.lm_head)) and m.__class__.__name__ == "MatMulNBitsLinear"
-                   for m in loaded.model.modules())   # swaps restored after the trace
+    big = [t.name for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2
+           and min(t.dims) > 32]
+    assert not big, f"fp32 weight matrices left in the MatMulNBits decoder: {big}"
+
+
+def test_swap_restores_linear_layers(cctx, tiny_path, calib, quantized):
+    """The export swap on a model with plain Linear layers installs MatMulNBits only for the trace."""
+    from medlite.compress.int4.stage import pack_records
+    from medlite.compress.int4.swap import MatMulNBitsLinear, matmul_nbits_swap
+
+    model = quantized.loaded.model
+    with matmul_nbits_swap(pack_records(quantized.records))(model) as n:
+        assert n == len(quantized.records)
+        assert sum(isinstance(m, MatMulNBitsLinear) for m in model.modules()) == n
+    assert not any(isinstance(m, MatMulNBitsLinear) for m in model.modules())
 
 
 def test_awq_statistics_skip_left_padding(cctx, tiny_path, calib):
