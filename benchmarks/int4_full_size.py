@@ -39,32 +39,101 @@ RESULT = ROOT / "benchmarks" / "results" / "int4_full_size.json"
 SHAPE = {"hidden_size": 2048, "intermediate_size": 5632, "num_attention_heads": 32, "num_kv_heads": 4,
          "head_dim": 64, "num_layers": 22, "vocab_size": 32000}
 
-BUILD = r"""
+# shared by the child processes: imports, the checkpoint in fp32 and the calibration set, each a phase
+CHILD_PRELUDE = r"""
 import json, resource, sys, time
 import torch
-from medlite.build.contract import BuildState
+sys.path.insert(0, "benchmarks")
+from rss_phases import PhaseRss
 from medlite.calibration.calibset import build_calibration_set
 from medlite.checkpoints import load_model
-from medlite.compress.int4.stage import apply_w4a16
 from medlite.context import RunContext
 from medlite.evaluation.vqa import load_dataset
-from medlite.export import export_onnx
 from medlite.recipes.options import QuantizeOptions
+
+
+def load_and_calibration(rss, ckpt, samples):
+    ctx = RunContext(quiet=True)
+    with rss.phase("load"):
+        loaded = load_model(ckpt, ctx=ctx, dtype=torch.float32)
+    with rss.phase("calibration set"):
+        calib = build_calibration_set(load_dataset("builtin:micro-med-vqa", split="train"), samples, ctx=ctx,
+                                      cache=False)
+    return ctx, loaded, calib
+"""
+
+BUILD = CHILD_PRELUDE + r"""
+from medlite.build.contract import BuildState
+from medlite.compress.int4.stage import apply_w4a16
+from medlite.export import export_onnx
+import medlite.compress.int4.llmc as L, medlite.compress.int4.stage as S, medlite.export.api as A
 ckpt, out, samples, head, algorithm, compute = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6]
-ctx = RunContext(quiet=True)
+rss = PhaseRss().__enter__()
+for owner, attr in ((L, "_layer_inputs"), (L, "_run_sequential"), (L, "record_from_module"), (S, "pack_record"),
+                    (L, "strip_quantization"), (A, "decoder_onnx_from_model"), (A, "vision_onnx_from_model"),
+                    (A, "write_onnx"), (A, "_check_graph")):
+    rss.wrap(owner, attr)
+rss.wrap(A, "_export_one", lambda name, *a, **k: f"export {name}")
 t0 = time.perf_counter()
-loaded = load_model(ckpt, ctx=ctx, dtype=torch.float32)
-calib = build_calibration_set(load_dataset("builtin:micro-med-vqa", split="train"), samples, ctx=ctx, cache=False)
+ctx, loaded, calib = load_and_calibration(rss, ckpt, samples)
 t1 = time.perf_counter()
 state = BuildState(ctx=ctx, recipe=None, target=None, work=None, source=None, model=loaded, calibration=calib)
-res = apply_w4a16(state, 0, QuantizeOptions(vision="fp16", llm="w4a16", lm_head=head, algorithm=algorithm, int4_compute=compute,
-                                            group_size=128, symmetric=True))
+with rss.phase("apply_w4a16"):
+    res = apply_w4a16(state, 0, QuantizeOptions(vision="fp16", llm="w4a16", lm_head=head, algorithm=algorithm,
+                                                int4_compute=compute, group_size=128, symmetric=True))
 t2 = time.perf_counter()
-export_onnx(loaded, out, ctx=ctx, precision="fp32", allow_trt_issues=True, plan=state.export_plan)
+with rss.phase("export_onnx"):
+    export_onnx(loaded, out, ctx=ctx, precision="fp32", allow_trt_issues=True, plan=state.export_plan)
 t3 = time.perf_counter()
-print(json.dumps({"act_order": QuantizeOptions().act_order, "load_s": t1 - t0, "gptq_s": t2 - t1, "export_s": t3 - t2, "total_s": t3 - t0,
+rss.__exit__()
+print(json.dumps({"act_order": QuantizeOptions().act_order, "load_s": t1 - t0, "gptq_s": t2 - t1, "export_s": t3 - t2,
+                  "total_s": t3 - t0, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "peak_rss_gb_by_phase": rss.to_dict(), "summary": res.summary}))
+"""
+
+# llm-compressor's own GPTQ (oneshot, sequential pipeline over LlamaDecoderLayer) on the same model,
+# the same calibration pairs in the same batch (729 image tokens each, through HF Llava's own forward:
+# vision tower -> projector -> splice) and the same modifiers (scheme, targets: the language model's
+# Linear layers and lm_head by exact name, actorder) as the build's quantize stage.
+GPTQ_ALONE = CHILD_PRELUDE + r"""
+from torch.utils.data import DataLoader
+from medlite.calibration.forward import ForwardLoop
+from medlite.compress.int4.llmc import _modifiers, language_linear_names, untie_lm_head
+from medlite.compress.int4.stage import llmc_options
+ckpt, samples, head, group = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+rss = PhaseRss().__enter__()
+t0 = time.perf_counter()
+ctx, loaded, calib = load_and_calibration(rss, ckpt, samples)
+with rss.phase("calibration batch"):
+    batches = [{"input_ids": b.input_ids, "attention_mask": b.attention_mask, "position_ids": b.position_ids,
+                "pixel_values": b.pixel_values} for b in ForwardLoop(loaded, calib.samples, batch_size=8).batches()]
+opts = llmc_options(QuantizeOptions(vision="fp16", llm="w4a16", lm_head=head, algorithm="gptq", group_size=group,
+                                    symmetric=True))
+model = loaded.model
+import tempfile
+cfg_dir = tempfile.mkdtemp(prefix="medlite-gptq-alone-")
+model.config.save_pretrained(cfg_dir)     # oneshot's validate_model re-reads the (canonical Llava) config
+model.config._name_or_path = cfg_dir
+head_bits = {"int4": 4, "int8": 8}.get(head)
+if head_bits:
+    untie_lm_head(model)
+by_bits = {4: language_linear_names(model, lm_head=False)}
+if head_bits:
+    by_bits.setdefault(head_bits, []).append("lm_head")
+from llmcompressor import oneshot
+t1 = time.perf_counter()
+with rss.phase("oneshot"):
+    oneshot(model=model, processor=loaded.tokenizer, dataset=DataLoader(batches, batch_size=None),
+            recipe=_modifiers(by_bits, opts), pipeline="sequential", sequential_targets=["LlamaDecoderLayer"],
+            num_calibration_samples=len(calib.samples))
+t2 = time.perf_counter()
+rss.__exit__()
+quantized = sum(1 for m in model.modules() if hasattr(m, "weight_scale"))
+print(json.dumps({"prep_s": t1 - t0, "gptq_alone_s": t2 - t1, "total_s": t2 - t0, "quantized_layers": quantized,
+                  "act_order": opts.act_order, "calibration_samples": len(calib.samples),
+                  "tokens_per_sample": int(batches[0]["input_ids"].shape[1]),
                   "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                  "summary": res.summary}))
+                  "peak_rss_gb_by_phase": rss.to_dict()}))
 """
 
 
@@ -115,10 +184,36 @@ def _bench(model: Path, runs: int) -> dict:
                    "--max-new-tokens", "64", "--runs", str(runs), "--warmup", "1", "--no-write"])
 
 
+def _keep_history(res: dict, key: str) -> None:
+    """Move an earlier run of ``key`` into ``res["history"][key]`` (newest last) before it is replaced."""
+    if key in res:
+        res.setdefault("history", {}).setdefault(key, []).append(res.pop(key))
+
+
+def _git_head() -> str:
+    p = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return p.stdout.strip()
+
+
+def _ratios(build: dict, alone: dict) -> dict:
+    """The build against llm-compressor's GPTQ alone, at the same sample count (None when they differ)."""
+    if "error" in build or "error" in alone or build.get("samples") != alone.get("samples"):
+        return {"note": "runs missing, failed or at different sample counts"}
+    return {"samples": build["samples"],
+            "time_ratio_quantize_export": round((build["gptq_s"] + build["export_s"]) / alone["gptq_alone_s"], 2),
+            "time_ratio_total": round(build["total_s"] / alone["total_s"], 2),
+            "peak_rss_gb": {"build": round(build["peak_rss_bytes"] / 1e9, 2),
+                            "gptq_alone": round(alone["peak_rss_bytes"] / 1e9, 2)},
+            "goals": {"time_ratio": 2.0, "peak_rss_gb": 9.2}}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/tmp/medlite-int4")
-    ap.add_argument("--steps", default="bandwidth,bytes", help="comma list of bandwidth,bytes,build,speed")
+    ap.add_argument("--steps", default="bandwidth,bytes",
+                    help="comma list of bandwidth,bytes,build,gptq-alone,speed")
+    ap.add_argument("--ckpt", default=None, help="checkpoint (default: WORK/ckpt, created when missing)")
+    ap.add_argument("--group-size", type=int, default=128, help="gptq-alone: group size (the build uses 128)")
     ap.add_argument("--samples", type=int, default=128, help="calibration pairs for the GPTQ build")
     ap.add_argument("--lm-head", default="int8", choices=["fp16", "fp32", "int8", "int4"])
     ap.add_argument("--runs", type=int, default=3)
@@ -138,16 +233,25 @@ def main() -> int:
         res["bandwidth_gbs"] = bandwidth_gbs()
     if "bytes" in steps:
         res["bytes"] = {h: decoder_bytes(h) for h in ("fp16", "int8", "int4")}
-    ckpt, int4, fp32 = work / "ckpt", work / "onnx-int4", work / "onnx-fp32"
+    ckpt, int4, fp32 = Path(a.ckpt) if a.ckpt else work / "ckpt", work / "onnx-int4", work / "onnx-fp32"
+    if steps & {"build", "gptq-alone"} and not (ckpt / "config.json").is_file():
+        res["create_checkpoint"] = _child(["-m", "medlite.cli", "demo", "random", "--preset", "tinyllava-1.5b",
+                                           "--format", "legacy", "--out", str(ckpt)])
     if "build" in steps:
-        if not (ckpt / "config.json").is_file():
-            res["create_checkpoint"] = _child(["-m", "medlite.cli", "demo", "random", "--preset", "tinyllava-1.5b",
-                                               "--format", "legacy", "--out", str(ckpt)])
         key = "build" if a.algorithm == "gptq" else f"build_{a.algorithm}"
         key += "" if a.int4_compute == "fp32" else f"_{a.int4_compute}_compute"
+        _keep_history(res, key)
         res[key] = _child([str(ckpt), str(int4), str(a.samples), a.lm_head, a.algorithm, a.int4_compute],
                           python_code=BUILD)
-        res[key].update(samples=a.samples, lm_head=a.lm_head, algorithm=a.algorithm, int4_compute=a.int4_compute)
+        res[key].update(samples=a.samples, lm_head=a.lm_head, algorithm=a.algorithm, int4_compute=a.int4_compute,
+                        loadavg_after=list(os.getloadavg()), code=_git_head())
+    if "gptq-alone" in steps:
+        _keep_history(res, "gptq_alone")
+        res["gptq_alone"] = _child([str(ckpt), str(a.samples), a.lm_head, str(a.group_size)], python_code=GPTQ_ALONE)
+        res["gptq_alone"].update(samples=a.samples, lm_head=a.lm_head, group_size=a.group_size,
+                                 loadavg_after=list(os.getloadavg()), code=_git_head())
+    if "build" in res and "gptq_alone" in res:
+        res["build_vs_gptq_alone"] = _ratios(res["build"], res["gptq_alone"])
     if "speed" in steps:
         if not (fp32 / "decoder.onnx").is_file():
             # the export prints its own progress, not JSON: run it plainly
