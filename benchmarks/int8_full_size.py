@@ -87,7 +87,7 @@ def step_bytes() -> dict:
 
 
 CHILD = r"""
-import json, resource, sys, time
+import json, resource, shutil, sys, time
 from pathlib import Path
 t = {}
 t0 = time.perf_counter()
@@ -117,24 +117,14 @@ state = BuildState(ctx=ctx, recipe=None, target=None, work=work, source=None, mo
 t1 = time.perf_counter()
 res = apply_int8(state, 0, QuantizeOptions(vision="int8", llm="w8a8", sensitivity=sens))
 t["smooth+calibrate+quantize"] = time.perf_counter() - t1
-from medlite.export.graphs import decoder_onnx_from_model, vision_onnx_from_model
-from medlite.export.files import write_onnx
-rss.wrap(sys.modules[__name__], "write_onnx")
-files = {}
-(work / "out").mkdir(parents=True, exist_ok=True)
-for g in ("decoder", "vision"):
-    t2 = time.perf_counter()
-    m = loaded.model
-    proto = (vision_onnx_from_model(m, image_size=int(m.config.vision_config.image_size), opset=17, metadata={},
-                                    tmp_root=work / "trace") if g == "vision" else
-             decoder_onnx_from_model(m, opset=17, metadata={}, tmp_root=work / "trace"))
-    _, fn = state.export_plan.graph(g).passes[0]
-    with rss.phase(f"export q/dq pass {g}"):
-        proto = fn(proto, PassContext(graph=g, ctx=ctx, model=loaded, state=state, tmp_dir=work / "pass"))
-    written = write_onnx(proto, work / "out" / f"{g}.onnx")
-    files[g] = sum(p.stat().st_size for p in written)
-    t[f"export {g}"] = time.perf_counter() - t2
-    del proto
+# the product's export (what `medlite build` runs): every graph traced again with the plan's Q/DQ pass
+import medlite.export.api as E
+rss.wrap(E, "_export_one", lambda name, *a, **k: f"export {name}")
+t2 = time.perf_counter()
+shutil.rmtree(work / "out", ignore_errors=True)
+exp = E.export_onnx(loaded, work / "out", ctx=ctx, precision="fp16", plan=state.export_plan, pass_state=state)
+t["export"] = time.perf_counter() - t2
+files = {g: sum(v["bytes"] for k, v in exp.files.items() if k.split(".")[0] == g) for g in ("vision", "decoder", "embed")}
 rss.__exit__()
 print(json.dumps({"seconds": {k: round(v, 1) for k, v in t.items()}, "total_s": round(time.perf_counter() - t0, 1),
                   "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -238,6 +228,7 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--sensitivity", action="store_true")
     ap.add_argument("--heldout-rows", type=int, default=8, help="sensitivity-cost: held-out pairs to time")
+    ap.add_argument("--label", default=None, help="build: what this run is (the previous build moves to build_history)")
     args = ap.parse_args(argv)
     result = json.loads(RESULT.read_text()) if RESULT.is_file() else {}
     result["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(),
@@ -247,7 +238,11 @@ def main(argv=None) -> int:
         if step == "bytes":
             result["bytes"] = step_bytes()
         elif step == "build":
+            if "build" in result:
+                result.setdefault("build_history", []).append(result["build"])
             result["build"] = step_build(args.work, args.ckpt or args.work / "ckpt", args.samples, args.sensitivity)
+            result["build"]["label"] = args.label or f"{args.samples} pairs"
+            result["build"]["load_avg_at_start"] = result["machine"]["load_avg_at_start"]
         elif step == "sensitivity-cost":
             result["sensitivity_cost"] = step_sensitivity_cost(args.work, args.ckpt or args.work / "ckpt",
                                                                args.heldout_rows)

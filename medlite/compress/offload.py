@@ -4,7 +4,7 @@ A quantize stage holds the working torch model (fp32: 6.1 GB at the full TinyLLa
 at the same time, an ONNX Runtime session or ``quantize_static`` run over the traced fp32 decoder
 (4.4 GB more). During those steps the decoder blocks in torch are idle: the calibration feeds need
 only the vision tower, the projector and the token embeddings. :func:`weights_on_disk` writes the
-idle parameters to a safetensors file, frees them, and puts them back bit-exactly when the block
+idle parameters to a file, frees them, and puts them back bit-exactly when the block
 ends (also on error), so the two copies of the decoder never sit in memory together. Measured in
 ``benchmarks/int8_full_size.py`` (peak RSS per phase; docs/quantization-int8.md).
 """
@@ -15,6 +15,21 @@ import gc
 import tempfile
 from pathlib import Path
 from typing import Iterable, Optional
+
+
+def release_memory() -> None:
+    """Collect and return freed heap to the OS (glibc ``malloc_trim``).
+
+    Between big steps (a trace, a calibration) the previous step's peak is freed but glibc keeps it
+    mapped, so RSS — and the next step's peak — stacks on it; trimming makes the per-step peaks
+    independent (measured on the full-size export and INT8 build)."""
+    import ctypes
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc: nothing to trim
+        pass
 
 
 def idle_decoder_modules(model) -> list:
@@ -28,47 +43,98 @@ def idle_decoder_modules(model) -> list:
     return mods
 
 
+def idle_vision_modules(model) -> list:
+    """The modules a decoder trace never uses: the vision tower and the projector (1.7 GB fp32 at
+    full size — parked while the decoder graph is traced, whose exporter holds a copy of its weights)."""
+    inner = model.model
+    return [m for m in (getattr(inner, "vision_tower", None), getattr(inner, "multi_modal_projector", None))
+            if m is not None]
+
+
+def modules_idle_for(model, graph: str) -> list:
+    """The modules tracing ``graph`` ("vision", "embed" or "decoder") never runs (a tied lm_head /
+    embedding table is never listed for a graph that uses either)."""
+    lm = model.model.language_model
+    emb = lm.get_input_embeddings()
+    if graph == "decoder":
+        return idle_vision_modules(model)
+    mods = [lm.layers, lm.norm]
+    head = getattr(model, "lm_head", None)
+    if head is not None and head.weight is not emb.weight:
+        mods.append(head)
+    return idle_vision_modules(model) + mods if graph == "embed" else mods + [emb]
+
+
 def _unique_params(modules: Iterable, keep: Iterable) -> list:
     kept = {id(p) for m in keep for p in m.parameters()}
     out, seen = [], set()
     for m in modules:
         for p in m.parameters():
-            if id(p) not in seen and id(p) not in kept:
+            if id(p) not in seen and id(p) not in kept and p.numel() > 0:   # nothing to park in an empty one
                 seen.add(id(p))
                 out.append(p)
     return out
+
+
+def _write_raw(params: list, path: Path) -> list:
+    """Append each parameter's bytes to ``path`` and free it at once; returns ``(offset, nbytes)``.
+
+    One tensor at a time on purpose: safetensors' ``save_file`` first turns *every* tensor into a
+    Python ``bytes`` copy, which doubled the parked weights in memory (4.4 GB more at full size,
+    the peak of the INT8 build's decoder step — benchmarks/int8_full_size.py).
+    """
+    import torch
+
+    spans, offset = [], 0
+    with open(path, "wb") as f:
+        for p in params:
+            raw = p.data.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+            raw.tofile(f)
+            spans.append((offset, raw.nbytes))
+            offset += raw.nbytes
+            del raw
+            p.data = torch.empty(0, dtype=p.dtype)
+    return spans
+
+
+def _read_raw(params: list, path: Path, spans: list, shapes: list) -> None:
+    """Put back what :func:`_write_raw` wrote (bit-exact: the bytes are reinterpreted, not converted)."""
+    import numpy as np
+    import torch
+
+    with open(path, "rb") as f:
+        for p, (offset, nbytes), shape in zip(params, spans, shapes):
+            f.seek(offset)
+            raw = torch.from_numpy(np.fromfile(f, dtype=np.uint8, count=nbytes))
+            p.data = raw.view(p.dtype).reshape(shape)
 
 
 @contextlib.contextmanager
 def weights_on_disk(modules: Iterable, *, keep: Iterable = (), folder: Optional[Path] = None, ctx=None):
     """Free the parameters of ``modules`` (except those shared with ``keep``) while the block runs.
 
-    They are saved to a safetensors file in ``folder`` (a temporary folder when None) and restored
-    bit-exactly when the block exits, normally or by an exception; the file is removed. Using the
-    modules inside the block is an error (their parameters are empty).
+    They are written to a raw file in ``folder`` (a temporary folder when None), one tensor at a
+    time so parking never needs more memory than one tensor, and restored bit-exactly when the block
+    exits, normally or by an exception; the file is removed. Using the modules inside the block is
+    an error (their parameters are empty).
     """
-    import torch
-    from safetensors.torch import load_file, save_file
-
     params = _unique_params(list(modules), list(keep))
     if not params:
         yield
         return
+    if folder is not None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="medlite-offload-", dir=folder) as tmp:
-        path = Path(tmp) / "weights.safetensors"
-        save_file({str(i): p.data.contiguous() for i, p in enumerate(params)}, str(path))
-        for p in params:
-            p.data = torch.empty(0, dtype=p.dtype)
-        gc.collect()
+        path = Path(tmp) / "weights.bin"
+        shapes = [tuple(p.shape) for p in params]
+        spans = _write_raw(params, path)
+        release_memory()
         if ctx is not None:
             ctx.info(f"parked {path.stat().st_size / 1e9:.2f} GB of idle weights on disk")
         try:
             yield
         finally:
-            back = load_file(str(path))
-            for i, p in enumerate(params):
-                p.data = back.pop(str(i))
-            del back
+            _read_raw(params, path, spans, shapes)
 
 
-__all__ = ["idle_decoder_modules", "weights_on_disk"]
+__all__ = ["idle_decoder_modules", "idle_vision_modules", "modules_idle_for", "release_memory", "weights_on_disk"]

@@ -1,8 +1,6 @@
 """``export_onnx``: a loaded model → ``vision.onnx``, ``embed.onnx``, ``decoder.onnx``, runtime config, tokenizer."""
 from __future__ import annotations
 
-import ctypes
-import gc
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -15,6 +13,7 @@ from medlite.errors import ExportError
 from medlite.export.files import (EMBED_TABLE_FILE, EMBED_TABLE_NAME, check_onnx_file,
                                   tie_lm_head_to_table, write_onnx)
 from medlite.export.graph_passes import op_counts
+from medlite.compress.offload import idle_vision_modules, release_memory, weights_on_disk
 from medlite.export.graphs import (decoder_onnx_from_model, embed_onnx_from_model, text_dims,
                                    vision_onnx_from_model)
 from medlite.build.contract import TENSORRT, ExportPlan, PassContext
@@ -56,19 +55,6 @@ class ExportResult:
         return d
 
 
-def _release_memory() -> None:
-    """Collect and return freed heap to the OS between graphs.
-
-    The exporter's peak for one graph is several times the graph's weights; without this, glibc
-    keeps that memory and the next graph's peak stacks on top of it.
-    """
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:  # not glibc: nothing to trim
-        pass
-
-
 def _is_tied(model) -> bool:
     emb = model.model.language_model.get_input_embeddings().weight
     head = model.lm_head.weight
@@ -102,7 +88,10 @@ def _trace(name: str, model, loaded, gp, common: dict, tied: bool, table, swaps)
             _rename_table(proto)
             shared = [EMBED_TABLE_NAME]
         else:
-            proto = decoder_onnx_from_model(model, **common)
+            # the vision tower is idle here: park it so the exporter's copy of the decoder does not
+            # stack on it (full-size export peak, benchmarks/int8_full_size.py)
+            with weights_on_disk(idle_vision_modules(model), folder=common.get("tmp_root")):
+                proto = decoder_onnx_from_model(model, **common)
             if tied:
                 if not tie_lm_head_to_table(proto, table):
                     raise ExportError("decoder.onnx: lm_head is tied to the embeddings but its weight was "
@@ -152,7 +141,7 @@ def _export_one(name: str, model, loaded, out: Path, res: ExportResult, specs: d
         written = write_onnx(proto, out / f"{name}.onnx", shared=shared)
         del proto
         shutil.rmtree(tmp_root, ignore_errors=True)   # the exporter's staged weights, now copied
-        _release_memory()
+        release_memory()
         path = written[0]
         verdict = _check_graph(name, path, gp, res, trt_summary, allow_trt_issues, ctx)
         skeleton = onnx.load(str(path), load_external_data=False)
@@ -204,15 +193,14 @@ def export_onnx(loaded, out_dir, *, ctx, precision: str = "fp32", opset: int = 1
     out.mkdir(parents=True, exist_ok=True)
     for name in _OWN_FILES:          # stale files of an earlier export would mix with this one
         (out / name).unlink(missing_ok=True)
-    models = {p: model_for_precision(loaded, p, ctx=ctx) for p in sorted({gp.precision for gp in plans.values()})}
     table_prec = plans.get("embed", plans.get("decoder", next(iter(plans.values())))).precision
-    base = models[table_prec]
+    base = loaded.model
     tied = _is_tied(base)
     if tied and "decoder" in plans and plans["decoder"].precision != table_prec:
         raise ExportError("the lm_head is tied to the embedding table, so embed and decoder must share a precision "
                           f"(got {table_prec} and {plans['decoder'].precision})")
     dims = text_dims(base)
-    table = base.model.language_model.get_input_embeddings().weight.detach().cpu().numpy()
+    table = base.model.language_model.get_input_embeddings().weight.detach().to(PRECISIONS[table_prec]).cpu().numpy()
     res = ExportResult(out_dir=str(out), precision=precision, opset=int(opset), tied_embeddings=tied)
     tmp_root = out / ".medlite-export-tmp"   # the exporter's staging folder (ours; removed after each graph)
     specs, trt_summary, uses_table = {}, {}, False
@@ -221,9 +209,12 @@ def export_onnx(loaded, out_dir, *, ctx, precision: str = "fp32", opset: int = 1
         # not stack on what the vision trace leaves behind (see docs/export.md, full-size benchmark).
         for name in sorted(components, key=("decoder", "vision", "embed").index):
             gp = plans[name]
-            _export_one(name, models[gp.precision], loaded, out, res, specs, trt_summary, gp=gp, plan=plan,
+            # a converted copy holds only what this graph runs, and lives only while it is exported
+            model = model_for_precision(loaded, gp.precision, ctx=ctx, graph=name)
+            _export_one(name, model, loaded, out, res, specs, trt_summary, gp=gp, plan=plan,
                         pass_state=pass_state, tmp_root=tmp_root, tied=tied, table=table,
                         allow_trt_issues=allow_trt_issues, ctx=ctx)
+            del model
             uses_table = uses_table or name == "embed" or (name == "decoder" and tied)
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)

@@ -53,3 +53,22 @@ def test_tied_lm_head_stays(model, tmp_path):
     assert model.lm_head not in mods
     with weights_on_disk(mods, keep=[model.get_input_embeddings()], folder=tmp_path):
         assert model.lm_head.weight.numel() > 0
+
+
+def test_dtypes_and_shapes_round_trip(tmp_path):
+    """bf16 (no numpy dtype), fp16, a 0-d and a non-contiguous parameter come back bit-exactly."""
+    m = torch.nn.Module()
+    m.a = torch.nn.Parameter(torch.randn(3, 5).to(torch.bfloat16))
+    m.b = torch.nn.Parameter(torch.randn(7).half())
+    m.c = torch.nn.Parameter(torch.tensor(-0.0))
+    m.d = torch.nn.Parameter(torch.randn(4, 6).t())
+    ref = {k: v.detach().clone() for k, v in m.named_parameters()}
+    with weights_on_disk([m], folder=tmp_path):
+        assert all(p.numel() == 0 for p in m.parameters())
+    for k, p in m.named_parameters():
+        assert p.dtype == ref[k].dtype and p.shape == ref[k].shape
+        assert torch.equal(_bytes(p), _bytes(ref[k]))                    # bit-exact, -0.0 included
+
+
+def _bytes(t):
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)

@@ -89,6 +89,23 @@ def test_conversion_leaves_the_callers_model_alone(tiny, ctx):
     assert model_for_precision(tiny, "fp32", ctx=ctx) is tiny.model
 
 
+@pytest.mark.parametrize("graph", ["vision", "embed", "decoder"])
+def test_graph_copy_holds_only_what_the_graph_runs(tiny, ctx, graph):
+    """A per-graph fp16 copy converts the modules the graph runs exactly as a whole-model copy does,
+    and leaves the others empty (no memory for weights the trace never touches)."""
+    whole = dict(model_for_precision(tiny, "fp16", ctx=ctx).named_parameters())
+    part = dict(model_for_precision(tiny, "fp16", ctx=ctx, graph=graph).named_parameters())
+    assert part.keys() == whole.keys()
+    runs = {"vision": ("vision_tower", "multi_modal_projector"), "embed": ("embed_tokens",),
+            "decoder": ("language_model", "lm_head")}[graph]
+    for name, p in part.items():
+        if any(k in name for k in runs):
+            assert p.dtype == torch.float16 and torch.equal(p, whole[name]), name
+        else:
+            assert p.numel() == 0, name
+    assert all(p.numel() > 0 for p in tiny.model.parameters())      # the caller's model is untouched
+
+
 def test_export_restores_attention_and_layer_norms(tiny, exported):
     """The export swaps attention and LayerNorm only while tracing."""
     cfg = tiny.model.config
