@@ -30,6 +30,7 @@ from typing import Callable, Optional
 
 import torch
 
+from medlite.compress.offload import weights_on_disk
 from medlite.compress.int4.records import (PaddedLinear, QuantizedLinear, language_linear_names, padded_layers,
                                            record_from_module, strip_quantization, untie_lm_head)
 
@@ -198,6 +199,14 @@ def _run_sequential(model, cached: list, lm_head: bool, ctx, state=None) -> None
                 advance(1)
 
 
+def _idle_during_layers(model) -> list:
+    """What the layer-by-layer loop never runs once the first layer's inputs are captured: the vision
+    tower, the projector and the token embeddings (1.9 GB fp32 at full size, parked on disk meanwhile;
+    a table tied to ``lm_head`` is kept)."""
+    inner = model.model
+    return [inner.vision_tower, inner.multi_modal_projector, inner.language_model.get_input_embeddings()]
+
+
 def quantize_language_model(model, loop, opts: LlmcOptions, *, ctx=None, on_quantized=None,
                             consume: Optional[Callable] = None) -> dict:
     """Quantize the language model of ``model`` (a Llava) in place with llm-compressor; return the results.
@@ -235,7 +244,8 @@ def quantize_language_model(model, loop, opts: LlmcOptions, *, ctx=None, on_quan
             # use_loss_mask mechanism; GPTQ does not read it)
             session.state.loss_masks = masks
             LifecycleCallbacks.calibration_start()
-            with calibration_forward_context(model), DisableQuantization(model):
+            with calibration_forward_context(model), DisableQuantization(model), \
+                    weights_on_disk(_idle_during_layers(model), keep=[model.lm_head], ctx=ctx):
                 _run_sequential(model, cached, head_bits is not None, ctx, state=session.state)
             del cached
             session.state.loss_masks = None
