@@ -60,6 +60,28 @@ def load_and_calibration(rss, ckpt, samples):
         calib = build_calibration_set(load_dataset("builtin:micro-med-vqa", split="train"), samples, ctx=ctx,
                                       cache=False)
     return ctx, loaded, calib
+
+
+SECONDS = {}
+
+
+def timed(owner, attr, key):
+    # seconds spent in owner.attr (summed over calls) -> SECONDS[key]
+    fn = getattr(owner, attr)
+
+    def wrapped(*a, **k):
+        t = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            SECONDS[key] = SECONDS.get(key, 0.0) + time.perf_counter() - t
+
+    setattr(owner, attr, wrapped)
+
+
+from llmcompressor.core import LifecycleCallbacks
+# where GPTQ quantizes each layer (the sample-count-independent part of its time)
+timed(LifecycleCallbacks, "sequential_epoch_end", "sequential_epoch_end_s")
 """
 
 BUILD = CHILD_PRELUDE + r"""
@@ -74,6 +96,8 @@ for owner, attr in ((L, "_layer_inputs"), (L, "_run_sequential"), (L, "record_fr
                     (A, "write_onnx"), (A, "_check_graph")):
     rss.wrap(owner, attr)
 rss.wrap(A, "_export_one", lambda name, *a, **k: f"export {name}")
+timed(L, "_layer_inputs", "layer_inputs_s")
+timed(L, "_run_sequential", "run_sequential_s")
 t0 = time.perf_counter()
 ctx, loaded, calib = load_and_calibration(rss, ckpt, samples)
 t1 = time.perf_counter()
@@ -88,7 +112,7 @@ t3 = time.perf_counter()
 rss.__exit__()
 print(json.dumps({"act_order": QuantizeOptions().act_order, "load_s": t1 - t0, "gptq_s": t2 - t1, "export_s": t3 - t2,
                   "total_s": t3 - t0, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                  "peak_rss_gb_by_phase": rss.to_dict(), "summary": res.summary}))
+                  "peak_rss_gb_by_phase": rss.to_dict(), "summary": res.summary, "seconds": SECONDS}))
 """
 
 # llm-compressor's own GPTQ (oneshot, sequential pipeline over LlamaDecoderLayer) on the same model,
@@ -133,7 +157,7 @@ print(json.dumps({"prep_s": t1 - t0, "gptq_alone_s": t2 - t1, "total_s": t2 - t0
                   "act_order": opts.act_order, "calibration_samples": len(calib.samples),
                   "tokens_per_sample": int(batches[0]["input_ids"].shape[1]),
                   "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                  "peak_rss_gb_by_phase": rss.to_dict()}))
+                  "peak_rss_gb_by_phase": rss.to_dict(), "seconds": SECONDS}))
 """
 
 
