@@ -180,10 +180,16 @@ def selection_slice(calib, rows: int, also_exclude=()) -> list:
 
 
 def _choice_facts(comps: dict) -> dict:
-    """Kept fp16 layers and the pass's own tie KL per graph (on its rows, the other graph fp32)."""
+    """Kept fp16 layers and the pass's own tie KL per graph (on its rows, the other graph fp32): the mean,
+    the upper confidence bound the gate read, its confidence and target, and whether the gate held."""
     return {"kept_fp16": {g: [k["layer"] for k in c["kept_fp16"]] for g, c in comps.items()},
             "pass_tie_kl": {g: c["sensitivity"]["metric_final"].get("tie_kl") for g, c in comps.items()
-                            if "sensitivity" in c}}
+                            if "sensitivity" in c},
+            "pass_tie_kl_upper": {g: c["sensitivity"]["metric_final"].get("tie_kl_upper") for g, c in comps.items()
+                                  if "sensitivity" in c},
+            "pass_confidence": {g: c["sensitivity"].get("confidence") for g, c in comps.items() if "sensitivity" in c},
+            "pass_target": {g: c["sensitivity"].get("target_tie_kl") for g, c in comps.items() if "sensitivity" in c},
+            "pass_gate_holds": {g: c["sensitivity"].get("gate_holds") for g, c in comps.items() if "sensitivity" in c}}
 
 
 def heldout_rows(calib, args, overrides: dict) -> list:
