@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from int8_fixtures import int8_state
+from test_int8_sensitivity_rows import RECIPE as ROWS_RECIPE
 from medlite.compress.int8.sensitivity import (DEFAULT_CONFIDENCE, Gate, GraphMetric, answer_metrics,
                                                choose_fallback, t_quantile, upper_mean_bound)
 from medlite.errors import RecipeError
@@ -114,20 +115,9 @@ def test_the_vision_cosine_gate_still_decides():
     assert fb.kept_fp16 == ["small"] and fb.gate_holds and fb.metric_final.cosine == 0.9995
 
 
-RECIPE = """\
-name: conf
-version: 1.0.0
-target: jetson-xavier-agx-32gb
-calibration:
-  dataset: builtin:micro-med-vqa
-  samples: 16
-stages:
-  - quantize:
-      vision: int8
-      sensitivity_confidence: {conf}
-  - export:
-      precision: fp16
-"""
+# the sensitivity_rows test's recipe, with this option instead
+RECIPE = ROWS_RECIPE.replace("name: rows", "name: conf").replace("sensitivity_rows: {rows}",
+                                                                 "sensitivity_confidence: {conf}")
 
 
 def test_sensitivity_confidence_in_the_recipe(tmp_path):
