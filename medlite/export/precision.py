@@ -58,7 +58,7 @@ def model_for_precision(loaded, precision: str, *, ctx, graph: Optional[str] = N
         ctx.warn(f"exporting fp32 from a model loaded in {str(have).replace('torch.', '')}: the fp32 graphs "
                  "hold those rounded weights, not the checkpoint's original precision")
     else:
-        ctx.info(f"converting a {str(have).replace('torch.', '')} copy of {n / 1e6:.0f} M parameters to fp16 for "
+        ctx.info(f"converting a {str(have).replace('torch.', '')} copy of {n / 1e6:,.1f} M parameters to fp16 for "
                  "export (`medlite export --precision fp16` loads the checkpoint in fp16 directly and needs no copy)")
     return copy.deepcopy(model, memo).to(want).eval()
 
