@@ -30,7 +30,7 @@ from typing import Callable, Optional
 
 import torch
 
-from medlite.compress.offload import weights_on_disk
+from medlite.compress.offload import release_memory, weights_on_disk
 from medlite.compress.int4.records import (PaddedLinear, QuantizedLinear, language_linear_names, padded_layers,
                                            record_from_module, strip_quantization, untie_lm_head)
 
@@ -240,6 +240,7 @@ def quantize_language_model(model, loop, opts: LlmcOptions, *, ctx=None, on_quan
             cached, masks = _layer_inputs(model, loop)
             if not cached:
                 raise ValueError("no calibration batches: the calibration set is empty")
+            release_memory()    # the vision forward's activations: freed, but glibc keeps them mapped
             # AWQ's activation statistics and output loss skip the left padding (llm-compressor's
             # use_loss_mask mechanism; GPTQ does not read it)
             session.state.loss_masks = masks

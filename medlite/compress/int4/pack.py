@@ -106,7 +106,8 @@ def pack_matmul_nbits(qweight: np.ndarray, scales: np.ndarray, zero_points: np.n
     gi = contiguous_g_idx(g_idx, k, block_size)
     if gi is not None and (bits != 4 or gi.min() < 0 or gi.max() >= nb):
         raise ValueError(f"g_idx needs 4 bits (onnxruntime's CPU kernel refuses {bits}) and groups in 0..{nb - 1}")
-    padded = np.repeat(zp, block_size, axis=1).astype(np.int64)     # pad value: the block's zero point
+    # int16 (values 0..255): an int64 copy of the full-size lm_head alone was 0.5 GB
+    padded = np.repeat(zp.astype(np.int16), block_size, axis=1)     # pad value: the block's zero point
     if gi is not None:
         padded[:] = 1 << (bits - 1)                                   # columns past K are never read then
     padded[:, :k] = q

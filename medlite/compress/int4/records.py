@@ -134,7 +134,7 @@ def record_from_module(name: str, module, symmetric: bool, k: Optional[int] = No
         g_idx = g_idx.detach().to(torch.int32).clone()
     offset = 1 << (bits - 1)
     k = q.shape[1] if k is None else int(k)
-    return QuantizedLinear(name=name, bits=bits, group_size=gs, qweight=(q + offset).to(torch.int16)[:, :k],
+    return QuantizedLinear(name=name, bits=bits, group_size=gs, qweight=q.add_(offset).to(torch.int16)[:, :k],
                            scales=scale.clone(), zero_points=(zp + offset).round().to(torch.int16),
                            symmetric=symmetric, g_idx=None if g_idx is None else g_idx[:k],
                            bias=None if module.bias is None else module.bias.detach().float().clone())

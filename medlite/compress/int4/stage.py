@@ -59,10 +59,15 @@ def packing_installer(model):
     forward dequantizes on the fly with the quantizer's numbers (the same as the fake-quant weights).
     """
     from medlite.compress.int4.swap import install_matmul_nbits
+    from medlite.compress.offload import release_memory
 
     def consume(name: str, rec) -> tuple:
         packed = pack_record(rec)
+        del rec
         install_matmul_nbits(model, name, *packed)
+        # hand the old weight back to the OS now: glibc keeps freed heap mapped, and without this the
+        # full-size build's RSS grew while the layers shrank (peak 9.1 GB in this phase, measured)
+        release_memory()
         return packed
 
     return consume
