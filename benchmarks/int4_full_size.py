@@ -7,8 +7,14 @@ Steps (each heavy one in its own process, so peak RSS is per step):
    packer's own byte formula (``medlite.compress.int4.rules.packed_bytes``) — no model needed;
 3. ``build`` — checkpoint (``medlite demo random --preset tinyllava-1.5b``) → GPTQ g128 with
    ``--samples`` calibration pairs (729 image tokens each) → fp32 export with MatMulNBits decoder;
-   time and peak RSS (goal <= 2x llm-compressor's GPTQ alone: 729 s / 4.6 GB);
-4. ``speed`` — ``medlite bench --ignore-eos --max-new-tokens 64`` on the INT4 export, the fp32 export
+   time, peak RSS per phase (``benchmarks/rss_phases.py``) and seconds of the layer-input capture, the
+   layer loop and GPTQ's per-layer quantization (goal <= 2x llm-compressor's GPTQ alone);
+4. ``gptq-alone`` — llm-compressor's own ``oneshot`` GPTQ (sequential pipeline over
+   ``LlamaDecoderLayer``) on the same checkpoint, the same ``--samples`` pairs in the same batches
+   (through HF Llava's own forward: 729 image tokens each) and the same modifiers (scheme, exact
+   language-model + lm_head targets, actorder) as the build's quantize stage; time and peak RSS in a
+   child process, so the build's ratio is measured at the same sample count;
+5. ``speed`` — ``medlite bench --ignore-eos --max-new-tokens 64`` on the INT4 export, the fp32 export
    and the checkpoint in PyTorch eager fp32, same image and prompt; decode tokens/s, TTFT, and
    bandwidth efficiency = tokens/s x decoder weight bytes ÷ measured bandwidth.
 
@@ -16,6 +22,11 @@ Usage::
 
     nice .venv/bin/python benchmarks/int4_full_size.py --work /tmp/medlite-int4 --steps bandwidth,bytes
     nice .venv/bin/python benchmarks/int4_full_size.py --work /tmp/medlite-int4 --steps build,speed --samples 16
+    # full-size runs are serialized on the shared machine (each holds 7-16 GB):
+    flock /tmp/medlite-fullsize.lock nice .venv/bin/python benchmarks/int4_full_size.py --work /tmp/medlite-int4 \
+        --steps gptq-alone --samples 8
+    flock /tmp/medlite-fullsize.lock nice .venv/bin/python benchmarks/int4_full_size.py \
+        --work /tmp/medlite-int4-build --ckpt /tmp/medlite-int4/ckpt --steps build --samples 8
     # speed only: a fast round-to-nearest export with the same MatMulNBits graph as GPTQ's
     nice .venv/bin/python benchmarks/int4_full_size.py --steps build,speed --algorithm rtn --lm-head int4 --runs 1
     nice .venv/bin/python benchmarks/int4_full_size.py --steps build,speed --algorithm rtn --lm-head int4 --runs 1 \
@@ -231,6 +242,29 @@ def _ratios(build: dict, alone: dict) -> dict:
             "goals": {"time_ratio": 2.0, "peak_rss_gb": 9.2}}
 
 
+def step_speed(a, res: dict, ckpt: Path, int4: Path, fp32: Path) -> dict:
+    """``medlite bench`` on the INT4 export, the fp32 export (made when missing) and the checkpoint."""
+    if not (fp32 / "decoder.onnx").is_file():
+        # the export prints its own progress, not JSON: run it plainly
+        subprocess.run([sys.executable, "-m", "medlite.cli", "export", "--model", str(ckpt), "--out", str(fp32),
+                        "--precision", "fp32"], cwd=ROOT, check=True)
+    speed = {"int4_ort": _bench(int4, a.runs), "fp32_ort": _bench(fp32, a.runs), "fp32_torch": _bench(ckpt, a.runs)}
+    bw = res.get("bandwidth_gbs") or bandwidth_gbs()
+    for name, folder in (("int4_ort", int4), ("fp32_ort", fp32)):
+        wbytes = sum(p.stat().st_size for p in folder.glob("decoder.onnx*"))
+        tps = speed[name].get("decode_tokens_per_s")
+        if tps:
+            speed[name]["decoder_weight_bytes"] = wbytes
+            speed[name]["bandwidth_efficiency"] = tps * wbytes / (bw * 1e9)
+    speed["int4_export"] = json.loads((int4 / "medlite_runtime.json").read_text()).get("graphs", {}).get(
+        "decoder", {}).get("quantization", {})
+    speed["ratios"] = {k: round(speed["int4_ort"]["decode_tokens_per_s"] / speed[k]["decode_tokens_per_s"], 2)
+                       for k in ("fp32_torch", "fp32_ort")
+                       if speed["int4_ort"].get("decode_tokens_per_s") and speed[k].get("decode_tokens_per_s")}
+    speed["loadavg_after"] = list(os.getloadavg())
+    return speed
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/tmp/medlite-int4")
@@ -277,25 +311,7 @@ def main() -> int:
     if "build" in res and "gptq_alone" in res:
         res["build_vs_gptq_alone"] = _ratios(res["build"], res["gptq_alone"])
     if "speed" in steps:
-        if not (fp32 / "decoder.onnx").is_file():
-            # the export prints its own progress, not JSON: run it plainly
-            subprocess.run([sys.executable, "-m", "medlite.cli", "export", "--model", str(ckpt), "--out", str(fp32),
-                            "--precision", "fp32"], cwd=ROOT, check=True)
-        speed = {"int4_ort": _bench(int4, a.runs), "fp32_ort": _bench(fp32, a.runs), "fp32_torch": _bench(ckpt, a.runs)}
-        bw = res.get("bandwidth_gbs") or bandwidth_gbs()
-        for name, folder in (("int4_ort", int4), ("fp32_ort", fp32)):
-            wbytes = sum(p.stat().st_size for p in folder.glob("decoder.onnx*"))
-            tps = speed[name].get("decode_tokens_per_s")
-            if tps:
-                speed[name]["decoder_weight_bytes"] = wbytes
-                speed[name]["bandwidth_efficiency"] = tps * wbytes / (bw * 1e9)
-        speed["int4_export"] = json.loads((int4 / "medlite_runtime.json").read_text()).get("graphs", {}).get(
-            "decoder", {}).get("quantization", {})
-        speed["ratios"] = {k: round(speed["int4_ort"]["decode_tokens_per_s"] / speed[k]["decode_tokens_per_s"], 2)
-                           for k in ("fp32_torch", "fp32_ort")
-                           if speed["int4_ort"].get("decode_tokens_per_s") and speed[k].get("decode_tokens_per_s")}
-        speed["loadavg_after"] = list(os.getloadavg())
-        res[a.speed_key] = speed
+        res[a.speed_key] = step_speed(a, res, ckpt, int4, fp32)
     RESULT.parent.mkdir(parents=True, exist_ok=True)
     RESULT.write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
     print(json.dumps(res, indent=2, sort_keys=True))
