@@ -211,8 +211,11 @@ def float_weights_to_fp16(proto: onnx.ModelProto, data_file: Path, *, keep: Iter
     """
     from medlite.export.files import tensor_array
 
-    keep = set(keep)
     g = proto.graph
+    # Q/DQ scales and zero points must stay constant initializers (TensorRT 8.5); per-channel scales
+    # of a wide layer (full size: 5632 gate/up channels) are otherwise big enough to be converted
+    keep = set(keep) | {name for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                        for name in list(n.input)[1:]}
     casts, saved, offset = [], 0, 0
     with open(data_file, "wb") as f:
         for t in g.initializer:
