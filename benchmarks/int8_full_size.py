@@ -122,14 +122,18 @@ import medlite.export.api as E
 rss.wrap(E, "_export_one", lambda name, *a, **k: f"export {name}")
 t2 = time.perf_counter()
 shutil.rmtree(work / "out", ignore_errors=True)
-exp = E.export_onnx(loaded, work / "out", ctx=ctx, precision="fp16", plan=state.export_plan, pass_state=state)
+files, export_error = {}, None
+try:
+    exp = E.export_onnx(loaded, work / "out", ctx=ctx, precision="fp16", plan=state.export_plan, pass_state=state)
+    files = {g: sum(v["bytes"] for k, v in exp.files.items() if k.split(".")[0] == g) for g in ("vision", "decoder", "embed")}
+except Exception as e:   # still report the memory and time measured up to here
+    export_error = f"{type(e).__name__}: {str(e)[:600]}"
 t["export"] = time.perf_counter() - t2
-files = {g: sum(v["bytes"] for k, v in exp.files.items() if k.split(".")[0] == g) for g in ("vision", "decoder", "embed")}
 rss.__exit__()
 print(json.dumps({"seconds": {k: round(v, 1) for k, v in t.items()}, "total_s": round(time.perf_counter() - t0, 1),
                   "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                   "file_bytes": files, "stage_bytes_before": res.bytes_before, "stage_bytes_after": res.bytes_after,
-                  "summary": res.summary, "sensitivity": sens, "samples": samples,
+                  "summary": res.summary, "sensitivity": sens, "samples": samples, "export_error": export_error,
                   "stage_phases_s": dict(state.timings), "peak_rss_gb_by_phase": rss.to_dict()}))
 """
 
