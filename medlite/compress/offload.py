@@ -54,14 +54,10 @@ def idle_vision_modules(model) -> list:
 def modules_idle_for(model, graph: str) -> list:
     """The modules tracing ``graph`` ("vision", "embed" or "decoder") never runs (a tied lm_head /
     embedding table is never listed for a graph that uses either)."""
-    lm = model.model.language_model
-    emb = lm.get_input_embeddings()
     if graph == "decoder":
         return idle_vision_modules(model)
-    mods = [lm.layers, lm.norm]
-    head = getattr(model, "lm_head", None)
-    if head is not None and head.weight is not emb.weight:
-        mods.append(head)
+    mods = idle_decoder_modules(model)
+    emb = model.model.language_model.get_input_embeddings()
     return idle_vision_modules(model) + mods if graph == "embed" else mods + [emb]
 
 

@@ -30,7 +30,7 @@ from typing import Callable, Optional
 
 import torch
 
-from medlite.compress.offload import release_memory, weights_on_disk
+from medlite.compress.offload import idle_vision_modules, release_memory, weights_on_disk
 from medlite.compress.int4.records import (PaddedLinear, QuantizedLinear, language_linear_names, padded_layers,
                                            record_from_module, strip_quantization, untie_lm_head)
 
@@ -203,8 +203,7 @@ def _idle_during_layers(model) -> list:
     """What the layer-by-layer loop never runs once the first layer's inputs are captured: the vision
     tower, the projector and the token embeddings (1.9 GB fp32 at full size, parked on disk meanwhile;
     a table tied to ``lm_head`` is kept)."""
-    inner = model.model
-    return [inner.vision_tower, inner.multi_modal_projector, inner.language_model.get_input_embeddings()]
+    return idle_vision_modules(model) + [model.model.language_model.get_input_embeddings()]
 
 
 def quantize_language_model(model, loop, opts: LlmcOptions, *, ctx=None, on_quantized=None,
