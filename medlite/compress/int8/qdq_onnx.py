@@ -191,14 +191,40 @@ def quantize_graph(model_path: Path, out_path: Path, cache_path: Path, nodes: Se
     return out_path
 
 
+def _attribute_tensors(graph: onnx.GraphProto):
+    """Tensors held in node attributes (``Constant`` values), subgraphs included."""
+    for node in graph.node:
+        for a in node.attribute:
+            if a.HasField("t"):
+                yield a.t
+            yield from a.tensors
+            if a.HasField("g"):
+                yield from _attribute_tensors(a.g)
+            for sub in a.graphs:
+                yield from _attribute_tensors(sub)
+
+
 def load_staged(path: Path) -> onnx.ModelProto:
-    """Load a graph without its weights; external locations become absolute (``files.is_staged``)."""
+    """Load a graph without its weights; external locations become absolute (``files.is_staged``).
+
+    Tensors in node attributes are read back into the graph: ``quantize_static`` saves with
+    ``convert_attribute=True``, so a ``Constant`` over 1 KB (full size: the SigLIP position
+    embedding's folded table, 3.4 MB) lands in ``q.onnx.data`` too, and the export writer stages
+    initializers only — left external, the shipped vision.onnx pointed at a file it does not carry.
+    """
+    from onnx.external_data_helper import load_external_data_for_tensor
+
     proto = onnx.load(str(path), load_external_data=False)
     for t in proto.graph.initializer:
         if t.data_location == TensorProto.EXTERNAL:
             for e in t.external_data:
                 if e.key == "location" and not Path(e.value).is_absolute():
                     e.value = str((path.parent / e.value).resolve())
+    for t in _attribute_tensors(proto.graph):
+        if t.data_location == TensorProto.EXTERNAL:
+            load_external_data_for_tensor(t, str(path.parent))
+            t.data_location = TensorProto.DEFAULT
+            del t.external_data[:]
     return proto
 
 
