@@ -120,6 +120,9 @@ t["smooth+calibrate+quantize"] = time.perf_counter() - t1
 # the product's export (what `medlite build` runs): every graph traced again with the plan's Q/DQ pass
 import medlite.export.api as E
 rss.wrap(E, "_export_one", lambda name, *a, **k: f"export {name}")
+for attr in ("_trace", "write_onnx", "_check_graph"):   # where inside one graph's export the peak is
+    rss.wrap(E, attr)
+rss.wrap(Q, "save_for_ort")
 t2 = time.perf_counter()
 shutil.rmtree(work / "out", ignore_errors=True)
 files, export_error = {}, None

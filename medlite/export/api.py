@@ -13,7 +13,7 @@ from medlite.errors import ExportError
 from medlite.export.files import (EMBED_TABLE_FILE, EMBED_TABLE_NAME, check_onnx_file,
                                   tie_lm_head_to_table, write_onnx)
 from medlite.export.graph_passes import op_counts
-from medlite.compress.offload import idle_vision_modules, release_memory, weights_on_disk
+from medlite.compress.offload import modules_idle_for, release_memory, weights_on_disk
 from medlite.export.graphs import (decoder_onnx_from_model, embed_onnx_from_model, text_dims,
                                    vision_onnx_from_model)
 from medlite.build.contract import TENSORRT, ExportPlan, PassContext
@@ -80,7 +80,12 @@ def _trace(name: str, model, loaded, gp, common: dict, tied: bool, table, swaps)
     """Trace one graph with the plan's module swaps applied; returns ``(proto, shared initializer names)``."""
     vcfg = model.config.vision_config
     shared: list[str] = []
-    with swaps:
+    # the modules this graph never runs are parked, so the exporter's copy of what it does run does
+    # not stack on them (full-size export peaks, benchmarks/int8_full_size.py: the fp32 decoder,
+    # 4.4 GB, during the vision trace; the vision tower during the decoder's). The embed graph's copy
+    # is only its table: parking the rest for it would write gigabytes to disk for nothing.
+    idle = modules_idle_for(model, name) if name != "embed" else []
+    with swaps, weights_on_disk(idle, folder=common.get("tmp_root")):
         if name == "vision":
             proto = vision_onnx_from_model(model, image_size=int(vcfg.image_size), **common)
         elif name == "embed":
@@ -88,15 +93,12 @@ def _trace(name: str, model, loaded, gp, common: dict, tied: bool, table, swaps)
             _rename_table(proto)
             shared = [EMBED_TABLE_NAME]
         else:
-            # the vision tower is idle here: park it so the exporter's copy of the decoder does not
-            # stack on it (full-size export peak, benchmarks/int8_full_size.py)
-            with weights_on_disk(idle_vision_modules(model), folder=common.get("tmp_root")):
-                proto = decoder_onnx_from_model(model, **common)
-            if tied:
-                if not tie_lm_head_to_table(proto, table):
-                    raise ExportError("decoder.onnx: lm_head is tied to the embeddings but its weight was "
-                                      "not found in the traced graph")
-                shared = [EMBED_TABLE_NAME]
+            proto = decoder_onnx_from_model(model, **common)
+    if name == "decoder" and tied:
+        if not tie_lm_head_to_table(proto, table):
+            raise ExportError("decoder.onnx: lm_head is tied to the embeddings but its weight was "
+                              "not found in the traced graph")
+        shared = [EMBED_TABLE_NAME]
     return proto, shared
 
 

@@ -113,3 +113,33 @@ def test_export_restores_attention_and_layer_norms(tiny, exported):
     assert cfg.vision_config._attn_implementation != "medlite_fp32_softmax"
     lns = [m for m in tiny.model.modules() if isinstance(m, torch.nn.LayerNorm)]
     assert len(lns) >= 4
+
+
+def test_fp32_export_parks_what_each_trace_never_runs(tiny, ctx, tmp_path, monkeypatch):
+    """An fp32 export traces the caller's model itself: while the vision graph is traced the decoder's
+    weights are parked on disk (empty), while the decoder is traced the tower's; after the export every
+    weight is back bit-exactly and the graphs equal an export without parking (same bytes)."""
+    import medlite.export.api as api
+
+    before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    seen = {}
+
+    def spy(fn, graph):
+        def wrapped(model, *a, **k):
+            seen[graph] = {n: p.numel() for n, p in model.named_parameters()}
+            return fn(model, *a, **k)
+        return wrapped
+
+    monkeypatch.setattr(api, "vision_onnx_from_model", spy(api.vision_onnx_from_model, "vision"))
+    monkeypatch.setattr(api, "decoder_onnx_from_model", spy(api.decoder_onnx_from_model, "decoder"))
+    res = api.export_onnx(tiny, tmp_path / "parked", ctx=ctx)
+    assert any("language_model.layers" in n for n in seen["vision"])
+    for n, numel in seen["vision"].items():
+        assert (numel == 0) == ("language_model" in n or "lm_head" in n), n
+    for n, numel in seen["decoder"].items():
+        assert (numel == 0) == ("vision_tower" in n or "multi_modal_projector" in n), n
+    after = tiny.model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    monkeypatch.setattr(api, "modules_idle_for", lambda model, graph: [])
+    ref = api.export_onnx(tiny, tmp_path / "unparked", ctx=ctx)
+    assert {k: v["sha256"] for k, v in res.files.items()} == {k: v["sha256"] for k, v in ref.files.items()}
