@@ -20,25 +20,9 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from medlite.calibration.forward import distinct_images
+
 PREFILL_PAST_SLOTS = 1   # medlite_runtime.json kv_cache.prefill_past_slots (export/runtime_config.py)
-
-
-def distinct_images(samples: Sequence) -> list:
-    """One sample per distinct image (first occurrence), in order.
-
-    Keyed by :func:`medlite.calibration.forward.image_key` (the file, or the rendering function), not
-    ``image_id``: rendered views of one source image share its id while their pixels differ, and
-    keying on the id calibrated the demo model's vision graph on 8 images instead of its 120 views.
-    """
-    from medlite.calibration.forward import image_key
-
-    seen, out = set(), []
-    for s in samples:
-        key = image_key(s)
-        if key not in seen:
-            seen.add(key)
-            out.append(s)
-    return out
 
 
 def vision_feeds(loop, *, batch_size: int = 8) -> Iterator[dict]:

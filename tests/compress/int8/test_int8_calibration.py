@@ -124,6 +124,33 @@ def test_vision_smoothquant_is_exact_and_leaves_the_decoder(tiny_path, cctx, cal
     assert float((got - ref).abs().max() / ref.abs().max()) < 1e-4
 
 
+def test_vision_smoothquant_encodes_each_image_once_without_the_language_model(tiny_path, cctx, calib):
+    """Vision smoothing runs only the tower (each distinct image once) and smooths exactly as driving
+    the same hooks through the whole-VLM loop does (absmax: repeats and the decoder change nothing)."""
+    from medlite.calibration.forward import ForwardLoop, distinct_images
+    from medlite.checkpoints import load_model
+    from medlite.compress.int8 import smoothquant as SQ
+
+    samples = list(calib.samples[:10]) + list(calib.samples[:6])      # questions sharing an image
+    assert len(distinct_images(samples)) == 10
+    a, b, orig = (load_model(tiny_path, ctx=cctx) for _ in range(3))
+    calls = []
+    a.model.model.language_model.register_forward_pre_hook(lambda m, args, kw: calls.append(1), with_kwargs=True)
+    res = SQ.smooth_vision_tower(a.model, ForwardLoop(a, samples, batch_size=5), alpha=0.5)
+    assert not calls and res.samples == len(distinct_images(samples)) and res.to_dict()["samples_are"] == "images"
+
+    class WholeVlm(ForwardLoop):        # the old driver: every pair through the whole VLM
+        def run_images(self, model=None):
+            return self.run(model, lm_head=False)
+
+    SQ.smooth_vision_tower(b.model, WholeVlm(b, samples, batch_size=8), alpha=0.5)
+    va, vb = a.model.model.vision_tower.state_dict(), b.model.model.vision_tower.state_dict()
+    for k in va:
+        torch.testing.assert_close(va[k], vb[k], rtol=1e-5, atol=1e-7, msg=k)
+    vo = orig.model.model.vision_tower.state_dict()
+    assert any(not torch.equal(va[k], vo[k]) for k in va if k.endswith("layer_norm1.weight"))   # it did smooth
+
+
 def test_tie_kl_is_the_kl_a_tie_sees_and_ignores_confidence():
     """tie_kl = mean δ²/8 of the top-2 gap shift: on an exact two-way tie it equals the true KL (to
     second order); on a confident answer with the same shift the plain KL is far smaller, tie_kl not."""
