@@ -35,6 +35,10 @@ class QuantizeOptions(Closed):
     vision_smoothquant_alpha: Optional[float] = Field(
         None, ge=0.0, le=1.0, description="vision int8: SmoothQuant on the SigLIP layers (LayerNorm -> q/k/v, fc1); "
         "null = none")
+    smooth_extra: list[Literal["attn_out", "mlp_down"]] = Field(
+        default_factory=list, description="int8: also smooth the Q/DQ inputs without a norm in front, exactly, at "
+        "each graph's SmoothQuant alpha: attn_out = v_proj -> o_proj (decoder, GQA-aware; SigLIP v_proj -> out_proj), "
+        "mlp_down = up_proj -> down_proj (decoder); [] = none")
     sensitivity: bool = Field(True, description="keep the most sensitive layers in fp16 until the gates hold")
     max_fp16_layers: int = Field(8, ge=0, description="cap on layers kept in fp16 by the sensitivity pass")
     sensitivity_max_kl: float = Field(
@@ -59,6 +63,14 @@ class QuantizeOptions(Closed):
         "weights (exact W4A16); int8 also quantizes each activation block to int8 at run time (accuracy_level 4, "
         "onnxruntime-genai's CPU default) — faster on CPUs, a numerics change the gates must hold")
     samples: Optional[int] = Field(None, ge=1, description="cap on calibration samples used (default: all)")
+
+    @field_validator("smooth_extra")
+    @classmethod
+    def _smooth_extra(cls, v: list[str]) -> list[str]:
+        dup = sorted({m for m in v if v.count(m) > 1})
+        if dup:
+            raise ValueError(f"lists {', '.join(dup)} more than once")
+        return [m for m in ("attn_out", "mlp_down") if m in v]   # canonical order: same recipe → same hash
 
     def active(self) -> dict:
         """The components this stage changes, with their precision."""

@@ -3,7 +3,8 @@
 For ``vision: int8`` and/or ``llm: w8a8``:
 
 1. ``llm: w8a8`` with ``smoothquant_alpha``: SmoothQuant on the working model's language model
-   (:mod:`.smoothquant`), calibrated through the framework's forward loop (real image tokens).
+   (:mod:`.smoothquant`), calibrated through the framework's forward loop (real image tokens); with
+   ``smooth_extra`` also the inputs without a norm in front (o_proj, down_proj; :mod:`.smooth_extra`).
 2. Per graph (vision, decoder): trace the fp32 graph exactly as the export does, calibrate static
    activation ranges on the calibration set (:mod:`.calib_feeds`, :mod:`.qdq_onnx`), and — with
    ``sensitivity`` — choose the layers kept in fp16 on the calibration set's held-out slice
@@ -257,6 +258,8 @@ def _record(choice: GraphChoice, opts, smooth) -> dict:
     if choice.graph == "decoder":
         rec["lm_head"] = opts.lm_head
         rec["smoothquant_alpha"] = smooth.alpha if smooth is not None else None
+    if opts.smooth_extra:
+        rec["smooth_extra"] = list(opts.smooth_extra)
     return rec
 
 
@@ -288,6 +291,41 @@ def _report(choices: dict, smooth, calib_info: dict, opts) -> list[str]:
     return lines
 
 
+def _smooth(state, opts, graphs: list, samples: list):
+    """SmoothQuant before tracing: the norms in front of q/k/v and gate/up (llm-compressor,
+    :mod:`.smoothquant`), then with ``smooth_extra`` the no-norm inputs of o_proj / down_proj
+    (:mod:`.smooth_extra`, statistics observed alongside the first, then folded after it, so the norm
+    smoothing is the same with or without). Returns (decoder, vision, extra) results or None."""
+    ctx, model = state.ctx, state.model.model
+    out = {"decoder": None, "vision": None}
+
+    def norms():
+        if "vision" in graphs and opts.vision_smoothquant_alpha is not None:
+            from medlite.compress.int8.smoothquant import smooth_vision_tower
+
+            out["vision"] = smooth_vision_tower(model, state.forward_loop(samples=samples, description="smoothquant vision"),
+                                                alpha=opts.vision_smoothquant_alpha, ctx=ctx)
+        if "decoder" in graphs and opts.smoothquant_alpha is not None:
+            from medlite.compress.int8.smoothquant import smooth_language_model
+
+            out["decoder"] = smooth_language_model(model, state.forward_loop(samples=samples, description="smoothquant"),
+                                                   alpha=opts.smoothquant_alpha, ctx=ctx)
+
+    if not opts.smooth_extra:
+        norms()
+        return out["decoder"], out["vision"], None
+    from medlite.compress.int8.smooth_extra import smooth_extra
+
+    # the extra smoothing runs at each graph's SmoothQuant alpha; a graph without SmoothQuant gets none
+    alphas = {"decoder": opts.smoothquant_alpha, "vision": opts.vision_smoothquant_alpha}
+    alphas = {g: a for g, a in alphas.items() if g in graphs}
+    for g in [g for g, a in alphas.items() if a is None]:
+        ctx.warn(f"int8 {g}: smooth_extra {opts.smooth_extra} skipped: the graph's SmoothQuant alpha is null")
+    extra = smooth_extra(model, state.forward_loop(samples=samples, description="smoothquant (no-norm inputs)"),
+                         mappings=opts.smooth_extra, alphas=alphas, alongside=norms, ctx=ctx)
+    return out["decoder"], out["vision"], extra
+
+
 def apply_int8(state, index: int, opts) -> StageResult:
     """INT8 for TensorRT 8.5 on the working model and the export plan (see the module docstring)."""
     ctx = state.ctx
@@ -302,17 +340,7 @@ def apply_int8(state, index: int, opts) -> StageResult:
         ctx.warn("int8: the working model is not fp32; converting it to fp32 for calibration and the Q/DQ graphs")
         state.model.model.float()
     samples = _subset(list(state.calibration.samples) if state.calibration else [], opts.samples)
-    smooth = vsmooth = None
-    if "vision" in graphs and opts.vision_smoothquant_alpha is not None:
-        from medlite.compress.int8.smoothquant import smooth_vision_tower
-
-        vsmooth = smooth_vision_tower(state.model.model, state.forward_loop(samples=samples, description="smoothquant vision"),
-                                      alpha=opts.vision_smoothquant_alpha, ctx=ctx)
-    if "decoder" in graphs and opts.smoothquant_alpha is not None:
-        from medlite.compress.int8.smoothquant import smooth_language_model
-
-        smooth = smooth_language_model(state.model.model, state.forward_loop(samples=samples, description="smoothquant"),
-                                       alpha=opts.smoothquant_alpha, ctx=ctx)
+    smooth, vsmooth, extra = _smooth(state, opts, graphs, samples)
     state.timings[f"quantize[{index}] int8 smoothquant"] = round(time.perf_counter() - t0, 2)
     choices: dict = {}
     tmp = Path(tempfile.mkdtemp(prefix="medlite-int8-", dir=ctx.cache_dir if ctx.cache_dir.is_dir() else None))
@@ -336,6 +364,7 @@ def apply_int8(state, index: int, opts) -> StageResult:
     manifest = {"method": SCHEME, "activation_calibration": opts.activation_calibration,
                 "smoothquant": smooth.to_dict() if smooth else None,
                 "smoothquant_vision": vsmooth.to_dict() if vsmooth else None, "calibration": calib_info,
+                **({"smoothquant_no_norm_inputs": extra.to_dict()} if extra else {}),
                 "components": {g: _component(c) for g, c in choices.items()}}
     before = sum(c.bytes_fp16 for c in choices.values())
     after = sum(c.bytes_int8 for c in choices.values())
