@@ -74,11 +74,14 @@ class ForwardLoop:
     """
 
     def __init__(self, loaded, samples: Sequence, *, batch_size: int = 8, ctx=None,
-                 description: str = "calibration forward"):
+                 description: str = "calibration forward", equal_length: bool = False):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.loaded, self.samples, self.batch_size = loaded, list(samples), int(batch_size)
         self.ctx, self.description = ctx, description
+        # batches of one prompt length (no padding): observers then see only positions the
+        # deployed model computes for real, at the cost of smaller batches
+        self.equal_length = bool(equal_length)
         self._images: dict[str, Any] = {}
 
     def __len__(self) -> int:
@@ -113,10 +116,21 @@ class ForwardLoop:
             embeds, where = splice_image_embeds(model, ids, img, self.loaded.image_token_id)
         return VlmInputs(list(chunk), pixels, ids, mask, pos, img, embeds, where)
 
+    def chunks(self) -> list[list]:
+        """The samples as batches: in order, ``batch_size`` at a time, or with ``equal_length`` grouped
+        by prompt length (shortest first, at most ``batch_size`` each) so no row is padded."""
+        if not self.equal_length:
+            return [self.samples[i:i + self.batch_size] for i in range(0, len(self.samples), self.batch_size)]
+        by_len: dict[int, list] = {}
+        for s in self.samples:
+            by_len.setdefault(len(prompt_ids(self.loaded, s.question)), []).append(s)
+        return [group[i:i + self.batch_size] for n in sorted(by_len)
+                for group in [by_len[n]] for i in range(0, len(group), self.batch_size)]
+
     def batches(self, model=None) -> Iterator[VlmInputs]:
-        """Every sample once, in order, ``batch_size`` rows at a time."""
-        for i in range(0, len(self.samples), self.batch_size):
-            yield self.batch(self.samples[i:i + self.batch_size], model)
+        """Every sample once, as :meth:`chunks` groups them."""
+        for chunk in self.chunks():
+            yield self.batch(chunk, model)
 
     def run_images(self, model=None) -> int:
         """Encode each distinct image of the samples once (vision tower + projector), no language model.

@@ -38,16 +38,9 @@ def vision_feeds(loop, *, batch_size: int = 8) -> Iterator[dict]:
 
 def equal_length_groups(loop, *, batch_size: int) -> list[list]:
     """Samples grouped by prompt length (no padding inside a group), at most ``batch_size`` each."""
-    from medlite.checkpoints.generate import prompt_ids
+    from medlite.calibration.forward import ForwardLoop
 
-    by_len: dict[int, list] = {}
-    for s in loop.samples:
-        by_len.setdefault(len(prompt_ids(loop.loaded, s.question)), []).append(s)
-    out = []
-    for n in sorted(by_len):
-        group = by_len[n]
-        out += [group[i:i + batch_size] for i in range(0, len(group), batch_size)]
-    return out
+    return ForwardLoop(loop.loaded, loop.samples, batch_size=batch_size, equal_length=True).chunks()
 
 
 def prefill_feed(embeds: np.ndarray, *, num_layers: int, num_kv_heads: int, head_dim: int,

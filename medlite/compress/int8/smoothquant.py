@@ -46,6 +46,8 @@ class SmoothResult:
     unit: str = "pairs"
     max_scale: float = 0.0
     min_scale: float = 0.0
+    factors: dict = field(default_factory=dict, repr=False)     # smooth layer → per-channel s (torch)
+    balance: dict = field(default_factory=dict, repr=False)     # smooth layer → balance module names
 
     def to_dict(self) -> dict:
         return {"alpha": self.alpha, "library": "llmcompressor.modifiers.transform.SmoothQuantModifier",
@@ -53,33 +55,46 @@ class SmoothResult:
                 "scale_range": [round(self.min_scale, 6), round(self.max_scale, 6)]}
 
 
-def _norm_weights(model, names) -> dict:
+def _norm_weights(model, names, attr: str = "weight") -> dict:
     mods = dict(model.named_modules())
-    return {n: mods[n].weight.detach().clone() for n in names}
+    out = {}
+    for n in names:
+        t = getattr(mods[n], attr, None)
+        out[n] = t.detach().clone() if t is not None else None
+    return out
 
 
-def smooth_language_model(model, loop, *, alpha: float, ctx=None) -> SmoothResult:
+def smooth_language_model(model, loop, *, alpha: float, ctx=None, observer=None) -> SmoothResult:
     """Apply SmoothQuant (migration strength ``alpha``) to ``model``'s language model in place.
 
     ``model`` is the HF ``LlavaForConditionalGeneration``; ``loop`` a
     :class:`~medlite.calibration.forward.ForwardLoop` whose batches carry real image tokens.
     """
-    return smooth_model(model, loop, alpha=alpha, mappings=MAPPINGS, what="decoder", ctx=ctx)
+    return smooth_model(model, loop, alpha=alpha, mappings=MAPPINGS, what="decoder", ctx=ctx, observer=observer)
 
 
-def smooth_vision_tower(model, loop, *, alpha: float, ctx=None) -> SmoothResult:
+def smooth_vision_tower(model, loop, *, alpha: float, ctx=None, observer=None) -> SmoothResult:
     """SmoothQuant on the SigLIP encoder layers (LayerNorm → q/k/v, LayerNorm → fc1), in place.
 
     The hooks see the calibration images encoded by the working model, each distinct image once and
     without the language model (:meth:`~medlite.calibration.forward.ForwardLoop.run_images`: the
     per-channel absmax SmoothQuant takes is the same, at full size ~4x less compute per pair).
     """
-    return smooth_model(model, loop, alpha=alpha, mappings=VISION_MAPPINGS, what="vision", ctx=ctx)
+    return smooth_model(model, loop, alpha=alpha, mappings=VISION_MAPPINGS, what="vision", ctx=ctx, observer=observer)
 
 
-def smooth_model(model, loop, *, alpha: float, mappings, what: str, ctx=None) -> SmoothResult:
-    """SmoothQuant with ``mappings`` ([balance layers], smooth layer) driven by ``loop``'s forwards."""
+def smooth_model(model, loop, *, alpha: float, mappings, what: str, ctx=None, observer=None) -> SmoothResult:
+    """SmoothQuant with ``mappings`` ([balance layers], smooth layer) driven by ``loop``'s forwards.
+
+    ``observer`` (a context manager, e.g. :class:`~medlite.compress.int8.forward_ranges.AbsMaxObserver`)
+    is active during that same pass, so other statistics need no pass of their own; the result's
+    ``factors`` and ``balance`` say how each balance module's input was scaled.
+    """
+    import contextlib
+
     import torch
+
+    from medlite.compress.int8.forward_ranges import smoothing_factors
     from llmcompressor.core import Event, EventType, State
     from llmcompressor.core.state import Data
     from llmcompressor.modifiers.transform import SmoothQuantModifier
@@ -91,10 +106,13 @@ def smooth_model(model, loop, *, alpha: float, mappings, what: str, ctx=None) ->
     names = [m.smooth_name for m in mod.resolved_mappings_]
     if not names:
         raise ValueError(f"SmoothQuant matched no {what} layer norm")
-    before = _norm_weights(model, names)
+    to_name = {id(m): k for k, m in model.named_modules()}
+    balance = {m.smooth_name: [to_name[id(b)] for b in m.balance_layers] for m in mod.resolved_mappings_}
+    before, bias_before = _norm_weights(model, names), _norm_weights(model, names, "bias")
     mod.update_event(state, Event(type_=EventType.CALIBRATION_START))
     try:
-        n = loop.run_images(model) if what == "vision" else loop.run(model, lm_head=False)
+        with observer if observer is not None else contextlib.nullcontext():
+            n = loop.run_images(model) if what == "vision" else loop.run(model, lm_head=_runs_head(observer))
         mod.update_event(state, Event(type_=EventType.SEQUENTIAL_EPOCH_END))
     finally:
         mod.update_event(state, Event(type_=EventType.CALIBRATION_END))
@@ -103,12 +121,19 @@ def smooth_model(model, loop, *, alpha: float, mappings, what: str, ctx=None) ->
     # the migration factor of each channel is the ratio of the norm's weights before/after
     ratios = torch.cat([(before[k] / after[k]).flatten() for k in names if before[k].shape == after[k].shape])
     res = SmoothResult(alpha=float(alpha), smoothed=names, samples=n, unit="images" if what == "vision" else "pairs",
-                       max_scale=float(ratios.max()), min_scale=float(ratios.min()))
+                       max_scale=float(ratios.max()), min_scale=float(ratios.min()),
+                       factors=smoothing_factors(before, after, bias_before, _norm_weights(model, names, "bias")),
+                       balance=balance)
     if ctx is not None:
         ctx.info(f"SmoothQuant ({what}) alpha {alpha}: {len(names)} norms smoothed on {n} calibration "
                  f"{'images' if what == 'vision' else 'pairs'} "
                  f"(channel factors {res.min_scale:.3g}..{res.max_scale:.3g})")
     return res
+
+
+def _runs_head(observer) -> bool:
+    """Whether the pass must run lm_head (only when an observer watches its input)."""
+    return observer is not None and any(n == "lm_head" or n.endswith(".lm_head") for n in getattr(observer, "names", ()))
 
 
 __all__ = ["MAPPINGS", "SmoothResult", "VISION_MAPPINGS", "smooth_language_model", "smooth_model",
