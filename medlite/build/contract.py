@@ -125,7 +125,8 @@ class BuildState:
     rows: list = field(default_factory=list)       # per-question check rows
     timings: dict = field(default_factory=dict)    # phase -> seconds (report only, not hashed)
 
-    def forward_loop(self, *, samples=None, batch_size: int = 8, description: str = "calibration forward"):
+    def forward_loop(self, *, samples=None, batch_size: int = 8, description: str = "calibration forward",
+                     equal_length: bool = False):
         """The framework's forward loop over the calibration samples (or ``samples``) for the working model."""
         from medlite.calibration.forward import ForwardLoop
 
@@ -135,7 +136,8 @@ class BuildState:
 
                 raise DataError("this stage needs the recipe's calibration section (medical image + question pairs)")
             samples = self.calibration.samples
-        return ForwardLoop(self.model, samples, batch_size=batch_size, ctx=self.ctx, description=description)
+        return ForwardLoop(self.model, samples, batch_size=batch_size, ctx=self.ctx, description=description,
+                           equal_length=equal_length)
 
     def source_model(self):
         """The untouched source ``LoadedModel`` (e.g. a distillation teacher)."""

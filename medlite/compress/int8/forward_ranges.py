@@ -162,5 +162,43 @@ def save_ranges(ranges: dict, path) -> None:
     save_tensors_data(TensorsData(CalibrationMethod.MinMax, data), path)
 
 
-__all__ = ["AbsMaxObserver", "GRAPH_ROOTS", "ROOTS", "module_of_node", "quantizable_modules", "ranges_for_graph", "save_ranges", "smoothed_absmax",
+class ForwardRanges:
+    """The quantize stage's min-max ranges per graph, observed during the SmoothQuant passes.
+
+    ``observer(graph)`` goes to that graph's SmoothQuant call; a graph without SmoothQuant gets an
+    observation-only pass (:meth:`observe_only`); :meth:`smoothed` divides by the factors the
+    smoothing applied; :meth:`write` turns them into the traced graph's ranges cache.
+    """
+
+    def __init__(self, model, graphs: Iterable[str]):
+        self.observers = {g: AbsMaxObserver(model, quantizable_modules(model, g)) for g in graphs}
+        self.absmax: dict = {}
+        self.samples: dict = {}
+
+    def observer(self, graph: str) -> Optional[AbsMaxObserver]:
+        return self.observers.get(graph)
+
+    def smoothed(self, graph: str, smooth, samples: int) -> None:
+        """Record ``graph``'s observation, divided by ``smooth``'s factors (None: not smoothed)."""
+        obs = self.observers[graph]
+        self.absmax[graph] = (smoothed_absmax(obs.absmax, smooth.factors, smooth.balance)
+                              if smooth is not None else dict(obs.absmax))
+        self.samples[graph] = samples
+
+    def observe_only(self, graph: str, model, loop) -> None:
+        """The pass for a graph that has no SmoothQuant pass to ride along."""
+        with self.observers[graph] as obs:
+            n = loop.run_images(model) if graph == "vision" else loop.run(model, lm_head="lm_head" in obs.names)
+        self.smoothed(graph, None, n)
+
+    def write(self, graph: str, nodes: dict, path) -> list:
+        """Write ``graph``'s ranges for ``nodes`` ({node: activation tensor}) to ``path`` (ONNX Runtime's
+        cache format). Returns the nodes it has no observation for (then nothing is written)."""
+        ranges, missing = ranges_for_graph(nodes, self.absmax.get(graph, {}))
+        if not missing:
+            save_ranges(ranges, path)
+        return missing
+
+
+__all__ = ["AbsMaxObserver", "ForwardRanges", "GRAPH_ROOTS", "ROOTS", "module_of_node", "quantizable_modules", "ranges_for_graph", "save_ranges", "smoothed_absmax",
            "smoothing_factors"]

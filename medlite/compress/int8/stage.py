@@ -31,6 +31,7 @@ from onnx import TensorProto
 
 from medlite.build.contract import StageResult
 from medlite.compress.int8 import qdq_onnx as Q
+from medlite.compress.int8.smooth_pass import smooth_for_int8
 
 PASS_NAME = "int8_static_qdq"
 MAX_HELDOUT = 128    # default of QuantizeOptions.sensitivity_rows (held-out pairs of the sensitivity pass)
@@ -52,6 +53,7 @@ class GraphChoice:
     bytes_fp16: int = 0
     bytes_int8: int = 0
     feeds: int = 0
+    observed_forward: bool = False        # ranges from the SmoothQuant pass, not ORT's calibrator
 
     def nodes(self) -> list[str]:
         return [t.node for t in self.targets if t.layer not in self.kept_fp16]
@@ -162,7 +164,28 @@ def _heldout(state, graph: str, fp32: Path, heldout: list):
     return HeldOut(graph, fp32, list(_feeds(state, graph, heldout)))
 
 
-def _choose(state, graph: str, opts, samples: list, tmp: Path, n_graphs: int = 1) -> GraphChoice:
+def _calibrate(state, graph: str, opts, samples: list, choice: GraphChoice, fp32: Path, ranges: Path, tmp: Path,
+               fr=None) -> tuple[int, bool]:
+    """Write ``graph``'s static ranges to ``ranges``: from the SmoothQuant pass's observation (``fr``),
+    else ONNX Runtime's calibrator over the traced graph. Returns (feeds or pairs/images used, whether
+    the ranges are the forward observation)."""
+    names = {t.node for t in choice.targets}
+    nodes = {n.name: n.input[0] for n in onnx.load(str(fp32), load_external_data=False).graph.node if n.name in names}
+    missing = fr.write(graph, nodes, ranges) if fr is not None else []
+    if fr is not None and not missing:
+        return fr.samples[graph], True
+    if missing:
+        state.ctx.warn(f"int8 {graph}: no forward observation of {missing[:3]}; ranges from ONNX Runtime's calibrator")
+    tensors = set(nodes.values())
+    image_tokens = int(getattr(state.model, "num_image_tokens", 0) or 0)
+    rows = feed_rows(fp32, tensors, image_tokens + (PROMPT_TEXT_TOKENS if graph == "decoder" else 0))
+    with _parked(state, tmp):     # the feeds need only the vision tower, projector and embeddings
+        return Q.calibrate_ranges(fp32, _feeds(state, graph, samples, batch_size=rows), ranges,
+                                  method=opts.activation_calibration, percentile=opts.percentile,
+                                  work_dir=tmp / graph, tensors=tensors), False
+
+
+def _choose(state, graph: str, opts, samples: list, tmp: Path, n_graphs: int = 1, fr=None) -> GraphChoice:
     """Trace, calibrate and (optionally) run the sensitivity fallback for one graph."""
     from medlite.compress.int8.sensitivity import choose_fallback
 
@@ -173,13 +196,7 @@ def _choose(state, graph: str, opts, samples: list, tmp: Path, n_graphs: int = 1
     fp32 = Q.save_for_ort(proto, tmp / graph / "fp32.onnx")
     del proto
     ranges = tmp / graph / "ranges.json"
-    tensors = Q.activation_inputs(fp32, [t.node for t in choice.targets])
-    image_tokens = int(getattr(state.model, "num_image_tokens", 0) or 0)
-    rows = feed_rows(fp32, tensors, image_tokens + (PROMPT_TEXT_TOKENS if graph == "decoder" else 0))
-    with _parked(state, tmp):     # the feeds need only the vision tower, projector and embeddings
-        choice.feeds = Q.calibrate_ranges(fp32, _feeds(state, graph, samples, batch_size=rows), ranges,
-                                          method=opts.activation_calibration, percentile=opts.percentile,
-                                          work_dir=tmp / graph, tensors=tensors)
+    choice.feeds, choice.observed_forward = _calibrate(state, graph, opts, samples, choice, fp32, ranges, tmp, fr)
     choice.ranges = json.loads(ranges.read_text())
     layers = list(dict.fromkeys(t.layer for t in choice.targets))
     heldout = _subset(list(getattr(state.calibration, "heldout", []) or []), opts.sensitivity_rows)
@@ -255,6 +272,9 @@ def _record(choice: GraphChoice, opts, smooth) -> dict:
            "kept_fp16_layers": list(choice.kept_fp16)}
     if opts.activation_calibration == "percentile":
         rec["percentile"] = opts.percentile
+    if opts.activation_calibration == "minmax":
+        rec["minmax_ranges"] = ("observed during the SmoothQuant pass (module inputs / smoothing factors)"
+                                if choice.observed_forward else "ONNX Runtime MinMax calibrator on the traced graph")
     if choice.graph == "decoder":
         rec["lm_head"] = opts.lm_head
         rec["smoothquant_alpha"] = smooth.alpha if smooth is not None else None
@@ -291,41 +311,6 @@ def _report(choices: dict, smooth, calib_info: dict, opts) -> list[str]:
     return lines
 
 
-def _smooth(state, opts, graphs: list, samples: list):
-    """SmoothQuant before tracing: the norms in front of q/k/v and gate/up (llm-compressor,
-    :mod:`.smoothquant`), then with ``smooth_extra`` the no-norm inputs of o_proj / down_proj
-    (:mod:`.smooth_extra`, statistics observed alongside the first, then folded after it, so the norm
-    smoothing is the same with or without). Returns (decoder, vision, extra) results or None."""
-    ctx, model = state.ctx, state.model.model
-    out = {"decoder": None, "vision": None}
-
-    def norms():
-        if "vision" in graphs and opts.vision_smoothquant_alpha is not None:
-            from medlite.compress.int8.smoothquant import smooth_vision_tower
-
-            out["vision"] = smooth_vision_tower(model, state.forward_loop(samples=samples, description="smoothquant vision"),
-                                                alpha=opts.vision_smoothquant_alpha, ctx=ctx)
-        if "decoder" in graphs and opts.smoothquant_alpha is not None:
-            from medlite.compress.int8.smoothquant import smooth_language_model
-
-            out["decoder"] = smooth_language_model(model, state.forward_loop(samples=samples, description="smoothquant"),
-                                                   alpha=opts.smoothquant_alpha, ctx=ctx)
-
-    if not opts.smooth_extra:
-        norms()
-        return out["decoder"], out["vision"], None
-    from medlite.compress.int8.smooth_extra import smooth_extra
-
-    # the extra smoothing runs at each graph's SmoothQuant alpha; a graph without SmoothQuant gets none
-    alphas = {"decoder": opts.smoothquant_alpha, "vision": opts.vision_smoothquant_alpha}
-    alphas = {g: a for g, a in alphas.items() if g in graphs}
-    for g in [g for g, a in alphas.items() if a is None]:
-        ctx.warn(f"int8 {g}: smooth_extra {opts.smooth_extra} skipped: the graph's SmoothQuant alpha is null")
-    extra = smooth_extra(model, state.forward_loop(samples=samples, description="smoothquant (no-norm inputs)"),
-                         mappings=opts.smooth_extra, alphas=alphas, alongside=norms, ctx=ctx)
-    return out["decoder"], out["vision"], extra
-
-
 def apply_int8(state, index: int, opts) -> StageResult:
     """INT8 for TensorRT 8.5 on the working model and the export plan (see the module docstring)."""
     ctx = state.ctx
@@ -340,14 +325,19 @@ def apply_int8(state, index: int, opts) -> StageResult:
         ctx.warn("int8: the working model is not fp32; converting it to fp32 for calibration and the Q/DQ graphs")
         state.model.model.float()
     samples = _subset(list(state.calibration.samples) if state.calibration else [], opts.samples)
-    smooth, vsmooth, extra = _smooth(state, opts, graphs, samples)
+    fr = None
+    if opts.activation_calibration == "minmax" and opts.minmax_ranges == "forward" and not opts.smooth_extra:
+        from medlite.compress.int8.forward_ranges import ForwardRanges
+
+        fr = ForwardRanges(state.model.model, graphs)   # (smooth_extra's factors are not divided out yet)
+    smooth, vsmooth, extra = smooth_for_int8(state, opts, graphs, samples, fr)
     state.timings[f"quantize[{index}] int8 smoothquant"] = round(time.perf_counter() - t0, 2)
     choices: dict = {}
     tmp = Path(tempfile.mkdtemp(prefix="medlite-int8-", dir=ctx.cache_dir if ctx.cache_dir.is_dir() else None))
     try:
         for g in graphs:
             t1 = time.perf_counter()
-            choices[g] = _choose(state, g, opts, samples, tmp, len(graphs))
+            choices[g] = _choose(state, g, opts, samples, tmp, len(graphs), fr)
             state.timings[f"quantize[{index}] int8 {g}"] = round(time.perf_counter() - t1, 2)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

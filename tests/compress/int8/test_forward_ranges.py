@@ -120,3 +120,55 @@ def test_saved_ranges_are_onnxruntime_cache_format(tmp_path):
     td = load_tensors_data(tmp_path / "r.json")
     assert float(td["a"].range_value[1]) == 2.5 and float(td["a"].range_value[0]) == -2.5
     assert float(td["b"].range_value[1]) == 0.125
+
+
+def test_stage_forward_ranges_equal_its_graph_ranges_and_skip_the_calibrator(tiny_path, cctx, calib, monkeypatch):
+    """The quantize stage with ``minmax_ranges: forward`` writes the same ranges as with ``graph`` (ONNX
+    Runtime's calibrator on each traced graph) and never runs that calibrator. One prompt length, so
+    both modes smooth on identical batches."""
+    import dataclasses
+    from pathlib import Path
+
+    from int8_fixtures import int8_state
+    from medlite.calibration.forward import ForwardLoop
+    from medlite.checkpoints import load_model
+    from medlite.compress.int8 import stage as S
+    from medlite.recipes.options import QuantizeOptions
+
+    base = load_model(tiny_path, ctx=cctx)
+    same = max(ForwardLoop(base, calib.samples, batch_size=100, equal_length=True).chunks(), key=len)
+    assert len(same) >= 3
+    cal = dataclasses.replace(calib, samples=same, heldout=[])
+    seen, calls = {}, []
+    real_q, real_cal = S.quantized_proto, Q.calibrate_ranges
+
+    def spy_q(fp32, out, ranges, nodes, **kw):
+        seen[(mode, Path(fp32).parent.name)] = _highest(Path(ranges))
+        return real_q(fp32, out, ranges, nodes, **kw)
+
+    def spy_cal(*a, **kw):
+        calls.append(mode)
+        return real_cal(*a, **kw)
+
+    monkeypatch.setattr(S, "quantized_proto", spy_q)
+    monkeypatch.setattr(Q, "calibrate_ranges", spy_cal)
+    manifests = {}
+    for mode in ("forward", "graph"):
+        state = int8_state(cctx, load_model(tiny_path, ctx=cctx), cal)
+        opts = QuantizeOptions(vision="int8", llm="w8a8", vision_smoothquant_alpha=0.5, sensitivity=False,
+                               minmax_ranges=mode)
+        manifests[mode] = S.apply_int8(state, 0, opts).manifest
+    assert calls.count("forward") == 0 and calls.count("graph") == 2
+    for graph in ("vision", "decoder"):
+        a, b = seen[("forward", graph)], seen[("graph", graph)]
+        assert a.keys() == b.keys() and len(a) >= 4
+        for t in a:
+            assert a[t] == pytest.approx(b[t], rel=2e-5), (graph, t)
+        assert manifests["forward"]["components"][graph]["calibration_feeds"] == (len(same) if graph == "decoder" else
+                                                                                  len({id(s.image_fn) for s in same}))
+
+
+def _highest(path) -> dict:
+    data = json.loads(path.read_text())["data"]
+    val = lambda x: float(np.ravel(x["data"])[0]) if isinstance(x, dict) else float(x)   # noqa: E731
+    return {k: val(v["highest"]) for k, v in data.items()}

@@ -1,0 +1,51 @@
+"""The INT8 stage's smoothing passes: SmoothQuant on the norms (llm-compressor), the no-norm inputs
+(:mod:`.smooth_extra`), and — riding along the same forward passes — the min-max range observation
+(:mod:`.forward_ranges`)."""
+from __future__ import annotations
+
+
+def smooth_for_int8(state, opts, graphs: list, samples: list, fr=None):
+    """SmoothQuant before tracing: the norms in front of q/k/v and gate/up (llm-compressor,
+    :mod:`.smoothquant`), then with ``smooth_extra`` the no-norm inputs of o_proj / down_proj
+    (:mod:`.smooth_extra`, statistics observed alongside the first, then folded after it, so the norm
+    smoothing is the same with or without). With ``fr`` (:class:`.forward_ranges.ForwardRanges`) the same
+    passes observe the min-max ranges of every graph (a graph without SmoothQuant gets a pass of its
+    own). Returns (decoder, vision, extra) results or None."""
+    ctx, model = state.ctx, state.model.model
+    out = {"decoder": None, "vision": None}
+
+    def norms():
+        if "vision" in graphs and opts.vision_smoothquant_alpha is not None:
+            from medlite.compress.int8.smoothquant import smooth_vision_tower
+
+            out["vision"] = smooth_vision_tower(model, state.forward_loop(samples=samples, description="smoothquant vision"),
+                                                alpha=opts.vision_smoothquant_alpha, ctx=ctx, observer=fr and fr.observer("vision"))
+            if fr is not None:
+                fr.smoothed("vision", out["vision"], out["vision"].samples)
+        if "decoder" in graphs and opts.smoothquant_alpha is not None:
+            from medlite.compress.int8.smoothquant import smooth_language_model
+
+            loop = state.forward_loop(samples=samples, description="smoothquant", equal_length=fr is not None)
+            out["decoder"] = smooth_language_model(model, loop, alpha=opts.smoothquant_alpha, ctx=ctx,
+                                                   observer=fr and fr.observer("decoder"))
+            if fr is not None:
+                fr.smoothed("decoder", out["decoder"], out["decoder"].samples)
+        for g in [g for g in graphs if fr is not None and g not in fr.absmax]:   # no SmoothQuant pass to ride
+            fr.observe_only(g, model, state.forward_loop(samples=samples, description=f"int8 {g} ranges", equal_length=True))
+
+    if not opts.smooth_extra:
+        norms()
+        return out["decoder"], out["vision"], None
+    from medlite.compress.int8.smooth_extra import smooth_extra
+
+    # the extra smoothing runs at each graph's SmoothQuant alpha; a graph without SmoothQuant gets none
+    alphas = {"decoder": opts.smoothquant_alpha, "vision": opts.vision_smoothquant_alpha}
+    alphas = {g: a for g, a in alphas.items() if g in graphs}
+    for g in [g for g, a in alphas.items() if a is None]:
+        ctx.warn(f"int8 {g}: smooth_extra {opts.smooth_extra} skipped: the graph's SmoothQuant alpha is null")
+    extra = smooth_extra(model, state.forward_loop(samples=samples, description="smoothquant (no-norm inputs)"),
+                         mappings=opts.smooth_extra, alphas=alphas, alongside=norms, ctx=ctx)
+    return out["decoder"], out["vision"], extra
+
+
+__all__ = ["smooth_for_int8"]
