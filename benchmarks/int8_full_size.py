@@ -8,8 +8,9 @@ Steps:
    float tensor of >= 4096 elements fp16 (+ Cast), smaller ones fp32 (what ``qdq_onnx`` writes).
 2. ``build`` — in a child process (peak RSS = ``ru_maxrss``): ``medlite demo random --preset
    tinyllava-1.5b`` (unless ``--ckpt`` exists) → load fp32 → calibration set of ``--samples``
-   Micro Med-VQA train pairs (729 image tokens each) → ``apply_int8`` (SmoothQuant alpha 0.5,
-   min-max calibration, sensitivity off unless ``--sensitivity``) → each graph traced again, the
+   Micro Med-VQA train pairs (729 image tokens each) → ``apply_int8`` with the quantize options of
+   ``--recipe`` (default ``recipes/xavier-agx-int8.yaml``; ``--set key=value`` overrides; sensitivity
+   off unless ``--sensitivity``) → each graph traced again, the
    registered Q/DQ pass applied, written → file bytes; time per phase.
 3. ``sensitivity-cost`` — in a child process, per graph on ``--heldout-rows`` held-out pairs: the held-out
    reference (vision: whole-VLM answer token), one re-quantization and one whole-graph measure; the pass
@@ -92,6 +93,7 @@ from pathlib import Path
 t = {}
 t0 = time.perf_counter()
 ckpt, samples, sens, work = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", Path(sys.argv[4])
+qopts = json.loads(sys.argv[5])
 from medlite.context import RunContext
 from medlite.checkpoints import load_model
 from medlite.calibration.calibset import build_calibration_set
@@ -115,7 +117,7 @@ t["load"] = time.perf_counter() - t0
 cal = build_calibration_set(load_dataset("builtin:micro-med-vqa", split="train"), samples, ctx=ctx, cache=False)
 state = BuildState(ctx=ctx, recipe=None, target=None, work=work, source=None, model=loaded, calibration=cal)
 t1 = time.perf_counter()
-res = apply_int8(state, 0, QuantizeOptions(vision="int8", llm="w8a8", sensitivity=sens))
+res = apply_int8(state, 0, QuantizeOptions(**qopts))
 t["smooth+calibrate+quantize"] = time.perf_counter() - t1
 # the product's export (what `medlite build` runs): every graph traced again with the plan's Q/DQ pass
 import medlite.export.api as E
@@ -137,11 +139,26 @@ print(json.dumps({"seconds": {k: round(v, 1) for k, v in t.items()}, "total_s": 
                   "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                   "file_bytes": files, "stage_bytes_before": res.bytes_before, "stage_bytes_after": res.bytes_after,
                   "summary": res.summary, "sensitivity": sens, "samples": samples, "export_error": export_error,
+                  "quantize_options": qopts,
                   "stage_phases_s": dict(state.timings), "peak_rss_gb_by_phase": rss.to_dict()}))
 """
 
 
-def step_build(work: Path, ckpt: Path, samples: int, sensitivity: bool) -> dict:
+def recipe_quantize_options(recipe: Path, sets: list, sensitivity: bool) -> dict:
+    """The quantize stage's options of ``recipe`` (what ``medlite build`` runs), ``sensitivity`` and
+    ``--set key=value`` (YAML values) applied."""
+    import yaml
+
+    data = yaml.safe_load(recipe.read_text())
+    q = dict(next(s["quantize"] for s in data["stages"] if "quantize" in s))
+    q["sensitivity"] = sensitivity
+    for kv in sets:
+        k, _, v = kv.partition("=")
+        q[k] = yaml.safe_load(v)
+    return q
+
+
+def step_build(work: Path, ckpt: Path, samples: int, qopts: dict) -> dict:
     """Checkpoint (if missing) and the INT8 build in a child process; its time and peak RSS."""
     work.mkdir(parents=True, exist_ok=True)
     out = {}
@@ -150,7 +167,8 @@ def step_build(work: Path, ckpt: Path, samples: int, sensitivity: bool) -> dict:
         subprocess.run([sys.executable, "-m", "medlite.cli", "demo", "random", "--preset", "tinyllava-1.5b",
                         "--out", str(ckpt)], check=True, cwd=ROOT)
         out["checkpoint_s"] = round(time.perf_counter() - t0, 1)
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(ckpt), str(samples), "1" if sensitivity else "0", str(work)],
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(ckpt), str(samples), "1" if qopts["sensitivity"] else "0",
+                           str(work), json.dumps(qopts)],
                           capture_output=True, text=True, cwd=ROOT)
     if proc.returncode:
         raise SystemExit(f"build child failed:\n{proc.stderr[-3000:]}")
@@ -236,6 +254,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sensitivity", action="store_true")
     ap.add_argument("--heldout-rows", type=int, default=8, help="sensitivity-cost: held-out pairs to time")
     ap.add_argument("--label", default=None, help="build: what this run is (the previous build moves to build_history)")
+    ap.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "xavier-agx-int8.yaml",
+                    help="build: the recipe whose quantize options run (default: the INT8-everywhere recipe)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="build: override a quantize option")
     args = ap.parse_args(argv)
     result = json.loads(RESULT.read_text()) if RESULT.is_file() else {}
     result["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(),
@@ -247,7 +268,8 @@ def main(argv=None) -> int:
         elif step == "build":
             if "build" in result:
                 result.setdefault("build_history", []).append(result["build"])
-            result["build"] = step_build(args.work, args.ckpt or args.work / "ckpt", args.samples, args.sensitivity)
+            result["build"] = step_build(args.work, args.ckpt or args.work / "ckpt", args.samples,
+                                         recipe_quantize_options(args.recipe, args.set, args.sensitivity))
             result["build"]["label"] = args.label or f"{args.samples} pairs"
             result["build"]["load_avg_at_start"] = result["machine"]["load_avg_at_start"]
         elif step == "sensitivity-cost":
