@@ -140,13 +140,17 @@ def _export_one(name: str, model, loaded, out: Path, res: ExportResult, specs: d
         for pass_name, fn in gp.passes:
             proto = fn(proto, PassContext(graph=name, ctx=ctx, model=loaded, state=pass_state, tmp_dir=tmp_root))
             res.passes.setdefault(name, []).append(pass_name)
-        written = write_onnx(proto, out / f"{name}.onnx", shared=shared)
-        del proto
-        shutil.rmtree(tmp_root, ignore_errors=True)   # the exporter's staged weights, now copied
-        release_memory()
-        path = written[0]
-        verdict = _check_graph(name, path, gp, res, trt_summary, allow_trt_issues, ctx)
-        skeleton = onnx.load(str(path), load_external_data=False)
+        # writing and checking need no torch weights: park them all, so the writer's and the checker's
+        # copies of the graph (a 1.1 GB full-size INT8 decoder is parsed ~twice by onnx.checker) do not
+        # stack on the model (full-size export peak, benchmarks/int8_full_size.py)
+        with weights_on_disk([model], folder=tmp_root.parent / ".medlite-export-park"):
+            written = write_onnx(proto, out / f"{name}.onnx", shared=shared)
+            del proto
+            shutil.rmtree(tmp_root, ignore_errors=True)   # the exporter's staged weights, now copied
+            release_memory()
+            path = written[0]
+            verdict = _check_graph(name, path, gp, res, trt_summary, allow_trt_issues, ctx)
+            skeleton = onnx.load(str(path), load_external_data=False)
         spec = graph_spec_from_onnx(skeleton, path.name, [p.name for p in written[1:]])
         specs[name] = replace(spec, runtime=gp.runtime, runtime_reason=gp.runtime_reason, precision=gp.precision,
                               quantization=dict(gp.quantization))
@@ -220,6 +224,7 @@ def export_onnx(loaded, out_dir, *, ctx, precision: str = "fp32", opset: int = 1
             uses_table = uses_table or name == "embed" or (name == "decoder" and tied)
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
+        shutil.rmtree(out / ".medlite-export-park", ignore_errors=True)
     _write_runtime_files(loaded, out, res, specs, trt_summary, dims, table if uses_table else None, tied,
                          kv_precision=plans["decoder"].precision if "decoder" in plans else precision)
     return res

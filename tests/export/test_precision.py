@@ -132,7 +132,16 @@ def test_fp32_export_parks_what_each_trace_never_runs(tiny, ctx, tmp_path, monke
 
     monkeypatch.setattr(api, "vision_onnx_from_model", spy(api.vision_onnx_from_model, "vision"))
     monkeypatch.setattr(api, "decoder_onnx_from_model", spy(api.decoder_onnx_from_model, "decoder"))
+    real_write, writing = api.write_onnx, []
+
+    def write(*a, **k):     # writing and checking a graph park every torch weight
+        writing.append(max(p.numel() for p in tiny.model.parameters()))
+        return real_write(*a, **k)
+
+    monkeypatch.setattr(api, "write_onnx", write)
     res = api.export_onnx(tiny, tmp_path / "parked", ctx=ctx)
+    assert writing == [0, 0, 0]
+    assert not (tmp_path / "parked" / ".medlite-export-park").exists()
     assert any("language_model.layers" in n for n in seen["vision"])
     for n, numel in seen["vision"].items():
         assert (numel == 0) == ("language_model" in n or "lm_head" in n), n
