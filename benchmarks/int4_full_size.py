@@ -47,6 +47,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "benchmarks" / "results" / "int4_full_size.json"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_child import keep_history, read_result, run_json_child, write_result  # noqa: E402
 SHAPE = {"hidden_size": 2048, "intermediate_size": 5632, "num_attention_heads": 32, "num_kv_heads": 4,
          "head_dim": 64, "num_layers": 22, "vocab_size": 32000}
 
@@ -203,26 +205,13 @@ def decoder_bytes(head: str) -> dict:
             "ratio": (int4 + head_bytes) / fp16}
 
 
-def _child(code_or_argv: list, *, python_code: str = "") -> dict:
-    argv = [sys.executable, "-c", python_code, *code_or_argv] if python_code else [sys.executable, *code_or_argv]
-    t = time.time()
-    p = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
-    if p.returncode:
-        return {"error": p.stderr[-2000:], "seconds": time.time() - t}
-    out = json.loads(p.stdout.strip().splitlines()[-1])
-    out["wall_s"] = time.time() - t
-    return out
+def _child(args: list, *, python_code: str = "") -> dict:
+    return run_json_child(args, code=python_code, errors="record")
 
 
 def _bench(model: Path, runs: int) -> dict:
     return _child(["-m", "medlite.cli", "bench", "--model", str(model), "--json", "--ignore-eos",
                    "--max-new-tokens", "64", "--runs", str(runs), "--warmup", "1", "--no-write"])
-
-
-def _keep_history(res: dict, key: str) -> None:
-    """Move an earlier run of ``key`` into ``res["history"][key]`` (newest last) before it is replaced."""
-    if key in res:
-        res.setdefault("history", {}).setdefault(key, []).append(res.pop(key))
 
 
 def _git_head() -> str:
@@ -284,7 +273,7 @@ def main() -> int:
     a = ap.parse_args()
     work, steps = Path(a.work), set(a.steps.split(","))
     work.mkdir(parents=True, exist_ok=True)
-    res = json.loads(RESULT.read_text()) if RESULT.is_file() else {}
+    res = read_result(RESULT)
     res["machine"] = {"cpus": os.cpu_count(), "machine": platform.machine(), "loadavg": list(os.getloadavg()),
                       "note": "2 cores shared with other sessions: figures are from a busy machine"}
     if "bandwidth" in steps:
@@ -298,13 +287,13 @@ def main() -> int:
     if "build" in steps:
         key = "build" if a.algorithm == "gptq" else f"build_{a.algorithm}"
         key += "" if a.int4_compute == "fp32" else f"_{a.int4_compute}_compute"
-        _keep_history(res, key)
+        keep_history(res, key)
         res[key] = _child([str(ckpt), str(int4), str(a.samples), a.lm_head, a.algorithm, a.int4_compute],
                           python_code=BUILD)
         res[key].update(samples=a.samples, lm_head=a.lm_head, algorithm=a.algorithm, int4_compute=a.int4_compute,
                         loadavg_after=list(os.getloadavg()), code=_git_head())
     if "gptq-alone" in steps:
-        _keep_history(res, "gptq_alone")
+        keep_history(res, "gptq_alone")
         res["gptq_alone"] = _child([str(ckpt), str(a.samples), a.lm_head, str(a.group_size)], python_code=GPTQ_ALONE)
         res["gptq_alone"].update(samples=a.samples, lm_head=a.lm_head, group_size=a.group_size,
                                  loadavg_after=list(os.getloadavg()), code=_git_head())
@@ -312,9 +301,7 @@ def main() -> int:
         res["build_vs_gptq_alone"] = _ratios(res["build"], res["gptq_alone"])
     if "speed" in steps:
         res[a.speed_key] = step_speed(a, res, ckpt, int4, fp32)
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
-    print(json.dumps(res, indent=2, sort_keys=True))
+    write_result(RESULT, res)
     return 0
 
 

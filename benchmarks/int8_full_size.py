@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_child import keep_history, read_result, run_json_child, write_result  # noqa: E402
 RESULT = ROOT / "benchmarks" / "results" / "int8_full_size.json"
 FP16_MIN = 4096
 _VISION_Q = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2", "linear_1", "linear_2", "patch_embedding")
@@ -167,12 +169,8 @@ def step_build(work: Path, ckpt: Path, samples: int, qopts: dict) -> dict:
         subprocess.run([sys.executable, "-m", "medlite.cli", "demo", "random", "--preset", "tinyllava-1.5b",
                         "--out", str(ckpt)], check=True, cwd=ROOT)
         out["checkpoint_s"] = round(time.perf_counter() - t0, 1)
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(ckpt), str(samples), "1" if qopts["sensitivity"] else "0",
-                           str(work), json.dumps(qopts)],
-                          capture_output=True, text=True, cwd=ROOT)
-    if proc.returncode:
-        raise SystemExit(f"build child failed:\n{proc.stderr[-3000:]}")
-    out.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+    out.update(run_json_child([ckpt, samples, "1" if qopts["sensitivity"] else "0", work, json.dumps(qopts)],
+                              code=CHILD, what="build child"))
     return out
 
 
@@ -227,11 +225,7 @@ def step_sensitivity_cost(work: Path, ckpt: Path, rows: int) -> dict:
     """The sensitivity pass's unit costs on ``rows`` held-out pairs (one whole-graph measure per graph)
     and the pass time they imply at the stage's 128 held-out rows (cost is linear in rows)."""
     work.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run([sys.executable, "-c", SENS_CHILD, str(ckpt), str(rows), str(work)],
-                          capture_output=True, text=True, cwd=ROOT)
-    if proc.returncode:
-        raise SystemExit(f"sensitivity-cost child failed:\n{proc.stderr[-3000:]}")
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = run_json_child([ckpt, rows, work], code=SENS_CHILD, what="sensitivity-cost child")
     from medlite.compress.int8.stage import MAX_HELDOUT
 
     scale = MAX_HELDOUT / max(out["heldout_rows"], 1)
@@ -253,12 +247,14 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--sensitivity", action="store_true")
     ap.add_argument("--heldout-rows", type=int, default=8, help="sensitivity-cost: held-out pairs to time")
-    ap.add_argument("--label", default=None, help="build: what this run is (the previous build moves to build_history)")
+    ap.add_argument("--label", default=None, help="build: what this run is (the previous build moves to history.build)")
     ap.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "xavier-agx-int8.yaml",
                     help="build: the recipe whose quantize options run (default: the INT8-everywhere recipe)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="build: override a quantize option")
     args = ap.parse_args(argv)
-    result = json.loads(RESULT.read_text()) if RESULT.is_file() else {}
+    result = read_result(RESULT)
+    if "build_history" in result:      # the older layout: history under its own key
+        result.setdefault("history", {}).setdefault("build", []).extend(result.pop("build_history"))
     result["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(),
                          "load_avg_at_start": os.getloadavg()}
     for step in args.steps.split(","):
@@ -266,8 +262,7 @@ def main(argv=None) -> int:
         if step == "bytes":
             result["bytes"] = step_bytes()
         elif step == "build":
-            if "build" in result:
-                result.setdefault("build_history", []).append(result["build"])
+            keep_history(result, "build")
             result["build"] = step_build(args.work, args.ckpt or args.work / "ckpt", args.samples,
                                          recipe_quantize_options(args.recipe, args.set, args.sensitivity))
             result["build"]["label"] = args.label or f"{args.samples} pairs"
@@ -278,9 +273,7 @@ def main(argv=None) -> int:
         else:
             raise SystemExit(f"unknown step {step!r}: bytes | build | sensitivity-cost")
         result.setdefault("step_seconds", {})[step] = round(time.perf_counter() - t0, 1)
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
-    print(json.dumps(result, indent=1, sort_keys=True))
+    write_result(RESULT, result)
     return 0
 
 
