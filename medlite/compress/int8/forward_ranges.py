@@ -162,6 +162,38 @@ def save_ranges(ranges: dict, path) -> None:
     save_tensors_data(TensorsData(CalibrationMethod.MinMax, data), path)
 
 
+class ColumnProbe:
+    """Recover the per-input-column factor s a weight is later multiplied by (``W' = W · diag(s)``).
+
+    For smoothing done elsewhere (:mod:`.smooth_extra` folds s into o_proj / down_proj / out_proj
+    columns, so their inputs are divided by s): one entry per column — its largest |w| — is kept, and
+    ``s_j = W'[i_j, j] / W[i_j, j]``. An all-zero column gives NaN (unknown factor).
+    """
+
+    def __init__(self, model, names: Iterable[str]):
+        import torch
+
+        mods = dict(model.named_modules())
+        self._rows: dict = {}
+        for n in names:
+            w = mods[n].weight.detach()
+            idx = w.abs().argmax(dim=0)
+            self._rows[n] = (idx, w[idx, torch.arange(w.shape[1])].clone().float())
+
+    def factors(self, model) -> dict:
+        """``{module: s}`` after the weights were rescaled."""
+        import torch
+
+        mods = dict(model.named_modules())
+        out = {}
+        for n, (idx, before) in self._rows.items():
+            w = mods[n].weight.detach()
+            after = w[idx, torch.arange(w.shape[1])].float()
+            out[n] = torch.where(before != 0, after / torch.where(before != 0, before, torch.ones_like(before)),
+                                 torch.full_like(before, float("nan")))
+        return out
+
+
 class ForwardRanges:
     """The quantize stage's min-max ranges per graph, observed during the SmoothQuant passes.
 
@@ -191,6 +223,20 @@ class ForwardRanges:
             n = loop.run_images(model) if graph == "vision" else loop.run(model, lm_head="lm_head" in obs.names)
         self.smoothed(graph, None, n)
 
+    def divide(self, factors: dict) -> None:
+        """Divide the observed inputs of the modules in ``factors`` by them (smoothing applied after
+        the observation); a module with an unknown factor is dropped, so its graph falls back to ONNX
+        Runtime's calibrator."""
+        import torch
+
+        for absmax in self.absmax.values():
+            for n, s in factors.items():
+                if n in absmax:
+                    if bool(torch.isfinite(s).all()) and bool((s > 0).all()):
+                        absmax[n] = absmax[n] / s
+                    else:
+                        del absmax[n]
+
     def write(self, graph: str, nodes: dict, path) -> list:
         """Write ``graph``'s ranges for ``nodes`` ({node: activation tensor}) to ``path`` (ONNX Runtime's
         cache format). Returns the nodes it has no observation for (then nothing is written)."""
@@ -200,5 +246,5 @@ class ForwardRanges:
         return missing
 
 
-__all__ = ["AbsMaxObserver", "ForwardRanges", "GRAPH_ROOTS", "ROOTS", "module_of_node", "quantizable_modules", "ranges_for_graph", "save_ranges", "smoothed_absmax",
+__all__ = ["AbsMaxObserver", "ColumnProbe", "ForwardRanges", "GRAPH_ROOTS", "ROOTS", "module_of_node", "quantizable_modules", "ranges_for_graph", "save_ranges", "smoothed_absmax",
            "smoothing_factors"]

@@ -36,15 +36,23 @@ def smooth_for_int8(state, opts, graphs: list, samples: list, fr=None):
     if not opts.smooth_extra:
         norms()
         return out["decoder"], out["vision"], None
-    from medlite.compress.int8.smooth_extra import smooth_extra
+    from medlite.compress.int8.smooth_extra import find_pairs, smooth_extra
 
     # the extra smoothing runs at each graph's SmoothQuant alpha; a graph without SmoothQuant gets none
     alphas = {"decoder": opts.smoothquant_alpha, "vision": opts.vision_smoothquant_alpha}
     alphas = {g: a for g, a in alphas.items() if g in graphs}
     for g in [g for g, a in alphas.items() if a is None]:
         ctx.warn(f"int8 {g}: smooth_extra {opts.smooth_extra} skipped: the graph's SmoothQuant alpha is null")
+    probe = None
+    if fr is not None:     # the extra factors go into balance columns: read them back to divide the ranges
+        from medlite.compress.int8.forward_ranges import ColumnProbe
+
+        pairs = find_pairs(model, opts.smooth_extra, [g for g, a in alphas.items() if a is not None])
+        probe = ColumnProbe(model, [p.balance for p in pairs])
     extra = smooth_extra(model, state.forward_loop(samples=samples, description="smoothquant (no-norm inputs)"),
                          mappings=opts.smooth_extra, alphas=alphas, alongside=norms, ctx=ctx)
+    if probe is not None:
+        fr.divide(probe.factors(model))
     return out["decoder"], out["vision"], extra
 
 

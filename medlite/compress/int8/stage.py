@@ -326,10 +326,10 @@ def apply_int8(state, index: int, opts) -> StageResult:
         state.model.model.float()
     samples = _subset(list(state.calibration.samples) if state.calibration else [], opts.samples)
     fr = None
-    if opts.activation_calibration == "minmax" and opts.minmax_ranges == "forward" and not opts.smooth_extra:
+    if opts.activation_calibration == "minmax" and opts.minmax_ranges == "forward":
         from medlite.compress.int8.forward_ranges import ForwardRanges
 
-        fr = ForwardRanges(state.model.model, graphs)   # (smooth_extra's factors are not divided out yet)
+        fr = ForwardRanges(state.model.model, graphs)
     smooth, vsmooth, extra = smooth_for_int8(state, opts, graphs, samples, fr)
     state.timings[f"quantize[{index}] int8 smoothquant"] = round(time.perf_counter() - t0, 2)
     choices: dict = {}

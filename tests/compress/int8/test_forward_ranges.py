@@ -122,7 +122,8 @@ def test_saved_ranges_are_onnxruntime_cache_format(tmp_path):
     assert float(td["b"].range_value[1]) == 0.125
 
 
-def test_stage_forward_ranges_equal_its_graph_ranges_and_skip_the_calibrator(tiny_path, cctx, calib, monkeypatch):
+@pytest.mark.parametrize("extra", [[], ["attn_out", "mlp_down"]])
+def test_stage_forward_ranges_equal_its_graph_ranges_and_skip_the_calibrator(tiny_path, cctx, calib, monkeypatch, extra):
     """The quantize stage with ``minmax_ranges: forward`` writes the same ranges as with ``graph`` (ONNX
     Runtime's calibrator on each traced graph) and never runs that calibrator. One prompt length, so
     both modes smooth on identical batches."""
@@ -156,7 +157,7 @@ def test_stage_forward_ranges_equal_its_graph_ranges_and_skip_the_calibrator(tin
     for mode in ("forward", "graph"):
         state = int8_state(cctx, load_model(tiny_path, ctx=cctx), cal)
         opts = QuantizeOptions(vision="int8", llm="w8a8", vision_smoothquant_alpha=0.5, sensitivity=False,
-                               minmax_ranges=mode)
+                               minmax_ranges=mode, smooth_extra=extra)
         manifests[mode] = S.apply_int8(state, 0, opts).manifest
     assert calls.count("forward") == 0 and calls.count("graph") == 2
     for graph in ("vision", "decoder"):
@@ -172,3 +173,26 @@ def _highest(path) -> dict:
     data = json.loads(path.read_text())["data"]
     val = lambda x: float(np.ravel(x["data"])[0]) if isinstance(x, dict) else float(x)   # noqa: E731
     return {k: val(v["highest"]) for k, v in data.items()}
+
+
+def test_column_probe_reads_back_column_factors():
+    import torch
+
+    lin = torch.nn.Linear(6, 4, bias=False)
+    with torch.no_grad():
+        lin.weight[:, 5] = 0                     # an all-zero column: factor unknown
+    m = torch.nn.Sequential(lin)
+    probe = F.ColumnProbe(m, ["0"])
+    s = torch.tensor([0.5, 2.0, 3.0, 1.0, 0.25, 7.0])
+    with torch.no_grad():
+        lin.weight.mul_(s.view(1, -1))
+    got = probe.factors(m)["0"]
+    torch.testing.assert_close(got[:5], s[:5], rtol=1e-6, atol=0)
+    assert torch.isnan(got[5])
+    fr = F.ForwardRanges.__new__(F.ForwardRanges)
+    fr.absmax = {"decoder": {"0": torch.ones(6), "other": torch.ones(3)}}
+    fr.divide({"0": got})
+    assert "0" not in fr.absmax["decoder"] and "other" in fr.absmax["decoder"]   # unknown → ORT fallback
+    fr.absmax = {"decoder": {"0": torch.ones(5)}}
+    fr.divide({"0": s[:5]})
+    torch.testing.assert_close(fr.absmax["decoder"]["0"], 1 / s[:5])
