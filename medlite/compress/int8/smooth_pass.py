@@ -4,6 +4,30 @@
 from __future__ import annotations
 
 
+FORWARD_BYTES = 1 << 30    # transient activations of one torch forward batch (see forward_rows)
+PROMPT_TEXT_TOKENS = 64    # template + question tokens of a prompt
+
+
+def forward_rows(model, graph: str, *, cap: int = 8, budget: int = FORWARD_BYTES) -> int:
+    """Rows per torch forward batch of a calibration pass, so one layer's transient activations (eager
+    attention scores + probabilities, the MLP's intermediate tensors; fp32) stay under ``budget``.
+
+    Full size: a decoder row of ~790 positions holds ≈ 0.2 GB in one layer (32 heads × 790² scores
+    twice, 3 × 5632-wide MLP tensors), so 8 rows added ~1.7 GB on top of the 6 GB model during
+    SmoothQuant (benchmarks/int8_full_size.py); the demo model stays at ``cap`` (its rows are KB).
+    """
+    cfg = model.config.vision_config if graph == "vision" else model.config.text_config
+    if graph == "vision":
+        tokens = (int(cfg.image_size) // int(cfg.patch_size)) ** 2
+    else:
+        vc = model.config.vision_config
+        tokens = (int(vc.image_size) // int(vc.patch_size)) ** 2 + PROMPT_TEXT_TOKENS
+    attn = 2 * int(cfg.num_attention_heads) * tokens * tokens
+    mlp = 3 * tokens * int(getattr(cfg, "intermediate_size", 4 * cfg.hidden_size))
+    per_row = 4 * (attn + mlp + 4 * tokens * int(cfg.hidden_size))
+    return int(max(1, min(cap, budget // per_row)))
+
+
 def smooth_for_int8(state, opts, graphs: list, samples: list, fr=None):
     """SmoothQuant before tracing: the norms in front of q/k/v and gate/up (llm-compressor,
     :mod:`.smoothquant`), then with ``smooth_extra`` the no-norm inputs of o_proj / down_proj
@@ -18,20 +42,24 @@ def smooth_for_int8(state, opts, graphs: list, samples: list, fr=None):
         if "vision" in graphs and opts.vision_smoothquant_alpha is not None:
             from medlite.compress.int8.smoothquant import smooth_vision_tower
 
-            out["vision"] = smooth_vision_tower(model, state.forward_loop(samples=samples, description="smoothquant vision"),
+            loop = state.forward_loop(samples=samples, description="smoothquant vision",
+                                      batch_size=forward_rows(model, "vision"))
+            out["vision"] = smooth_vision_tower(model, loop,
                                                 alpha=opts.vision_smoothquant_alpha, ctx=ctx, observer=fr and fr.observer("vision"))
             if fr is not None:
                 fr.smoothed("vision", out["vision"], out["vision"].samples)
         if "decoder" in graphs and opts.smoothquant_alpha is not None:
             from medlite.compress.int8.smoothquant import smooth_language_model
 
-            loop = state.forward_loop(samples=samples, description="smoothquant", equal_length=fr is not None)
+            loop = state.forward_loop(samples=samples, description="smoothquant", equal_length=fr is not None,
+                                      batch_size=forward_rows(model, "decoder"))
             out["decoder"] = smooth_language_model(model, loop, alpha=opts.smoothquant_alpha, ctx=ctx,
                                                    observer=fr and fr.observer("decoder"))
             if fr is not None:
                 fr.smoothed("decoder", out["decoder"], out["decoder"].samples)
         for g in [g for g in graphs if fr is not None and g not in fr.absmax]:   # no SmoothQuant pass to ride
-            fr.observe_only(g, model, state.forward_loop(samples=samples, description=f"int8 {g} ranges", equal_length=True))
+            fr.observe_only(g, model, state.forward_loop(samples=samples, description=f"int8 {g} ranges", equal_length=True,
+                                                         batch_size=forward_rows(model, g)))
 
     if not opts.smooth_extra:
         norms()
@@ -56,4 +84,4 @@ def smooth_for_int8(state, opts, graphs: list, samples: list, fr=None):
     return out["decoder"], out["vision"], extra
 
 
-__all__ = ["smooth_for_int8"]
+__all__ = ["FORWARD_BYTES", "forward_rows", "smooth_for_int8"]

@@ -231,3 +231,25 @@ def test_vision_heldout_measures_the_answer_token(tiny8, calib, fp32_graphs, tmp
         i, j = (i, j) if r[i] >= r[j] else (j, i)
         gaps.append((r[i] - r[j]) - (c[i] - c[j]))
     assert got.tie_kl == pytest.approx(np.mean(np.square(gaps)) / 8, rel=1e-5) and got.loss == got.tie_kl
+
+
+def test_forward_rows_bound_a_full_size_batch_and_keep_the_demo_batch():
+    """Full-size TinyLLaVA shape: one decoder row (~790 positions) holds ~0.2 GB of transient
+    activations per layer, so a 1 GiB batch budget takes 4 rows (was 8); SigLIP rows (729 positions,
+    16 heads) are smaller; a tiny model keeps the cap."""
+    from types import SimpleNamespace
+
+    from medlite.checkpoints.random_ckpt import get_preset, preset_configs
+    from medlite.compress.int8.smooth_pass import FORWARD_BYTES, forward_rows
+
+    text, vision = preset_configs(get_preset("tinyllava-1.5b"))
+    vision.image_size, vision.patch_size = 384, 14          # 729 image tokens
+    full = SimpleNamespace(config=SimpleNamespace(text_config=text, vision_config=vision))
+    rows = forward_rows(full, "decoder")
+    per_row = 4 * (2 * 32 * 793 ** 2 + 3 * 793 * 5632 + 4 * 793 * 2048)      # independent arithmetic
+    assert rows == FORWARD_BYTES // per_row == 4
+    assert forward_rows(full, "vision") == 8 or forward_rows(full, "vision") > rows
+    assert forward_rows(full, "decoder", budget=1) == 1
+    tiny_text, tiny_vision = preset_configs(get_preset("tiny"))
+    tiny = SimpleNamespace(config=SimpleNamespace(text_config=tiny_text, vision_config=tiny_vision))
+    assert forward_rows(tiny, "decoder") == forward_rows(tiny, "vision") == 8
