@@ -23,9 +23,14 @@ def release_memory() -> None:
     Between big steps (a trace, a calibration) the previous step's peak is freed but glibc keeps it
     mapped, so RSS — and the next step's peak — stacks on it; trimming makes the per-step peaks
     independent (measured on the full-size export and INT8 build)."""
+    gc.collect()
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """glibc ``malloc_trim(0)``: return free heap pages (also those between live chunks) to the OS."""
     import ctypes
 
-    gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:  # not glibc: nothing to trim
@@ -133,4 +138,5 @@ def weights_on_disk(modules: Iterable, *, keep: Iterable = (), folder: Optional[
             _read_raw(params, path, spans, shapes)
 
 
-__all__ = ["idle_decoder_modules", "idle_vision_modules", "modules_idle_for", "release_memory", "weights_on_disk"]
+__all__ = ["idle_decoder_modules", "idle_vision_modules", "modules_idle_for", "release_memory", "trim_heap",
+           "weights_on_disk"]

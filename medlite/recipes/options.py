@@ -31,7 +31,7 @@ class QuantizeOptions(Closed):
         "minmax", description="how static activation scales are calibrated")
     percentile: float = Field(99.99, gt=90.0, le=100.0, description="percentile calibration's percentile")
     minmax_ranges: Literal["forward", "graph"] = Field(
-        "graph", description="minmax: where the static ranges are observed — forward = module inputs during the "
+        "forward", description="minmax: where the static ranges are observed — forward = module inputs during the "
         "SmoothQuant pass (torch, divided by the smoothing factors; no pass of their own), graph = ONNX Runtime's "
         "MinMax calibrator on the traced graph (one more pass over the calibration set); equal to 2e-5 (tested)")
     smoothquant_alpha: Optional[float] = Field(0.5, ge=0.0, le=1.0,
