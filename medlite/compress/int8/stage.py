@@ -329,7 +329,7 @@ def apply_int8(state, index: int, opts) -> StageResult:
     if opts.activation_calibration == "minmax" and opts.minmax_ranges == "forward":
         from medlite.compress.int8.forward_ranges import ForwardRanges
 
-        fr = ForwardRanges(state.model.model, graphs)
+        fr = ForwardRanges(state.model.model, graphs, lm_head=opts.lm_head == "int8")
     smooth, vsmooth, extra = smooth_for_int8(state, opts, graphs, samples, fr)
     state.timings[f"quantize[{index}] int8 smoothquant"] = round(time.perf_counter() - t0, 2)
     choices: dict = {}

@@ -196,3 +196,12 @@ def test_column_probe_reads_back_column_factors():
     fr.absmax = {"decoder": {"0": torch.ones(5)}}
     fr.divide({"0": s[:5]})
     torch.testing.assert_close(fr.absmax["decoder"]["0"], 1 / s[:5])
+
+
+def test_lm_head_is_observed_only_when_quantized(tiny8):
+    from medlite.compress.int8.smoothquant import _runs_head
+
+    off = F.ForwardRanges(tiny8.model, ["decoder"])
+    on = F.ForwardRanges(tiny8.model, ["decoder"], lm_head=True)
+    assert "lm_head" not in off.observer("decoder").names and not _runs_head(off.observer("decoder"))
+    assert "lm_head" in on.observer("decoder").names and _runs_head(on.observer("decoder"))
