@@ -47,3 +47,11 @@ def int8_state(ctx, loaded, calib):
 
     return BuildState(ctx=ctx, recipe=None, target=None, work=None, source=SimpleNamespace(model=lambda: None),
                       model=loaded, calibration=calib)
+
+
+def quantize_recipe(**quantize) -> str:
+    """A minimal recipe text whose quantize stage has ``quantize`` (YAML values as written)."""
+    lines = "".join(f"      {k}: {v}\n" for k, v in quantize.items())
+    return ("name: int8-test\nversion: 1.0.0\ntarget: jetson-xavier-agx-32gb\ncalibration:\n"
+            "  dataset: builtin:micro-med-vqa\n  samples: 16\nstages:\n  - quantize:\n" + lines
+            + "  - export:\n      precision: fp16\n")

@@ -4,33 +4,19 @@ from __future__ import annotations
 
 import pytest
 
-from int8_fixtures import int8_state
+from int8_fixtures import int8_state, quantize_recipe
 from medlite.errors import RecipeError
 from medlite.recipes import load_recipe
 from medlite.recipes.options import QuantizeOptions
 
-RECIPE = """\
-name: rows
-version: 1.0.0
-target: jetson-xavier-agx-32gb
-calibration:
-  dataset: builtin:micro-med-vqa
-  samples: 16
-stages:
-  - quantize:
-      vision: int8
-      sensitivity_rows: {rows}
-  - export:
-      precision: fp16
-"""
 
 
 def test_sensitivity_rows_default_and_bad_value_named(tmp_path):
     assert QuantizeOptions().sensitivity_rows == 128
     p = tmp_path / "r.yaml"
-    p.write_text(RECIPE.format(rows=512))
+    p.write_text(quantize_recipe(vision="int8", sensitivity_rows=512))
     assert load_recipe(p).recipe.stage("quantize").sensitivity_rows == 512
-    p.write_text(RECIPE.format(rows=4))
+    p.write_text(quantize_recipe(vision="int8", sensitivity_rows=4))
     with pytest.raises(RecipeError) as ei:
         load_recipe(p)
     assert any(e.startswith("stages[0].quantize.sensitivity_rows: must be ≥ 8 (got 4)") for e in ei.value.errors), \

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from int8_fixtures import int8_state
+from int8_fixtures import int8_state, quantize_recipe
 from medlite.errors import RecipeError
 from medlite.recipes import load_recipe
 from medlite.recipes.options import QuantizeOptions
@@ -160,30 +160,15 @@ def test_statistics_observed_alongside_the_norm_smoothing_give_the_same_model(ti
         torch.testing.assert_close(sa[k], sb[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
-RECIPE = """\
-name: extra
-version: 1.0.0
-target: jetson-xavier-agx-32gb
-calibration:
-  dataset: builtin:micro-med-vqa
-  samples: 16
-stages:
-  - quantize:
-      vision: int8
-      llm: w8a8
-      smooth_extra: {value}
-  - export:
-      precision: fp16
-"""
 
 
 def test_option_default_canonical_order_and_bad_values_named(tmp_path):
     assert QuantizeOptions().smooth_extra == []
     p = tmp_path / "r.yaml"
-    p.write_text(RECIPE.format(value="[mlp_down, attn_out]"))
+    p.write_text(quantize_recipe(vision="int8", llm="w8a8", smooth_extra="[mlp_down, attn_out]"))
     assert load_recipe(p).recipe.stage("quantize").smooth_extra == ["attn_out", "mlp_down"]
     for bad, why in (("[fc2]", "attn_out"), ("[mlp_down, mlp_down]", "more than once")):
-        p.write_text(RECIPE.format(value=bad))
+        p.write_text(quantize_recipe(vision="int8", llm="w8a8", smooth_extra=bad))
         with pytest.raises(RecipeError) as ei:
             load_recipe(p)
         assert any(e.startswith("stages[0].quantize.smooth_extra") and why in e for e in ei.value.errors), ei.value.errors
