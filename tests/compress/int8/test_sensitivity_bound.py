@@ -9,8 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from int8_fixtures import int8_state
-from test_int8_sensitivity_rows import RECIPE as ROWS_RECIPE
+from int8_fixtures import int8_state, quantize_recipe
 from medlite.compress.int8.sensitivity import (DEFAULT_CONFIDENCE, Gate, GraphMetric, answer_metrics,
                                                choose_fallback, t_quantile, upper_mean_bound)
 from medlite.errors import RecipeError
@@ -115,18 +114,13 @@ def test_the_vision_cosine_gate_still_decides():
     assert fb.kept_fp16 == ["small"] and fb.gate_holds and fb.metric_final.cosine == 0.9995
 
 
-# the sensitivity_rows test's recipe, with this option instead
-RECIPE = ROWS_RECIPE.replace("name: rows", "name: conf").replace("sensitivity_rows: {rows}",
-                                                                 "sensitivity_confidence: {conf}")
-
-
 def test_sensitivity_confidence_in_the_recipe(tmp_path):
     p = tmp_path / "r.yaml"
-    p.write_text(RECIPE.format(conf=0.95))
+    p.write_text(quantize_recipe(vision="int8", sensitivity_confidence=0.95))
     assert load_recipe(p).recipe.stage("quantize").sensitivity_confidence == 0.95
-    p.write_text(RECIPE.format(conf="null"))
+    p.write_text(quantize_recipe(vision="int8", sensitivity_confidence="null"))
     assert load_recipe(p).recipe.stage("quantize").sensitivity_confidence is None
-    p.write_text(RECIPE.format(conf=1.0))
+    p.write_text(quantize_recipe(vision="int8", sensitivity_confidence=1.0))
     with pytest.raises(RecipeError) as ei:
         load_recipe(p)
     assert any(e.startswith("stages[0].quantize.sensitivity_confidence:") for e in ei.value.errors), ei.value.errors
