@@ -98,6 +98,8 @@ ckpt, samples, sens, work = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", P
 qopts = json.loads(sys.argv[5])
 from medlite.context import RunContext
 from medlite.checkpoints import load_model
+from medlite.compress.offload import map_large_allocations
+map_large_allocations()   # as `medlite build` does for its process
 from medlite.calibration.calibset import build_calibration_set
 from medlite.evaluation.vqa import load_dataset
 from medlite.build.contract import BuildState, PassContext
@@ -180,6 +182,8 @@ from pathlib import Path
 ckpt, rows, work = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
 from medlite.context import RunContext
 from medlite.checkpoints import load_model
+from medlite.compress.offload import map_large_allocations
+map_large_allocations()   # as `medlite build` does for its process
 from medlite.calibration.calibset import build_calibration_set
 from medlite.evaluation.vqa import load_dataset
 from medlite.build.contract import BuildState

@@ -174,6 +174,9 @@ def cmd_build(args, ctx) -> int:
     target = TARGETS[resolved.recipe.target]
     # Before any weight loads: a recipe that cannot fit the device is a recipe error.
     check_budget(plan_steps(resolved, choice.inspect(ctx), target), target, f"{resolved.source}: build")
+    from medlite.compress.offload import map_large_allocations
+
+    map_large_allocations()   # this process: freed activations go straight back to the OS (see offload.py)
     result = build(resolved, choice, Path(getattr(args, "out", None) or "artifacts"), ctx,
                    force=bool(getattr(args, "force", False)))
     lines = result.failed_gate_lines
