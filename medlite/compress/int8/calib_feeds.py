@@ -36,13 +36,6 @@ def vision_feeds(loop, *, batch_size: int = 8) -> Iterator[dict]:
         yield {"pixel_values": np.ascontiguousarray(px, dtype=np.float32)}
 
 
-def equal_length_groups(loop, *, batch_size: int) -> list[list]:
-    """Samples grouped by prompt length (no padding inside a group), at most ``batch_size`` each."""
-    from medlite.calibration.forward import ForwardLoop
-
-    return ForwardLoop(loop.loaded, loop.samples, batch_size=batch_size, equal_length=True).chunks()
-
-
 def prefill_feed(embeds: np.ndarray, *, num_layers: int, num_kv_heads: int, head_dim: int,
                  past_slots: int = PREFILL_PAST_SLOTS) -> dict:
     """Decoder inputs for unpadded rows ``embeds [B, T, H]`` as the runtime builds them for prefill."""
@@ -67,7 +60,10 @@ def decoder_feeds(loop, model, dims: dict, *, batch_size: int = 8, text_only: bo
     """
     kw = dict(num_layers=dims["num_layers"], num_kv_heads=dims["num_kv_heads"], head_dim=dims["head_dim"],
               past_slots=past_slots)
-    for chunk in equal_length_groups(loop, batch_size=batch_size):
+    from medlite.calibration.forward import ForwardLoop
+
+    # groups of one prompt length, so no feed row is padded
+    for chunk in ForwardLoop(loop.loaded, loop.samples, batch_size=batch_size, equal_length=True).chunks():
         inp = loop.batch(chunk, model)
         emb = inp.inputs_embeds.float().numpy()
         if not text_only:
@@ -78,5 +74,5 @@ def decoder_feeds(loop, model, dims: dict, *, batch_size: int = 8, text_only: bo
             yield prefill_feed(emb[r][keep[r]][None], **kw)
 
 
-__all__ = ["PREFILL_PAST_SLOTS", "decoder_feeds", "distinct_images", "equal_length_groups", "prefill_feed",
+__all__ = ["PREFILL_PAST_SLOTS", "decoder_feeds", "distinct_images", "prefill_feed",
            "vision_feeds"]
