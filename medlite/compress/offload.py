@@ -164,5 +164,5 @@ def weights_on_disk(modules: Iterable, *, keep: Iterable = (), folder: Optional[
             _read_raw(params, path, spans, shapes)
 
 
-__all__ = ["MMAP_THRESHOLD", "idle_decoder_modules", "map_large_allocations", "idle_vision_modules", "modules_idle_for", "release_memory", "trim_heap",
-           "weights_on_disk"]
+__all__ = ["MMAP_THRESHOLD", "idle_decoder_modules", "idle_vision_modules", "map_large_allocations",
+           "modules_idle_for", "release_memory", "trim_heap", "weights_on_disk"]
