@@ -46,6 +46,7 @@ IMATRIX = {"observer": "imatrix_mse", "observer_kwargs": {"norm": 2.0}}
 # name -> LlmcOptions fields (algorithm, symmetric, extra, observer...) or {"ort": symmetric}
 VARIANTS = {
     "awq_asym": {"algorithm": "awq", "symmetric": False},
+    "awq_asym_clip": {"algorithm": "awq", "symmetric": False, "awq_clip": True},
     "awq_asym_imatrix": {"algorithm": "awq", "symmetric": False, **IMATRIX},
     "awq_asym_imatrix_scaled": {"algorithm": "awq", "symmetric": False, **IMATRIX, "imatrix_scaled": True},
     "rtn_asym": {"algorithm": "rtn", "symmetric": False},

@@ -47,6 +47,7 @@ class LlmcOptions:
     dampening_frac: float = 0.01
     observer: Optional[str] = None   # weight observer (llm-compressor registry name); None: min-max
     observer_kwargs: dict = field(default_factory=dict)
+    awq_clip: bool = False           # awq: AutoAWQ's clip search after the scales (awq_clip.py)
     extra: dict = field(default_factory=dict)
 
 
@@ -86,6 +87,15 @@ def _modifiers(names_by_bits: dict[int, list[str]], opts: LlmcOptions) -> list:
     elif opts.algorithm != "rtn":
         raise ValueError(f"algorithm {opts.algorithm!r}: use gptq, awq or rtn")
     return mods
+
+
+def _clip_step(opts: LlmcOptions, masks: list, state):
+    """AWQ's clip search per decoder layer (None unless ``algorithm: awq`` with ``awq_clip``)."""
+    if opts.algorithm != "awq" or not opts.awq_clip:
+        return None
+    from medlite.compress.int4.awq_clip import clip_layer
+
+    return lambda layer, run: clip_layer(layer, run, masks, state)
 
 
 def _scoped(pattern: str) -> str:
@@ -169,9 +179,11 @@ def _hidden(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _run_sequential(model, cached: list, lm_head: bool, ctx, state=None) -> None:
+def _run_sequential(model, cached: list, lm_head: bool, ctx, state=None, on_layer=None) -> None:
     """Per decoder layer: calibrate (hooks on), quantize, propagate (hooks off). ``state`` (the session's)
-    gets the batch index, which is how AWQ finds that batch's ``state.loss_masks`` entry."""
+    gets the batch index, which is how AWQ finds that batch's ``state.loss_masks`` entry.
+    ``on_layer(layer, run)``, when given, runs after a layer is quantized and before it propagates;
+    ``run()`` runs that layer over the batches with llm-compressor's hooks off (AWQ's clip search)."""
     from llmcompressor.core import LifecycleCallbacks
     from llmcompressor.modifiers.utils.hooks import HooksMixin
 
@@ -193,10 +205,22 @@ def _run_sequential(model, cached: list, lm_head: bool, ctx, state=None) -> None
                     layer(*args, **kw)
                 state.current_batch_idx = -1
                 LifecycleCallbacks.sequential_epoch_end(list(layer.modules()))
+                if on_layer is not None:
+                    on_layer(layer, lambda layer=layer: _replay(layer, states, state))
                 with HooksMixin.disable_hooks():
                     states = [((_hidden(layer(*args, **kw)), *args[1:]), kw) for args, kw in states]
             if advance:
                 advance(1)
+
+
+def _replay(layer, states: list, state) -> None:
+    from llmcompressor.modifiers.utils.hooks import HooksMixin
+
+    with HooksMixin.disable_hooks():
+        for i, (args, kw) in enumerate(states):
+            state.current_batch_idx = i
+            layer(*args, **kw)
+    state.current_batch_idx = -1
 
 
 def _idle_during_layers(model) -> list:
@@ -246,7 +270,8 @@ def quantize_language_model(model, loop, opts: LlmcOptions, *, ctx=None, on_quan
             LifecycleCallbacks.calibration_start()
             with calibration_forward_context(model), DisableQuantization(model), \
                     weights_on_disk(_idle_during_layers(model), keep=[model.lm_head], ctx=ctx):
-                _run_sequential(model, cached, head_bits is not None, ctx, state=session.state)
+                _run_sequential(model, cached, head_bits is not None, ctx, state=session.state,
+                                on_layer=_clip_step(opts, masks, session.state))
             del cached
             session.state.loss_masks = None
             LifecycleCallbacks.calibration_end()
