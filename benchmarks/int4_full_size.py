@@ -269,6 +269,9 @@ def main() -> int:
     ap.add_argument("--int4-compute", default="fp32", choices=["fp32", "int8"],
                     help="build: MatMulNBits compute type (QuantizeOptions.int4_compute; int8 = accuracy_level 4)")
     ap.add_argument("--speed-key", default="speed", help="results key of the speed step")
+    ap.add_argument("--build-key", default=None,
+                    help="results key of the build step (default: build[_ALGORITHM][_COMPUTE]; the GPTQ-alone "
+                         "ratio is computed from 'build' only)")
     ap.add_argument("--algorithm", default="gptq", choices=["gptq", "rtn"],
                     help="build: rtn makes a speed-only export fast (same MatMulNBits graph as GPTQ's: "
                          "ops, bits, block size and initializer shapes; no calibration)")
@@ -289,6 +292,7 @@ def main() -> int:
     if "build" in steps:
         key = "build" if a.algorithm == "gptq" else f"build_{a.algorithm}"
         key += "" if a.int4_compute == "fp32" else f"_{a.int4_compute}_compute"
+        key = a.build_key or key
         keep_history(res, key)
         res[key] = _child([str(ckpt), str(int4), str(a.samples), a.lm_head, a.algorithm, a.int4_compute],
                           python_code=BUILD)
