@@ -39,17 +39,20 @@ def _quantized_linears(layer: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 @contextlib.contextmanager
-def sampled_inputs(targets: list[tuple[str, nn.Module]], masks: list, state):
+def sampled_inputs(targets: list[tuple[str, nn.Module]], masks: list, state, max_tokens: int = MAX_TOKENS):
     """Collect each target's real (unpadded) input rows while the layer runs; yields ``{name: [rows]}``.
 
-    ``state.current_batch_idx`` says which batch (and so which attention mask) is running."""
+    ``state.current_batch_idx`` says which batch (and so which attention mask) is running. Each batch
+    keeps at most its share of ``max_tokens`` rows (evenly strided), so memory stays bounded at full
+    size (128 pairs × ~840 tokens of down_proj's 5,632-wide input would be 2.4 GB)."""
     seen: dict[str, list] = {n: [] for n, _ in targets}
+    per_batch = max(1, -(-max_tokens // max(1, len(masks))))
 
     def hook_for(name):
         def hook(_m, args):
             x = args[0].detach()
             mask = masks[state.current_batch_idx].to(torch.bool)
-            seen[name].append(x[mask].reshape(-1, x.shape[-1]).float())
+            seen[name].append(_subsample([x[mask].reshape(-1, x.shape[-1]).float()], per_batch))
         return hook
 
     handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in targets]
@@ -115,7 +118,7 @@ def clip_layer(layer: nn.Module, run_layer, masks: list, state, max_tokens: int 
     targets = _quantized_linears(layer)
     if not targets:
         return {}
-    with sampled_inputs(targets, masks, state) as seen:
+    with sampled_inputs(targets, masks, state, max_tokens) as seen:
         run_layer()
     shrink = {}
     for name, m in targets:
