@@ -122,9 +122,7 @@ def clip_layer(layer: nn.Module, run_layer, masks: list, state, max_tokens: int 
         run_layer()
     shrink = {}
     for name, m in targets:
-        args = m.quantization_scheme.weights
-        if m.in_features % args.group_size:
-            continue        # padded layers quantize their zero-padded ``.inner`` (a multiple of the group)
+        args = m.quantization_scheme.weights   # K is a multiple of the group (padded layers: their ``.inner``)
         lim = best_clip(m.weight.data, _subsample(seen.pop(name), max_tokens), args)
         absmax = m.weight.data.view(m.out_features, -1, args.group_size).abs().amax(-1).float()
         shrink[name] = float((lim / absmax.clamp_min(1e-12)).mean())

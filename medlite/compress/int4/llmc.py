@@ -200,23 +200,22 @@ def _run_sequential(model, cached: list, lm_head: bool, ctx, state=None, on_laye
                     model.lm_head(model.model.language_model.norm(args[0]))
                 LifecycleCallbacks.sequential_epoch_end([model.lm_head, *model.lm_head.modules()])
             else:
-                for i, (args, kw) in enumerate(states):
-                    state.current_batch_idx = i
-                    layer(*args, **kw)
-                state.current_batch_idx = -1
+                _replay(layer, states, state)
                 LifecycleCallbacks.sequential_epoch_end(list(layer.modules()))
                 if on_layer is not None:
-                    on_layer(layer, lambda layer=layer: _replay(layer, states, state))
+                    on_layer(layer, lambda layer=layer: _replay(layer, states, state, hooks=False))
                 with HooksMixin.disable_hooks():
                     states = [((_hidden(layer(*args, **kw)), *args[1:]), kw) for args, kw in states]
             if advance:
                 advance(1)
 
 
-def _replay(layer, states: list, state) -> None:
+def _replay(layer, states: list, state, hooks: bool = True) -> None:
+    """Run ``layer`` over the cached batches, telling ``state`` which batch runs (llm-compressor's hooks
+    on, or off with ``hooks=False``)."""
     from llmcompressor.modifiers.utils.hooks import HooksMixin
 
-    with HooksMixin.disable_hooks():
+    with contextlib.nullcontext() if hooks else HooksMixin.disable_hooks():
         for i, (args, kw) in enumerate(states):
             state.current_batch_idx = i
             layer(*args, **kw)
