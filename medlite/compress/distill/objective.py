@@ -50,6 +50,25 @@ def _digest(tensors) -> str:
     return h.hexdigest()
 
 
+def mix_images(pixels, strength: float, *, seed: int, step: int):
+    """Each image blended with another image of the batch: ``(1 - w)·x_i + w·x_j``, ``w ~ U(0, strength)``.
+
+    Function matching (Beyer et al. 2022, "Knowledge distillation: A good teacher is patient and
+    consistent", arXiv:2106.05237): teacher and student see the same blended image, so the student
+    learns the teacher's function off the training images' manifold too — what an unseen source
+    asks of it. Random draws are a function of ``(seed, step)`` (resumable, bit-identical).
+    """
+    import torch
+
+    n = pixels.shape[0]
+    if n < 2:
+        return pixels
+    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(step))
+    other = (torch.arange(n) + torch.randint(1, n, (1,), generator=g)) % n    # never the image itself
+    w = (torch.rand(n, generator=g) * strength).to(pixels.dtype).view(n, 1, 1, 1)
+    return (1 - w) * pixels + w * pixels[other]
+
+
 def _layer_map(opts, pruned) -> list[int]:
     kept = ((pruned or {}).get("layers") or {}).get("kept")
     return [kept[i] if kept else i for i in opts.hidden_mse]
@@ -67,7 +86,9 @@ class Objective:
         if bad:
             raise MedliteError(f"distill.hidden_mse {bad}: the student has {n_layers} decoder layers")
         self.s_layers, self.t_layers = list(opts.hidden_mse), _layer_map(opts, pruned)
-        self.online = bool(opts.hidden_mse and opts.hidden_weight)
+        self.hidden = bool(opts.hidden_mse and opts.hidden_weight)
+        # blended images have no cached teacher logits: the teacher then runs alongside every step
+        self.online = self.hidden or opts.mixup > 0
         bs = opts.batch_size
         self.t_train = None if self.online else _teacher_logits(teacher, train, ctx=ctx, batch_size=bs,
                                                                  description="distill: teacher logits")
@@ -80,7 +101,7 @@ class Objective:
 
         hs = self.student.model.config.text_config.hidden_size
         ht = self.teacher.model.config.text_config.hidden_size
-        if not self.online or hs == ht:
+        if not self.hidden or hs == ht:
             return []
         torch.manual_seed(self.opts.seed)
         return [torch.nn.Linear(hs, ht, bias=False) for _ in self.s_layers]
@@ -92,14 +113,17 @@ class Objective:
         import torch
 
         b = self.train.batch(idx, self.dtype)
-        s_logits, s_hidden = forward_answers(self.student.model, b, hidden_layers=self.s_layers if self.online else ())
+        if self.opts.mixup > 0:
+            b["pixel_values"] = mix_images(b["pixel_values"], self.opts.mixup, seed=self.opts.seed, step=_step)
+        s_logits, s_hidden = forward_answers(self.student.model, b, hidden_layers=self.s_layers if self.hidden else ())
         if self.online:
             with torch.no_grad():
-                t_logits, t_hidden = forward_answers(self.teacher.model, b, hidden_layers=self.t_layers)
+                t_logits, t_hidden = forward_answers(self.teacher.model, b,
+                                                    hidden_layers=self.t_layers if self.hidden else ())
         else:
             t_logits, t_hidden = _stack(self.t_train, idx, s_logits.shape[1], s_logits), []
         loss = kd_kl(s_logits, t_logits, b["targets"], self.opts.temperature)
-        if self.online:
+        if self.hidden:
             loss = loss + self.opts.hidden_weight * hidden_mse(s_hidden, t_hidden, b["attention_mask"],
                                                                 self.projections or None)
         return loss

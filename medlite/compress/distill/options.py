@@ -9,6 +9,7 @@ Recipe form::
         temperature: 2.0
         hidden_mse: []            # student layer indices whose output hidden states are matched (MSE)
         hidden_weight: 0.0
+        mixup: 0.0                # consistent function matching on blended images (teacher runs every step)
         datasets: []              # extra VQA sets: [{dataset: ..., split: train, images: ...}]
         eval_every: 50            # held-out calibration slice: early stop
         heldout_samples: 64       # pairs of that slice (spread over its strata)
@@ -51,6 +52,8 @@ class DistillOptions(Closed):
     temperature: float = Field(2.0, gt=0.0, le=100.0)
     hidden_mse: list[int] = Field(default_factory=list, description="student decoder layers matched by MSE")
     hidden_weight: float = Field(0.0, ge=0.0)
+    mixup: float = Field(0.0, ge=0.0, le=0.5, description="function matching on blended images: each training "
+                         "image mixed with another of its batch, weight ~ U(0, mixup); teacher sees the same")
     datasets: list[DistillDataset] = Field(default_factory=list)
     eval_every: int = Field(50, ge=1)
     heldout_samples: int = Field(64, ge=1, description="held-out calibration pairs used for early stopping")
@@ -116,6 +119,7 @@ def plan(index: int, opts: DistillOptions, sizes) -> list[str]:
     return [f"distill: {opts.steps} steps × {opts.batch_size} samples from the source model as teacher "
             f"(KL at T={opts.temperature:g} on answer tokens"
             + (f" + {opts.hidden_weight:g} × hidden MSE on layers {opts.hidden_mse}" if opts.hidden_weight else "")
+            + (f"; images blended up to {opts.mixup:.0%} with another, teacher alongside" if opts.mixup else "")
             + f"); data: calibration pairs with teacher answers{' + ' + extra if extra else ''}; "
             f"early stop on the held-out calibration slice every {opts.eval_every} steps",
             "  sizes unchanged (weights only)"]
