@@ -47,6 +47,9 @@ IMATRIX = {"observer": "imatrix_mse", "observer_kwargs": {"norm": 2.0}}
 VARIANTS = {
     "awq_asym": {"algorithm": "awq", "symmetric": False},
     "awq_asym_clip": {"algorithm": "awq", "symmetric": False, "awq_clip": True},
+    # llm-compressor's own grid options: ratio grid without the duo (activation/weight) scaling, or half and half
+    "awq_asym_noduo": {"algorithm": "awq", "symmetric": False, "extra": {"duo_scaling": False}},
+    "awq_asym_duoboth": {"algorithm": "awq", "symmetric": False, "extra": {"duo_scaling": "both"}},
     "awq_asym_imatrix": {"algorithm": "awq", "symmetric": False, **IMATRIX},
     "awq_asym_imatrix_scaled": {"algorithm": "awq", "symmetric": False, **IMATRIX, "imatrix_scaled": True},
     "rtn_asym": {"algorithm": "rtn", "symmetric": False},
@@ -73,6 +76,16 @@ def _setup(tmp: Path, seed: int, n_calib: int):
     src = tmp / "src"
     export_onnx(load_model(path, ctx=ctx), src, ctx=ctx, precision="fp32")
     return ctx, path, calib, held, src
+
+
+def _weights_sha(path: Path) -> str:
+    """Which demo-model build ran (the cache key does not tell builds of one key apart)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(path.rglob("*.safetensors")) or sorted(path.rglob("*.bin")):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def first_token_logits(folder: Path, samples: list) -> np.ndarray:
@@ -182,7 +195,7 @@ def main(argv=None) -> int:
             else:
                 _llmc(ctx, path, calib, out, spec)
             row = {"variant": name, "spec": spec, "group_size": GROUP, "calibration_pairs": len(calib.samples),
-                   "seed": args.seed,
+                   "seed": args.seed, "demo_weights": _weights_sha(path),
                    **_metrics(ref, first_token_logits(out, held)), "seconds": round(time.time() - t0, 1),
                    "load": os.getloadavg()[0]}
             print(json.dumps(row), flush=True)

@@ -142,9 +142,23 @@ def build_demo_model(out: Path, *, ctx, recipe: DemoRecipe | None = None, key: s
     card = {"name": "medlite micro TinyLLaVA-Med demo", "key": key, "format": "legacy", "template": TEMPLATE,
             "vision_tower_repo": TOWER_REPO, "data": VERSION, "recipe": recipe.to_dict(),
             "training": {k: v for k, v in history.items() if k not in ("loss", "vision_loss")},
-            "loss_curve": history["loss"], "heldout": {k: v for k, v in result.items() if k != "predictions"}}
+            "loss_curve": history["loss"], "heldout": {k: v for k, v in result.items() if k != "predictions"},
+            "built_on": built_on(out)}
     (out / MARKER).write_text(json.dumps(card, indent=2, default=str))
     return card
+
+
+def built_on(out: Path) -> dict:
+    """What a build's weights depend on beyond its cache key: the CPU kernels torch dispatched to and the
+    weights' sha256. Two machines build different weights under one key (docs/demo-model.md: AVX-512 vs
+    AVX2 kernels sum in different orders over 1,500 steps), so gates measured on one build are tied to it."""
+    import platform
+
+    import torch
+
+    digest = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+    return {"machine": platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch": torch.__version__, "mkl": torch.backends.mkl.is_available(), "weights_sha256": digest}
 
 
 def _clean_stale(root: Path, key: str) -> None:

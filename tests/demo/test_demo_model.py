@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 
@@ -111,6 +112,9 @@ def test_ensure_demo_model_builds_once_and_atomically(ctx, monkeypatch):
     card = json.loads((path / dm.MARKER).read_text())
     assert card["recipe"] == TINY.to_dict() and card["heldout"]["metrics"]["n"] > 0
     assert not list(path.parent.glob(".tmp-*"))
+    # the build records which weights it made and on which CPU kernels (builds of one key differ by ISA)
+    assert card["built_on"]["weights_sha256"] == hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
+    assert card["built_on"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
     def boom(*a, **k):
         raise AssertionError("must not retrain a cached model")
