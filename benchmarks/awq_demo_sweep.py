@@ -79,13 +79,12 @@ def _setup(tmp: Path, seed: int, n_calib: int):
 
 
 def _weights_sha(path: Path) -> str:
-    """Which demo-model build ran (the cache key does not tell builds of one key apart)."""
-    import hashlib
+    """Which demo-model build ran (the cache key does not tell builds of one key apart): the weights'
+    sha256 the build recorded in its card."""
+    from medlite.demo.model import MARKER
 
-    h = hashlib.sha256()
-    for f in sorted(path.rglob("*.safetensors")) or sorted(path.rglob("*.bin")):
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16]
+    card = json.loads((path / MARKER).read_text())
+    return card["heldout"]["model"]["source"]["files"]["model.safetensors"][:16]
 
 
 def first_token_logits(folder: Path, samples: list) -> np.ndarray:

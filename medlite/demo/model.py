@@ -143,22 +143,22 @@ def build_demo_model(out: Path, *, ctx, recipe: DemoRecipe | None = None, key: s
             "vision_tower_repo": TOWER_REPO, "data": VERSION, "recipe": recipe.to_dict(),
             "training": {k: v for k, v in history.items() if k not in ("loss", "vision_loss")},
             "loss_curve": history["loss"], "heldout": {k: v for k, v in result.items() if k != "predictions"},
-            "built_on": built_on(out)}
+            "built_on": built_on(result["model"]["source"]["files"]["model.safetensors"])}
     (out / MARKER).write_text(json.dumps(card, indent=2, default=str))
     return card
 
 
-def built_on(out: Path) -> dict:
-    """What a build's weights depend on beyond its cache key: the CPU kernels torch dispatched to and the
-    weights' sha256. Two machines build different weights under one key (docs/demo-model.md: AVX-512 vs
-    AVX2 kernels sum in different orders over 1,500 steps), so gates measured on one build are tied to it."""
+def built_on(weights_sha256: str) -> dict:
+    """What a build's weights depend on beyond its cache key: the CPU kernels torch dispatched to, with
+    the weights' sha256 (the loader's, from the held-out evaluation) beside them. Two machines build
+    different weights under one key (docs/demo-model.md: AVX-512 vs AVX2 kernels sum in different orders
+    over 1,500 steps), so gates measured on one build are tied to it."""
     import platform
 
     import torch
 
-    digest = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
     return {"machine": platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "torch": torch.__version__, "mkl": torch.backends.mkl.is_available(), "weights_sha256": digest}
+            "torch": torch.__version__, "mkl": torch.backends.mkl.is_available(), "weights_sha256": weights_sha256}
 
 
 def _clean_stale(root: Path, key: str) -> None:
