@@ -11,7 +11,6 @@ and register what the export must do on ``state.export_plan``; neither writes gr
 from __future__ import annotations
 
 import contextlib
-import logging
 
 
 def _merge(results: list):
@@ -32,33 +31,33 @@ def _merge(results: list):
 
 def _llmcompressor_logs_to_stderr() -> None:
     """llm-compressor's loguru sink writes to stdout (llmcompressor/logger.py ``configure_logger``),
-    which corrupts ``--json`` output; send its warnings to stderr instead (its INFO chatter is dropped:
-    the stage's own progress says enough)."""
+    which corrupts ``--json`` output; send its warnings to stderr instead, each distinct message once
+    (its INFO chatter is dropped: the stage's own progress says enough)."""
+    import io
     import sys
 
     from loguru import logger
 
     # its import already logs to that sink (llmcompressor/modeling/fuse.py calls get_high_precision()
-    # at import time: "No accelerator available!" on a CPU): import it with stdout pointing at stderr
-    with contextlib.redirect_stdout(sys.stderr):
+    # at import time: "No accelerator available!" on a CPU), and later calls repeat it: catch the
+    # import's lines and show every distinct message once, in our format
+    caught = io.StringIO()
+    with contextlib.redirect_stdout(caught):
         import llmcompressor  # noqa: F401  (configures its logger on import)
+    seen: set[str] = set()
+
+    def once(record) -> bool:
+        key = f"{record['level'].name}: {record['message']}"
+        fresh = key not in seen
+        seen.add(key)
+        return fresh
 
     logger.remove()
-    logger.add(sys.stderr, level="WARNING", format="llm-compressor {level}: {message}")
-
-
-@contextlib.contextmanager
-def _quiet_root_logger():
-    """onnxruntime.quantization logs "Please consider pre-processing before quantization" through the
-    root logger at every call (its shape-inference pre-processing does not apply to our exported
-    graphs); hide that advice while the stage runs, keep errors."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
+    logger.add(sys.stderr, level="WARNING", format="llm-compressor {level}: {message}", filter=once)
+    for line in caught.getvalue().splitlines():     # "<time> | <function> | <LEVEL> - <message>"
+        level, _, message = line.rpartition(" | ")[2].partition(" - ")
+        if level.strip() in ("WARNING", "ERROR", "CRITICAL") and message:
+            logger.log(level.strip(), message)
 
 
 def run(state, index: int, opts):
@@ -72,6 +71,5 @@ def run(state, index: int, opts):
     if opts.vision == "int8" or opts.llm == "w8a8":
         from medlite.compress.int8.stage import apply_int8
 
-        with _quiet_root_logger():
-            results.append(apply_int8(state, index, opts))
+        results.append(apply_int8(state, index, opts))
     return _merge(results)

@@ -22,8 +22,9 @@
 """
 from __future__ import annotations
 
+import contextlib
 import gc
-
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,10 +176,30 @@ def activation_inputs(model_path: Path, nodes: Iterable[str]) -> set:
 def quantize_graph(model_path: Path, out_path: Path, cache_path: Path, nodes: Sequence[str], *,
                    method: str = "minmax") -> Path:
     """Static Q/DQ on ``nodes`` of the graph at ``model_path`` with the cached ranges; writes ``out_path``."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
     if not nodes:
         raise ValueError("no node to quantize")
+    with _quiet_root_logger():
+        _quantize_static(model_path, out_path, cache_path, nodes, method)
+    return out_path
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """onnxruntime.quantization logs "Please consider pre-processing before quantization" through the
+    root logger at every call (its shape-inference pre-processing does not apply to our exported
+    graphs); hide that advice while it runs, keep errors."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _quantize_static(model_path: Path, out_path: Path, cache_path: Path, nodes: Sequence[str], method: str) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
     quantize_static(str(model_path), str(out_path), calibration_data_reader=None, quant_format=QuantFormat.QDQ,
                     op_types_to_quantize=["MatMul", "Conv"], per_channel=True, activation_type=QuantType.QInt8,
                     weight_type=QuantType.QInt8, nodes_to_quantize=list(nodes), use_external_data_format=True,
@@ -188,7 +209,6 @@ def quantize_graph(model_path: Path, out_path: Path, cache_path: Path, nodes: Se
                                    # (before the bias Add): a second rounding TensorRT does not need
                                    "OpTypesToExcludeOutputQuantization": ["MatMul", "Conv"]},
                     calibration_cache_path=str(cache_path))
-    return out_path
 
 
 def _attribute_tensors(graph: onnx.GraphProto):

@@ -54,3 +54,22 @@ def test_constant_with_external_data_is_read_back(tmp_path):
     onnx.checker.check_model(str(out))
     got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, (x + c) @ w, rtol=0.05, atol=0.05 * np.abs((x + c) @ w).max())
+
+
+def test_quantize_graph_keeps_onnxruntime_advice_out_of_the_output(tmp_path, caplog):
+    """onnxruntime.quantization's "Please consider pre-processing" (root logger, every call) does not reach
+    the user; the root logger's level is restored afterwards."""
+    import logging
+
+    path, _, _ = _graph_with_big_constant(tmp_path)
+    x = np.random.default_rng(1).standard_normal((8, 128)).astype(np.float32)
+    cache = tmp_path / "ranges.json"
+    Q.calibrate_ranges(path, [{"x": x}], cache)
+    (tmp_path / "q").mkdir()
+    level = logging.getLogger().level
+    with caplog.at_level(logging.WARNING):
+        logging.getLogger().setLevel(logging.WARNING)
+        Q.quantize_graph(path, tmp_path / "q" / "q.onnx", cache, ["mm"])
+        assert logging.getLogger().level == logging.WARNING
+    assert not [r for r in caplog.records if "pre-processing" in r.getMessage()], caplog.text
+    logging.getLogger().setLevel(level)
