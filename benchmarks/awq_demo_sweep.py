@@ -50,6 +50,10 @@ VARIANTS = {
     # llm-compressor's own grid options: ratio grid without the duo (activation/weight) scaling, or half and half
     "awq_asym_noduo": {"algorithm": "awq", "symmetric": False, "extra": {"duo_scaling": False}},
     "awq_asym_duoboth": {"algorithm": "awq", "symmetric": False, "extra": {"duo_scaling": "both"}},
+    # one mapping kind only (the others round-to-nearest): which of AWQ's mappings moves the held-out KL
+    "awq_asym_only_qkv": {"algorithm": "awq", "symmetric": False, "awq_only": "input_layernorm"},
+    "awq_asym_only_gateup": {"algorithm": "awq", "symmetric": False, "awq_only": "post_attention_layernorm"},
+    "awq_asym_only_down": {"algorithm": "awq", "symmetric": False, "awq_only": "up_proj"},
     "awq_asym_imatrix": {"algorithm": "awq", "symmetric": False, **IMATRIX},
     "awq_asym_imatrix_scaled": {"algorithm": "awq", "symmetric": False, **IMATRIX, "imatrix_scaled": True},
     "rtn_asym": {"algorithm": "rtn", "symmetric": False},
@@ -142,6 +146,23 @@ def _imatrix_in_awq_domain(enabled: bool):
         yield
 
 
+@contextlib.contextmanager
+def _only_mapping(smooth: str | None):
+    """Experiment: AWQ with only the mapping whose smooth layer is ``smooth`` (None: all of them)."""
+    from unittest import mock
+
+    from medlite.compress.int4 import llmc
+
+    if smooth is None:
+        yield
+        return
+    every = llmc._awq_mappings()
+    kept = [m for m in every if m.smooth_layer.endswith("*" + smooth + "(\\.inner)?$")]
+    assert len(kept) == 1, [m.smooth_layer for m in every]
+    with mock.patch.object(llmc, "_awq_mappings", lambda: kept):
+        yield
+
+
 def _llmc(ctx, path: Path, calib, out: Path, spec: dict) -> None:
     from medlite.checkpoints import load_model
     from medlite.build.contract import ExportPlan
@@ -154,7 +175,7 @@ def _llmc(ctx, path: Path, calib, out: Path, spec: dict) -> None:
     loaded = load_model(path, ctx=ctx)
     fields = {k: v for k, v in spec.items() if k in LlmcOptions.__dataclass_fields__}
     opts = LlmcOptions(group_size=GROUP, lm_head="int4", act_order=True, **fields)
-    with _imatrix_in_awq_domain(spec.get("imatrix_scaled", False)):
+    with _imatrix_in_awq_domain(spec.get("imatrix_scaled", False)), _only_mapping(spec.get("awq_only")):
         records = quantize_language_model(loaded.model, ForwardLoop(loaded, calib.samples, ctx=ctx), opts, ctx=None)
     plan = ExportPlan()
     plan.graph("decoder").swaps.append(("matmul_nbits", matmul_nbits_swap(pack_records(records))))

@@ -111,22 +111,31 @@ def _rtn(demo, group, symmetric):
 # vs RTN's 2.35e-4. A third build (same machine, torch kernels pinned to AVX2, 0.8542; docs/demo-model.md):
 # agreement 99.17 %, drop 0, KL 9.8e-4 vs RTN's 1.04e-3 — and there GPTQ g32 also lands one answer short
 # (99.375 %) while its KL is 0.06x RTN's. On the held-out slice AWQ's KL is 0.6-1.5x RTN's depending on
-# which 128 pairs calibrate it (docs/quantization-int4.md). Not strict: AWQ's KL advantage over RTN is not
-# robust (0.68-1.9x over three builds), so issue 14 stays open, and CI must not turn red on the machines
-# where it happens to pass.
-AWQ_MISS = pytest.mark.xfail(reason="AWQ g32 (asymmetric) meets the gate on some demo-model builds only (99.38 %, KL "
-                             "2.72e-4 > RTN's 1.43e-4 on one; 100 %, 1.60e-4 < 2.35e-4 on another; issue 14 open)",
-                             strict=False)
+# which 128 pairs calibrate it (docs/quantization-int4.md). AWQ's KL advantage over RTN is not robust
+# (0.68-1.9x over three builds): AWQ only rescales input channels, and this model has few salient ones to
+# protect (test_awq_salient.py shows AWQ removing such damage where it exists). So the issue's gate is
+# reported as an expected failure where it is missed (issue 14 stays open), while a floor that every
+# measured build clears with room and a broken AWQ does not (symmetric AWQ, the earlier configuration:
+# KL 4.5x RTN's, agreement 98.1 %) fails the test outright.
+AWQ_FLOOR = {"agreement": 0.99, "drop": 1.0, "kl_vs_rtn": 2.5}
 
 
 @pytest.mark.parametrize("algorithm,group,symmetric,min_agree,max_drop", [
     ("gptq", 32, True, 0.995, 0.5),
-    pytest.param("awq", 32, False, 0.995, 0.5, marks=AWQ_MISS),
+    ("awq", 32, False, 0.995, 0.5),
     ("gptq", 128, True, 0.99, None)])
 def test_w4a16_gates_and_no_worse_than_round_to_nearest(demo, algorithm, group, symmetric, min_agree, max_drop):
     ours, rtn = _w4a16(demo, algorithm, group, symmetric), _rtn(demo, group, symmetric)
     kind = "sym" if symmetric else "asym"
     print(f"{algorithm} g{group} {kind}: {ours}; RTN g{group} {kind}: {rtn}")
+    if algorithm == "awq":
+        assert ours["agreement"] >= AWQ_FLOOR["agreement"] and ours["drop"] <= AWQ_FLOOR["drop"], ours
+        assert ours["kl"] <= AWQ_FLOOR["kl_vs_rtn"] * rtn["kl"], (ours, rtn)
+        missed = [what for what, bad in (("agreement", ours["agreement"] < min_agree), ("drop", ours["drop"] > max_drop),
+                                         ("KL > RTN's", ours["kl"] > rtn["kl"])) if bad]
+        if missed:
+            pytest.xfail(f"AWQ g32 misses the issue-14 gate on this demo-model build ({', '.join(missed)}: {ours}, "
+                         f"RTN {rtn}); it meets it on some builds only (docs/quantization-int4.md)")
     assert ours["agreement"] >= min_agree, ours
     if max_drop is not None:
         assert ours["drop"] <= max_drop, ours
