@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Optional
 
+from medlite.units import human_bytes
+
 
 def release_memory() -> None:
     """Collect and return freed heap to the OS (glibc ``malloc_trim``).
@@ -157,7 +159,7 @@ def weights_on_disk(modules: Iterable, *, keep: Iterable = (), folder: Optional[
         spans = _write_raw(params, path)
         release_memory()
         if ctx is not None:
-            ctx.info(f"parked {path.stat().st_size / 1e9:.2f} GB of idle weights on disk")
+            ctx.info(f"parked {human_bytes(path.stat().st_size)} of idle weights on disk")
         try:
             yield
         finally:

@@ -138,12 +138,20 @@ def _cpu_safe_cache():
 
 @contextlib.contextmanager
 def _quiet_llmcompressor():
-    """llm-compressor logs every module it quantizes (loguru, INFO); our progress bar says enough."""
+    """llm-compressor logs every module it quantizes (loguru, INFO) and compressed-tensors draws a progress
+    bar of its own; our progress bar says enough."""
+    import functools
+    from unittest import mock
+
+    from llmcompressor.modifiers.quantization.quantization import mixin
     from loguru import logger
 
     logger.disable("llmcompressor")
+    # compressed-tensors draws its own tqdm bar ("Applying quantization config") over ours
+    quiet_apply = functools.partial(mixin.apply_quantization_config, show_progress=False)
     try:
-        yield
+        with mock.patch.object(mixin, "apply_quantization_config", quiet_apply):
+            yield
     finally:
         logger.enable("llmcompressor")
 
