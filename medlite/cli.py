@@ -271,6 +271,14 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     return rest, overrides
 
 
+def _model_hint(args, extra: list[str]) -> str:
+    """A stray folder on the command line of a command that takes ``--model``: say where it goes."""
+    if len(extra) != 1 or extra[0].startswith("-") or not Path(extra[0]).exists() or \
+            not hasattr(args, "model"):
+        return ""
+    return f" (a model or artifact folder goes after --model: medlite {args.command} --model {extra[0]})"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: parse, build the run context, dispatch, turn MedliteError into exit code 2."""
     parser = build_parser()
@@ -279,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra and args.command == "ask" and not any(x.startswith("-") for x in extra):
         args.args = list(args.args) + extra     # `ask ARTIFACT --image f "question"`: words after options
     elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        parser.error(f"unrecognized arguments: {' '.join(extra)}{_model_hint(args, extra)}")
     if overrides:
         args.overrides = list(args.overrides) + overrides
     key = _handler_key(args)

@@ -123,3 +123,15 @@ def test_eval_and_inspect_on_an_artifact_point_to_verify_and_ask(tmp_path, capsy
         assert main(cmd) == 2
         err = capsys.readouterr().err
         assert "is a medlite artifact" in err and f"medlite verify {art}" in err and "medlite ask" in err
+
+
+def test_a_stray_folder_is_pointed_to_model(tmp_path, capsys):
+    """`medlite bench ARTIFACT` (the folder without --model): the usage error says where it goes."""
+    with pytest.raises(SystemExit) as e:
+        main(["bench", str(tmp_path)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"medlite bench --model {tmp_path}" in err and "unrecognized arguments" in err
+    with pytest.raises(SystemExit):
+        main(["bench", str(tmp_path / "missing")])
+    assert "--model" not in capsys.readouterr().err.splitlines()[-1]

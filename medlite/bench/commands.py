@@ -89,14 +89,19 @@ def run_bench(args, ctx):
     return res, folder
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _table(r) -> str:
     rows = [("model", f"{r.model} ({r.kind}, {r.runtime}, {r.precision})"),
             ("prompt", f"{r.prompt_tokens} tokens · {r.question!r} · {r.image}"),
             ("image encode", f"{r.image_encode_ms:.1f} ms"), ("prefill", f"{r.prefill_ms:.1f} ms"),
             ("time to first token", f"{r.ttft_ms:.1f} ms"),
-            ("decode", f"{r.decode_tokens_per_s:.1f} tokens/s ({r.decode_steps} steps, {r.tokens} answer tokens)"),
+            ("decode", f"{r.decode_tokens_per_s:.1f} tokens/s ({_count(r.decode_steps, 'step')}, "
+                       f"{_count(r.tokens, 'answer token')})"),
             ("peak RSS", f"{r.peak_rss_bytes / 2**20:.0f} MiB"), ("threads", str(r.threads)),
-            ("runs", f"median of {r.runs} after {r.warmup} warm-up"), ("answer", repr(r.answer))]
+            ("runs", f"median of {r.runs} after {_count(r.warmup, 'warm-up')}"), ("answer", repr(r.answer))]
     return "\n".join(f"{k:>20}  {v}" for k, v in rows)
 
 
