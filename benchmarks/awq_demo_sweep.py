@@ -46,8 +46,6 @@ IMATRIX = {"observer": "imatrix_mse", "observer_kwargs": {"norm": 2.0}}
 # name -> LlmcOptions fields (algorithm, symmetric, extra, observer...) or {"ort": symmetric}
 VARIANTS = {
     "awq_asym": {"algorithm": "awq", "symmetric": False},
-    # the last layer's AWQ loss only on text positions (its outputs at image positions reach no logit)
-    "awq_asym_reach": {"algorithm": "awq", "symmetric": False, "awq_reachable_loss": True},
     "awq_asym_clip": {"algorithm": "awq", "symmetric": False, "awq_clip": True},
     # llm-compressor's own grid options: ratio grid without the duo (activation/weight) scaling, or half and half
     "awq_asym_noduo": {"algorithm": "awq", "symmetric": False, "extra": {"duo_scaling": False}},

@@ -48,7 +48,6 @@ class LlmcOptions:
     observer: Optional[str] = None   # weight observer (llm-compressor registry name); None: min-max
     observer_kwargs: dict = field(default_factory=dict)
     awq_clip: bool = False           # awq: AutoAWQ's clip search after the scales (awq_clip.py)
-    awq_reachable_loss: bool = False  # awq: last layer's loss only where its output can reach a logit
     extra: dict = field(default_factory=dict)
 
 
@@ -165,14 +164,12 @@ class _Captured(Exception):
     pass
 
 
-def _layer_inputs(model, loop) -> tuple[list[tuple[tuple, dict]], list, list]:
-    """(args, kwargs) of the first decoder layer for every calibration batch (real image tokens),
-    each batch's ``[batch, seq]`` attention mask (1 = real token, 0 = left padding) and its
-    ``[batch, seq]`` text mask (1 = a real token that is not an image embedding)."""
+def _layer_inputs(model, loop) -> tuple[list[tuple[tuple, dict]], list]:
+    """(args, kwargs) of the first decoder layer for every calibration batch (real image tokens), and
+    each batch's ``[batch, seq]`` attention mask (1 = real token, 0 = left padding)."""
     layers = model.model.language_model.layers
     seen: list = []
     masks: list = []
-    text: list = []
 
     def grab(_m, args, kwargs):
         seen.append((args, dict(kwargs)))
@@ -182,29 +179,24 @@ def _layer_inputs(model, loop) -> tuple[list[tuple[tuple, dict]], list, list]:
     try:
         for inp in loop.batches(model):
             masks.append(inp.attention_mask.detach().clone())
-            text.append(inp.attention_mask * (~inp.image_positions.bool()).to(inp.attention_mask.dtype))
             with torch.no_grad(), contextlib.suppress(_Captured):
                 model.model.language_model(inputs_embeds=inp.inputs_embeds, attention_mask=inp.attention_mask,
                                            position_ids=inp.position_ids, use_cache=False, return_dict=True)
     finally:
         handle.remove()
-    return seen, masks, text
+    return seen, masks
 
 
 def _hidden(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _run_sequential(model, cached: list, lm_head: bool, ctx, state=None, on_layer=None,
-                    last_loss_masks: Optional[list] = None) -> None:
+def _run_sequential(model, cached: list, lm_head: bool, ctx, state=None, on_layer=None) -> None:
     """Per decoder layer: calibrate (hooks on), quantize, propagate (hooks off). ``cached`` (from
     :func:`_layer_inputs`) is consumed: its entries become each layer's outputs. ``state`` (the session's)
     gets the batch index, which is how AWQ finds that batch's ``state.loss_masks`` entry.
     ``on_layer(layer, run)``, when given, runs after a layer is quantized and before it propagates;
-    ``run()`` runs that layer over the batches with llm-compressor's hooks off (AWQ's clip search).
-    ``last_loss_masks``, when given, replace ``state.loss_masks`` while the last decoder layer is
-    quantized (after its statistics were gathered): AWQ's loss for that layer then counts only those
-    positions."""
+    ``run()`` runs that layer over the batches with llm-compressor's hooks off (AWQ's clip search)."""
     from llmcompressor.core import LifecycleCallbacks
     from llmcompressor.modifiers.utils.hooks import HooksMixin
 
@@ -222,8 +214,7 @@ def _run_sequential(model, cached: list, lm_head: bool, ctx, state=None, on_laye
                 LifecycleCallbacks.sequential_epoch_end([model.lm_head, *model.lm_head.modules()])
             else:
                 _replay(layer, states, state)
-                with _loss_masks(state, last_loss_masks if layer is layers[-1] else None):
-                    LifecycleCallbacks.sequential_epoch_end(list(layer.modules()))
+                LifecycleCallbacks.sequential_epoch_end(list(layer.modules()))
                 if on_layer is not None:
                     on_layer(layer, lambda layer=layer: _replay(layer, states, state, hooks=False))
                 with HooksMixin.disable_hooks():
@@ -234,20 +225,6 @@ def _run_sequential(model, cached: list, lm_head: bool, ctx, state=None, on_laye
                         states[i] = ((_hidden(layer(*args, **kw)), *args[1:]), kw)
             if advance:
                 advance(1)
-
-
-@contextlib.contextmanager
-def _loss_masks(state, masks: Optional[list]):
-    """``state.loss_masks = masks`` for the duration (nothing when ``masks`` is None)."""
-    if masks is None:
-        yield
-        return
-    kept = state.loss_masks
-    state.loss_masks = masks
-    try:
-        yield
-    finally:
-        state.loss_masks = kept
 
 
 def _replay(layer, states: list, state, hooks: bool = True) -> None:
@@ -299,7 +276,7 @@ def quantize_language_model(model, loop, opts: LlmcOptions, *, ctx=None, on_quan
             by_bits.setdefault(head_bits, []).append(mapping["lm_head"])
         with create_session() as session, _cpu_safe_cache(), _quiet_llmcompressor():
             session.initialize(model=model, start=-1, recipe=_modifiers(by_bits, opts))
-            cached, masks, text = _layer_inputs(model, loop)
+            cached, masks = _layer_inputs(model, loop)
             if not cached:
                 raise ValueError("no calibration batches: the calibration set is empty")
             release_memory()    # the vision forward's activations: freed, but glibc keeps them mapped
@@ -310,8 +287,7 @@ def quantize_language_model(model, loop, opts: LlmcOptions, *, ctx=None, on_quan
             with calibration_forward_context(model), DisableQuantization(model), \
                     weights_on_disk(_idle_during_layers(model), keep=[model.lm_head], ctx=ctx):
                 _run_sequential(model, cached, head_bits is not None, ctx, state=session.state,
-                                on_layer=_clip_step(opts, masks, session.state),
-                                last_loss_masks=text if opts.awq_reachable_loss else None)
+                                on_layer=_clip_step(opts, masks, session.state))
             del cached
             session.state.loss_masks = None
             LifecycleCallbacks.calibration_end()
