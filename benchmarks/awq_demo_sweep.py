@@ -159,7 +159,7 @@ def _only_mapping(smooth: str | None):
     every = llmc._awq_mappings()
     kept = [m for m in every if m.smooth_layer.endswith("*" + smooth + "(\\.inner)?$")]
     assert len(kept) == 1, [m.smooth_layer for m in every]
-    with mock.patch.object(llmc, "_awq_mappings", lambda: kept):
+    with mock.patch.object(llmc, "_awq_mappings", lambda *_: kept):
         yield
 
 

@@ -69,7 +69,7 @@ def _gptq_actorder(opts: LlmcOptions):
     return "weight" if opts.act_order else None
 
 
-def _modifiers(names_by_bits: dict[int, list[str]], opts: LlmcOptions) -> list:
+def _modifiers(names_by_bits: dict[int, list[str]], opts: LlmcOptions, wrapped: frozenset = frozenset()) -> list:
     groups = {f"group_{b}": {"targets": ["re:^" + "$|^".join(re.escape(n) for n in names) + "$"],
                              **_scheme(b, opts)} for b, names in names_by_bits.items() if names}
     if opts.algorithm == "gptq":
@@ -83,7 +83,7 @@ def _modifiers(names_by_bits: dict[int, list[str]], opts: LlmcOptions) -> list:
     if opts.algorithm == "awq":
         from llmcompressor.modifiers.transform.awq import AWQModifier
 
-        mods.insert(0, AWQModifier(mappings=_awq_mappings(), **opts.extra))
+        mods.insert(0, AWQModifier(mappings=_awq_mappings(wrapped), **opts.extra))
     elif opts.algorithm != "rtn":
         raise ValueError(f"algorithm {opts.algorithm!r}: use gptq, awq or rtn")
     return mods
@@ -98,22 +98,43 @@ def _clip_step(opts: LlmcOptions, masks: list, state):
     return lambda layer, run: clip_layer(layer, run, masks, state)
 
 
-def _scoped(pattern: str) -> str:
+def _scoped(pattern: str, not_these: str = "") -> str:
     # "re:.*q_proj$" -> only inside the language model; a padded layer's quantized Linear is ".inner"
     body = pattern[len("re:"):].lstrip(".*").rstrip("$")
-    return rf"re:.*language_model\..*{body}(\.inner)?$"
+    return rf"re:{not_these}.*language_model\..*{body}(\.inner)?$"
 
 
-def _awq_mappings() -> list:
+def _awq_mappings(wrapped: frozenset = frozenset()) -> list:
     """llm-compressor's default (Llama-style) AWQ mappings, scoped to the language model.
 
     Unscoped, ``.*q_proj$`` also matches SigLIP's attention, which misaligns llm-compressor's mapping
-    sets ("AWQ needs to match a single smoothlayer for each mapping").
+    sets ("AWQ needs to match a single smoothlayer for each mapping"). ``wrapped``: names of
+    :class:`PaddedLinear` wrappers, which AWQ must not see (it edits ``.weight``, which a wrapper does not
+    have). As a smooth layer, a padded layer's ``.inner`` Linear stands in (AWQ divides its output rows;
+    the padding is on its inputs). As a balance layer it cannot (its ``.inner`` takes more inputs than
+    the smooth layer gives), so that mapping is left out in that decoder layer (llm-compressor matches
+    smooth and balance layers as complete sets); :func:`quantize_language_model` warns about it.
     """
     from llmcompressor.modifiers.transform.awq.mappings import AWQMapping, default_mappings
 
-    return [AWQMapping(_scoped(m.smooth_layer), [_scoped(b) for b in m.balance_layers], m.activation_hook_target)
-            for m in default_mappings]
+    def kind(pattern: str) -> str:
+        return pattern[len("re:"):].lstrip(".*").rstrip("$")
+
+    no_wrapper = "(?!(?:" + "|".join(re.escape(n) for n in sorted(wrapped)) + ")$)" if wrapped else ""
+    out = []
+    for m in default_mappings:
+        kinds = tuple("." + kind(b) for b in m.balance_layers)
+        layers = sorted({_decoder_layer(n) for n in wrapped if n.endswith(kinds) and _decoder_layer(n)})
+        skip = no_wrapper + ("(?!" + "|".join(re.escape(p) for p in layers) + ")" if layers else "")
+        out.append(AWQMapping(_scoped(m.smooth_layer, skip), [_scoped(b, skip) for b in m.balance_layers],
+                              m.activation_hook_target))
+    return out
+
+
+def _decoder_layer(name: str) -> str:
+    """``model.language_model.layers.3.mlp.down_proj`` -> ``model.language_model.layers.3.`` ("" outside one)."""
+    found = re.match(r"^(.*\.layers\.\d+\.)", name)
+    return found.group(1) if found else ""
 
 
 @contextlib.contextmanager
@@ -239,6 +260,19 @@ def _replay(layer, states: list, state, hooks: bool = True) -> None:
     state.current_batch_idx = -1
 
 
+def _warn_unscaled(opts: LlmcOptions, wrapped: frozenset, ctx) -> None:
+    """AWQ gives no scales to layers quantized zero-padded (their input width is not a multiple of the
+    group size): say so, they are round-to-nearest."""
+    unscaled = sorted(n for n in wrapped if n != "lm_head")
+    if opts.algorithm != "awq" or not unscaled or ctx is None:
+        return
+    kinds = sorted({n.rsplit(".", 1)[-1] for n in unscaled})
+    ctx.warn(f"awq: {len(unscaled)} layer(s) ({', '.join(kinds)}) take an input width that is not a multiple of "
+             f"group_size {opts.group_size}; they are quantized zero-padded and AWQ cannot scale them "
+             "(llm-compressor needs a balance layer's inputs to equal its smooth layer's outputs): "
+             "round-to-nearest for those; a group_size dividing every width keeps AWQ on all layers")
+
+
 def _idle_during_layers(model) -> list:
     """What the layer-by-layer loop never runs once the first layer's inputs are captured: the vision
     tower, the projector and the token embeddings (1.9 GB fp32 at full size, parked on disk meanwhile;
@@ -275,7 +309,9 @@ def quantize_language_model(model, loop, opts: LlmcOptions, *, ctx=None, on_quan
         if head_bits:
             by_bits.setdefault(head_bits, []).append(mapping["lm_head"])
         with create_session() as session, _cpu_safe_cache(), _quiet_llmcompressor():
-            session.initialize(model=model, start=-1, recipe=_modifiers(by_bits, opts))
+            wrapped = frozenset(n for n, q in mapping.items() if q != n)
+            _warn_unscaled(opts, wrapped, ctx)
+            session.initialize(model=model, start=-1, recipe=_modifiers(by_bits, opts, wrapped))
             cached, masks = _layer_inputs(model, loop)
             if not cached:
                 raise ValueError("no calibration batches: the calibration set is empty")

@@ -29,6 +29,7 @@ def rules(index: int, opts, view):
     * ``act_order: true`` written with awq/rtn is an error (a GPTQ option; its default, true, is
       ignored by them); ``algorithm``/``act_order`` without ``llm: w4a16`` do nothing (warning);
     * awq with ``symmetric: true`` is a warning (measured worse than asymmetric, see the docs);
+    * awq with a quantized lm_head is a warning (lm_head is round-to-nearest: AWQ cannot reach it);
     * ``lm_head: int8`` with w4a16 is a warning (MatMulNBits bits=8 is slow on ONNX Runtime's CPU kernel);
     * a target whose runtimes cannot run INT4 is an error.
     """
@@ -47,6 +48,11 @@ def rules(index: int, opts, view):
         warnings.append(f"stages[{index}].quantize: awq with symmetric: true — compressed-tensors' symmetric int4 "
                         "grid clips each group's largest weight and AWQ only rescales channels (demo model g32: "
                         "agreement 98.1 % symmetric vs 99.4 % asymmetric); AWQ's usual form is symmetric: false "
+                        "(docs/quantization-int4.md)")
+    if opts.algorithm == "awq" and getattr(opts, "lm_head", None) in ("int4", "int8"):
+        warnings.append(f"stages[{index}].quantize.lm_head: {opts.lm_head} with awq is round-to-nearest — AWQ has "
+                        "no mapping into lm_head (llm-compressor 0.14 switches lm_head off while it calibrates), "
+                        "so only the decoder layers get AWQ's scales; gptq quantizes lm_head with GPTQ "
                         "(docs/quantization-int4.md)")
     if getattr(opts, "llm", None) == "w4a16" and getattr(opts, "lm_head", None) == "int8":
         warnings.append(f"stages[{index}].quantize.lm_head: int8 is MatMulNBits bits=8, which onnxruntime's CPU "

@@ -11,6 +11,8 @@ tensors. The decoder graph is marked ONNX-Runtime-only: TensorRT 8.5 has no INT4
 """
 from __future__ import annotations
 
+from typing import Optional
+
 from medlite.compress.int4.rules import INT4_RUNTIME_REASON
 
 FORMAT = "com.microsoft.MatMulNBits"
@@ -83,7 +85,7 @@ def quantization_record(opts, packed: dict, samples: int) -> dict:
     bits = sorted({p.bits for p, _ in packed.values()})
     return {"method": "w4a16", "format": FORMAT, "algorithm": opts.algorithm, "group_size": int(opts.group_size),
             "symmetric": bool(opts.symmetric), "act_order": bool(opts.act_order and opts.algorithm == "gptq"),
-            "lm_head": opts.lm_head, "bits": bits, "layers": len(packed),
+            "lm_head": opts.lm_head, "lm_head_algorithm": _head_algorithm(opts), "bits": bits, "layers": len(packed),
             "packed_bytes": int(sum(p.nbytes() for p, _ in packed.values())),
             "calibration_samples": int(samples), "libraries": _versions(),
             "compute": getattr(opts, "int4_compute", "fp32"),
@@ -143,17 +145,27 @@ def apply_w4a16(state, index: int, opts):
                  "activation block to int8 inside MatMulNBits (accuracy_level 4): faster on CPU, not exact W4A16; "
                  "the check stage measures the result")
     after = plan.quantization["packed_bytes"]
-    head = "" if opts.lm_head == "fp16" else f", lm_head {opts.lm_head}"
+    head = "" if opts.lm_head == "fp16" else f", lm_head {opts.lm_head}" + (
+        " (round-to-nearest)" if _head_algorithm(opts) == "rtn" and opts.algorithm != "rtn" else "")
     summary = (f"LLM W4A16 {opts.algorithm.upper()} g{opts.group_size} "
                f"{'sym' if opts.symmetric else 'asym'}{head}: {len(packed)} Linear → MatMulNBits, "
                f"{before / 1e6:.1f} → {after / 1e6:.1f} MB · {len(loop)} calibration samples · ONNX Runtime only")
     report = [f"- language model: {len(packed)} Linear layers → `{FORMAT}` ({opts.algorithm}, group "
               f"{opts.group_size}, {'symmetric' if opts.symmetric else 'asymmetric'}"
-              f"{', act-order' if opts.act_order and opts.algorithm == 'gptq' else ''}), lm_head {opts.lm_head}",
+              f"{', act-order' if opts.act_order and opts.algorithm == 'gptq' else ''}), lm_head {opts.lm_head}"
+              f"{'' if opts.lm_head == 'fp16' else ' (' + _head_algorithm(opts) + ')'}",
               f"- calibrated on {len(loop)} image + question pairs through the whole VLM (real image tokens)",
               f"- decoder.onnx runs on ONNX Runtime only: {INT4_RUNTIME_REASON}"]
     return StageResult(summary=summary, changed=sorted(packed), bytes_before=before, bytes_after=after,
                        manifest={"w4a16": plan.quantization}, report=report)
+
+
+def _head_algorithm(opts) -> Optional[str]:
+    """How lm_head is quantized: None (fp16), or the stage's algorithm — except AWQ, which has no mapping
+    into lm_head (llm-compressor switches lm_head off while calibrating), so lm_head is round-to-nearest."""
+    if opts.lm_head == "fp16":
+        return None
+    return "rtn" if opts.algorithm == "awq" else opts.algorithm
 
 
 def _target_names(model, opts) -> list:

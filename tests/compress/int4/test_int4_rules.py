@@ -59,6 +59,14 @@ def test_symmetric_awq_is_warned_about():
     assert len(warnings) == 1 and "symmetric: false" in warnings[0]
 
 
+def test_awq_with_a_quantized_lm_head_says_it_is_round_to_nearest():
+    for head in ("int4", "int8"):
+        _, warnings = rules(0, _opts(algorithm="awq", symmetric=False, lm_head=head), _view("cpu-x86_64"))
+        assert any(f"lm_head: {head} with awq is round-to-nearest" in w for w in warnings), warnings
+    assert rules(0, _opts(algorithm="awq", symmetric=False), _view("cpu-x86_64")) == ([], [])
+    assert rules(0, _opts(lm_head="int4"), _view("cpu-x86_64")) == ([], [])
+
+
 def test_plan_bytes_of_the_full_size_shape():
     sizes = SimpleNamespace(text={"hidden_size": 2048, "intermediate_size": 5632, "num_attention_heads": 32,
                                   "num_layers": 22, "num_kv_heads": 4, "head_dim": 64})

@@ -120,6 +120,7 @@ def test_stage_registers_swap_and_runtime(cctx, tiny_path, calib):
     rec = plan.quantization
     assert rec["format"] == "com.microsoft.MatMulNBits" and rec["calibration_samples"] == 4
     assert rec["bits"] == [4, 8] and rec["layers"] == 15 and rec["group_size"] == 128
+    assert rec["lm_head"] == "int8" and rec["lm_head_algorithm"] == "rtn"
     assert 0 < res.bytes_after < res.bytes_before and res.ok and len(res.changed) == 15
     model = loaded.model
     installed = [n for n, m in model.named_modules() if isinstance(m, MatMulNBitsLinear)]
@@ -139,6 +140,15 @@ def test_stage_registers_swap_and_runtime(cctx, tiny_path, calib):
     big = [t.name for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2
            and min(t.dims) > 32]
     assert not big, f"fp32 weight matrices left in the MatMulNBits decoder: {big}"
+
+
+def test_awq_says_its_lm_head_is_round_to_nearest():
+    """AWQ cannot reach lm_head: the record, the stage line and the report say how lm_head was quantized."""
+    from medlite.compress.int4.stage import _head_algorithm
+
+    opts = lambda alg, head: SimpleNamespace(algorithm=alg, lm_head=head)  # noqa: E731
+    assert _head_algorithm(opts("awq", "int4")) == "rtn" and _head_algorithm(opts("gptq", "int4")) == "gptq"
+    assert _head_algorithm(opts("awq", "fp16")) is None
 
 
 def test_swap_restores_linear_layers(cctx, tiny_path, calib, quantized):
@@ -214,3 +224,35 @@ def test_quantization_draws_no_progress_bar_of_its_own(cctx, tiny_path, calib, c
         out, err = capfd.readouterr()
         for noise in ("Applying quantization config", "Smoothing", "Grid search", "INFO"):
             assert noise not in out + err, (algorithm, out + err)
+
+
+def test_awq_with_padded_layers_scales_what_it_can_and_says_what_it_cannot(tiny_path, calib, tmp_path):
+    """Group 128 on the tiny model (hidden 64): every layer reading the hidden state is quantized zero-padded,
+    so AWQ cannot scale q/k/v/o/gate/up (a wrapper has no ``.weight``; its padded inner takes more inputs
+    than the smooth layer gives) and warns; up_proj -> down_proj (K = 128) keeps AWQ, with the padded
+    up_proj's inner Linear as the smooth layer. The decoder still equals the fake-quant forward."""
+    from medlite.calibration.forward import ForwardLoop
+    from medlite.checkpoints import load_model
+    from medlite.compress.int4.llmc import LlmcOptions, quantize_language_model
+    from medlite.context import RunContext
+
+    ctx = RunContext(quiet=True)
+    seen, records = {}, {}
+    for algorithm in ("rtn", "awq"):
+        loaded = load_model(tiny_path, ctx=ctx)
+        loop = ForwardLoop(loaded, calib.samples[:8], batch_size=4)
+        probe = loop.batch(calib.samples[8:10])
+        records[algorithm] = quantize_language_model(
+            loaded.model, loop, LlmcOptions(algorithm, 128, symmetric=False), ctx=ctx,
+            on_quantized=lambda m, a=algorithm: seen.__setitem__(a, _probe_logits(m, probe)))
+    (warning,) = [w for w in ctx.warnings if w.startswith("awq:")]
+    assert "12 layer(s) (gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj)" in warning, warning
+    down = "model.language_model.layers.0.mlp.down_proj"
+    up = "model.language_model.layers.0.mlp.up_proj"
+    assert not torch.equal(records["awq"][down].dequantized(), records["rtn"][down].dequantized())   # scaled
+    q = "model.language_model.layers.0.self_attn.q_proj"
+    assert torch.equal(records["awq"][q].qweight, records["rtn"][q].qweight)                           # not scaled
+    assert records["awq"][up].shape == records["rtn"][up].shape == (128, 64)
+    _, path = export_decoder(loaded, records["awq"], tmp_path)
+    rel = max_rel(ort_logits(path, loaded, probe), seen["awq"], probe.attention_mask.bool().numpy())
+    assert rel <= 1e-3, rel
