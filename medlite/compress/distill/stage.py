@@ -98,7 +98,7 @@ def _report(opts, res, before: dict, after: dict, teacher: dict, n_train: int, n
     if before:
         lines += [f"Held-out calibration slice ({n_held} pairs, image-disjoint from training):", "",
                   "| | teacher | student before | student after |", "|---|---:|---:|---:|"]
-        lines.append(f"| answer-token KL (nats) | 0 | {res.evals[0][1]:.4f} | {res.best_eval:.4f} |")
+        lines.append(f"| answer-token KL (nats) | 0 | {res.evals[0][1]:.3g} | {res.best_eval:.3g} |")
         for k in ("agreement", "closed_accuracy"):
             t = teacher.get(k)
             lines.append(f"| {k.replace('_', ' ')} | {'–' if t is None else f'{t:.3f}'} | "
@@ -146,7 +146,7 @@ def run(state, index: int, opts: DistillOptions) -> StageResult:
     after = metric(student)
     nbytes = student.param_breakdown()["total"]["bytes"]
     summary = (f"{res.steps_run} steps on {len(examples)} pairs · held-out KL "
-               + (f"{res.evals[0][1]:.4f} → {res.best_eval:.4f}" if res.evals else "n/a")
+               + (f"{res.evals[0][1]:.3g} → {res.best_eval:.3g}" if res.evals else "n/a")
                + (f" · agreement {before['agreement']:.3f} → {after['agreement']:.3f}" if before else "")
                + f" · {res.samples_per_s:.1f} samples/s")
     manifest = {"options": opts.model_dump(), "trained": parts, "train_pairs": len(examples), "heldout_pairs": len(held),
