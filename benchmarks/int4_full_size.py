@@ -119,13 +119,15 @@ t1 = time.perf_counter()
 state = BuildState(ctx=ctx, recipe=None, target=None, work=None, source=None, model=loaded, calibration=calib)
 with rss.phase("apply_w4a16"):
     res = apply_w4a16(state, 0, QuantizeOptions(vision="fp16", llm="w4a16", lm_head=head, algorithm=algorithm,
-                                                int4_compute=compute, group_size=128, symmetric=True))
+                                                int4_compute=compute, group_size=128,
+                                                symmetric=algorithm != "awq"))
 t2 = time.perf_counter()
 with rss.phase("export_onnx"):
     export_onnx(loaded, out, ctx=ctx, precision="fp32", allow_trt_issues=True, plan=state.export_plan)
 t3 = time.perf_counter()
 rss.__exit__()
-print(json.dumps({"act_order": QuantizeOptions().act_order, "load_s": t1 - t0, "gptq_s": t2 - t1, "export_s": t3 - t2,
+print(json.dumps({"act_order": QuantizeOptions().act_order, "load_s": t1 - t0, "gptq_s": t2 - t1, "quantize_s": t2 - t1,
+                  "export_s": t3 - t2,
                   "total_s": t3 - t0, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                   "peak_rss_gb_by_phase": rss.to_dict(), "summary": res.summary, "seconds": SECONDS}))
 """
@@ -272,9 +274,10 @@ def main() -> int:
     ap.add_argument("--build-key", default=None,
                     help="results key of the build step (default: build[_ALGORITHM][_COMPUTE]; the GPTQ-alone "
                          "ratio is computed from 'build' only)")
-    ap.add_argument("--algorithm", default="gptq", choices=["gptq", "rtn"],
+    ap.add_argument("--algorithm", default="gptq", choices=["gptq", "rtn", "awq"],
                     help="build: rtn makes a speed-only export fast (same MatMulNBits graph as GPTQ's: "
-                         "ops, bits, block size and initializer shapes; no calibration)")
+                         "ops, bits, block size and initializer shapes; no calibration); awq runs asymmetric "
+                         "(its usual form), to time it")
     a = ap.parse_args()
     work, steps = Path(a.work), set(a.steps.split(","))
     work.mkdir(parents=True, exist_ok=True)
