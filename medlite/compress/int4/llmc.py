@@ -98,10 +98,14 @@ def _clip_step(opts: LlmcOptions, masks: list, state):
     return lambda layer, run: clip_layer(layer, run, masks, state)
 
 
+def _kind(pattern: str) -> str:
+    """``"re:.*q_proj$"`` (llm-compressor's mapping pattern) -> ``"q_proj"``."""
+    return pattern[len("re:"):].lstrip(".*").rstrip("$")
+
+
 def _scoped(pattern: str, not_these: str = "") -> str:
     # "re:.*q_proj$" -> only inside the language model; a padded layer's quantized Linear is ".inner"
-    body = pattern[len("re:"):].lstrip(".*").rstrip("$")
-    return rf"re:{not_these}.*language_model\..*{body}(\.inner)?$"
+    return rf"re:{not_these}.*language_model\..*{_kind(pattern)}(\.inner)?$"
 
 
 def _awq_mappings(wrapped: frozenset = frozenset()) -> list:
@@ -117,14 +121,11 @@ def _awq_mappings(wrapped: frozenset = frozenset()) -> list:
     """
     from llmcompressor.modifiers.transform.awq.mappings import AWQMapping, default_mappings
 
-    def kind(pattern: str) -> str:
-        return pattern[len("re:"):].lstrip(".*").rstrip("$")
-
     no_wrapper = "(?!(?:" + "|".join(re.escape(n) for n in sorted(wrapped)) + ")$)" if wrapped else ""
     out = []
     for m in default_mappings:
-        kinds = tuple("." + kind(b) for b in m.balance_layers)
-        layers = sorted({_decoder_layer(n) for n in wrapped if n.endswith(kinds) and _decoder_layer(n)})
+        kinds = tuple("." + _kind(b) for b in m.balance_layers)
+        layers = sorted({_decoder_layer(n) for n in wrapped if n.endswith(kinds)} - {""})
         skip = no_wrapper + ("(?!" + "|".join(re.escape(p) for p in layers) + ")" if layers else "")
         out.append(AWQMapping(_scoped(m.smooth_layer, skip), [_scoped(b, skip) for b in m.balance_layers],
                               m.activation_hook_target))
