@@ -27,14 +27,51 @@ def sha256_file(path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux ``/proc``)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)      # elsewhere: the classic set-and-restore
+    os.umask(mask)
+    return mask
+
+
+def _public_mode(is_dir: bool, mode: int) -> int:
+    """The mode an ordinary ``open``/``mkdir`` would have given: 0666 (0777 for folders and
+    executables) minus the umask. tempfile's 0600/0700 are for the staging phase only."""
+    full = 0o777 if is_dir or mode & 0o100 else 0o666
+    return full & ~current_umask()
+
+
+def publish_modes(path) -> Path:
+    """Give ``path`` (a file, or a folder and everything in it) the umask's modes before it is
+    renamed into place, so the temporary file's or folder's private mode does not survive."""
+    path = Path(path)
+    todo = [path]
+    if path.is_dir() and not path.is_symlink():
+        todo += [p for p in path.rglob("*") if not p.is_symlink()]
+    for p in todo:
+        st = p.stat()
+        os.chmod(p, _public_mode(p.is_dir(), st.st_mode))
+    return path
+
+
 def write_bytes_atomic(path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary sibling + ``os.replace`` (readers never see a partial file)."""
+    """Write ``data`` to ``path`` through a temporary sibling + ``os.replace`` (readers never see a partial file).
+
+    The file gets the umask's mode (like ``open``), not the temporary file's private 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            os.fchmod(f.fileno(), _public_mode(False, 0))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -75,12 +112,14 @@ def replace_into_place(tmp, final) -> Path:
 @contextlib.contextmanager
 def staged_folder(final) -> Iterator[Path]:
     """Yield an empty temporary folder next to ``final``; renamed into place when the block succeeds,
-    removed when it raises."""
+    removed when it raises. The folder and what was written in it get the umask's modes first
+    (:func:`publish_modes`): mkdtemp's 0700 and tempfile-written 0600 files stay private only while staged."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
+        publish_modes(tmp)
         replace_into_place(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -106,3 +106,32 @@ def test_console_does_not_wrap_when_not_a_terminal(tmp_path):
     assert "x" * 150 + " end" in lines
     assert any(line.endswith("y" * 150 + " end") for line in lines)
     assert any(("z" * 150 + " end") in line and line.startswith("✓") for line in lines)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_outputs_get_the_umask_modes_not_private_ones(tmp_path, umask):
+    """Issue 26 #12: tempfile's 0600 / mkdtemp's 0700 must not survive the rename into place."""
+    import stat
+    import tempfile
+
+    old = os.umask(umask)
+    try:
+        write_json_atomic(tmp_path / "eval.json", {"a": 1})
+        final = tmp_path / "out"
+        with staged_folder(final) as tmp:
+            fd, name = tempfile.mkstemp(dir=tmp)            # how safetensors / tempfile writers leave files: 0600
+            os.close(fd)
+            os.rename(name, tmp / "model.safetensors")
+            (tmp / "sub").mkdir(mode=0o700)
+            (tmp / "run.sh").write_text("#!/bin/sh\n")
+            (tmp / "run.sh").chmod(0o700)
+    finally:
+        os.umask(old)
+
+    def mode(p):
+        return stat.S_IMODE(p.stat().st_mode)
+    assert mode(tmp_path / "eval.json") == 0o666 & ~umask
+    assert mode(final) == 0o777 & ~umask
+    assert mode(final / "sub") == 0o777 & ~umask
+    assert mode(final / "model.safetensors") == 0o666 & ~umask
+    assert mode(final / "run.sh") == 0o777 & ~umask       # executables stay executable
