@@ -1,0 +1,193 @@
+"""The README and docs walk-through, re-run as a new user would (issue 26).
+
+Every command line in a fenced shell block of README.md and docs/*.md that starts with ``medlite``
+or ``.venv/bin/medlite`` (``$ medlite …`` in a ``console`` block) is collected and run as written,
+in a folder laid out like a fresh clone after ``make demo``: ``recipes/`` and the
+``artifacts/micro-tinyllava-med/xavier-agx-int8`` artifact, built there by the command ``make demo``
+runs. A command passes when it exits 0 and prints no traceback; ``serve`` passes when it prints its
+URL (it would run until Ctrl-C).
+
+Every collected command runs unless NOT_RUN lists it with the reason, so a command added to the docs
+is run by default. The two placeholders the docs use for "your artifact" and "your checkpoint" are
+replaced by the demo's own (PLACEHOLDERS); any other placeholder fails until it is listed.
+"""
+from __future__ import annotations
+
+import re
+import select
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+SHELL_BLOCKS = {"", "bash", "sh", "shell", "console"}
+COMMAND = re.compile(r"^(?:\.venv/bin/)?medlite(?:\s|$)")
+FENCE = re.compile(r"^\s*(```+|~~~+)\s*([\w-]*)")
+DEMO_ARTIFACT = "artifacts/micro-tinyllava-med/xavier-agx-int8"
+MAKE_DEMO = ["build", "recipes/xavier-agx-int8.yaml"]  # what `make demo` runs (Makefile)
+CLI = [sys.executable, "-m", "medlite.cli"]
+TIMEOUT_S = 900
+
+# Commands that are not run, by their text (comment removed, words joined by one space), each with
+# the reason. Keep this short: everything else in the docs is run.
+NOT_RUN = {
+    ".venv/bin/medlite build recipes/xavier-agx-fp16.yaml --model ./TinyLLaVA-Med "
+    "--vision-tower ./siglip-so400m-patch14-384":
+        "a full-size checkpoint and vision tower the user downloads; hours on CPU",
+    "medlite inspect path/to/adapter --base path/to/base":
+        "a LoRA adapter and base the user supplies (LoRA inspect: tests/checkpoints)",
+    "medlite build xavier-agx-fp16 --model path/to/adapter --base path/to/base":
+        "a LoRA adapter and base the user supplies (LoRA builds: tests/checkpoints)",
+    "medlite build recipes/xavier-agx-fp16.yaml export.precision=fp32 check.min_agreement=0.99 --model ckpt/":
+        "the user's checkpoint (ckpt/); a build (shipped recipes on the demo model: tests/test_build_demo.py)",
+}
+
+# Words the docs use for a path the user fills in -> what the walk-through fills in.
+PLACEHOLDERS = {
+    "OUT/<model>/<recipe>": DEMO_ARTIFACT,
+    "CKPT": "{demo_model}",
+}
+
+
+@dataclass(frozen=True)
+class DocCommand:
+    """One command line a user can copy from the docs."""
+
+    where: str  # "docs/serve.md:10"
+    text: str  # the command as written, without its prompt and comment
+
+    @property
+    def words(self) -> list[str]:
+        """The command's words, as a POSIX shell splits them."""
+        return shlex.split(self.text)
+
+
+def _without_comment(line: str) -> str:
+    """`line` up to a shell comment (`#` at the start of a word)."""
+    lexer = shlex.shlex(line, posix=True, punctuation_chars=False)
+    lexer.whitespace_split = True
+    lexer.commenters = "#"
+    return " ".join(lexer)
+
+
+def commands_in(path: Path) -> list[DocCommand]:
+    """The medlite command lines in `path`'s fenced shell blocks (continuation lines joined)."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    found, fence, info, i = [], None, None, 0
+    while i < len(lines):
+        line, i = lines[i], i + 1
+        m = FENCE.match(line)
+        if m and (fence is None or m.group(1)[0] == fence[0] and len(m.group(1)) >= len(fence)):
+            fence, info = (m.group(1), m.group(2).lower()) if fence is None else (None, None)
+            continue
+        if fence is None or info not in SHELL_BLOCKS:
+            continue
+        text, start = line.strip(), i
+        if info == "console" and not text.startswith("$ "):
+            continue  # console blocks: output lines have no prompt
+        text = text[2:] if text.startswith("$ ") else text
+        while text.endswith("\\") and i < len(lines):
+            text, i = text[:-1] + " " + lines[i].strip(), i + 1
+        if COMMAND.match(text):
+            found.append(DocCommand(f"{path.relative_to(ROOT)}:{start}", _without_comment(text)))
+    return found
+
+
+ALL_COMMANDS = [c for p in DOC_FILES for c in commands_in(p)]
+TO_RUN = [c for c in ALL_COMMANDS if c.text not in NOT_RUN]
+
+
+# --- the collector (fast) ---------------------------------------------------------------------------
+
+def test_collector_reads_shell_blocks_prompts_and_continuations(tmp_path, monkeypatch):
+    doc = tmp_path / "x.md"
+    doc.write_text(
+        "```\nmake demo\n.venv/bin/medlite verify a/b    # latest\n```\n"
+        "```python\nmedlite = 1\n```\n"
+        "```console\n$ medlite plan r.yaml \\\n    --model m\nmedlite output line\n```\n"
+        "```bash\nmedlite recipes ls\n```\n"
+        "`medlite inline`\n```yaml\nmedlite: x\n```\n",
+        encoding="utf-8")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    got = [(c.where, c.text) for c in commands_in(doc)]
+    assert got == [("x.md:3", ".venv/bin/medlite verify a/b"),
+                   ("x.md:9", "medlite plan r.yaml --model m"),
+                   ("x.md:14", "medlite recipes ls")]
+
+
+def test_docs_have_commands_and_every_exclusion_is_still_in_the_docs():
+    texts = {c.text for c in ALL_COMMANDS}
+    assert any(c.where.startswith("README.md") for c in ALL_COMMANDS)
+    stale = sorted(set(NOT_RUN) - texts)
+    assert not stale, f"NOT_RUN lists commands no longer in the docs: {stale}"
+    assert len(TO_RUN) >= 3, [c.text for c in ALL_COMMANDS]
+
+
+# --- the walk-through (slow: builds the demo artifact as `make demo` does) --------------------------
+
+@pytest.fixture(scope="module")
+def walkthrough(tmp_path_factory) -> dict:
+    """A folder like a fresh clone after `make demo`; returns {"cwd", "demo_model"}."""
+    cwd = tmp_path_factory.mktemp("walkthrough")
+    shutil.copytree(ROOT / "recipes", cwd / "recipes")
+    res = subprocess.run(CLI + ["--quiet", *MAKE_DEMO], cwd=cwd, capture_output=True, text=True,
+                         timeout=TIMEOUT_S)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert (cwd / DEMO_ARTIFACT / "latest").is_file(), sorted(p.name for p in (cwd / "artifacts").rglob("*"))
+    res = subprocess.run(CLI + ["--quiet", "demo", "model"], cwd=cwd, capture_output=True, text=True,
+                         timeout=TIMEOUT_S)  # prints the cached checkpoint's folder
+    demo_model = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
+    assert res.returncode == 0 and Path(demo_model).is_dir(), res.stdout + res.stderr[-3000:]
+    return {"cwd": cwd, "demo_model": demo_model}
+
+
+def _argv(cmd: DocCommand, walk: dict) -> list[str]:
+    """The command's argv: medlite through this interpreter, placeholders filled in."""
+    words = [PLACEHOLDERS.get(w, w).format(**walk) for w in cmd.words[1:]]
+    if words and words[0] == "serve":
+        words += ["--port", "0"]  # 8765 may be taken on a test machine; the URL line says which
+    return CLI + words
+
+
+def _serve_until_url(argv: list[str], cwd: Path) -> tuple[bool, str]:
+    """Start `medlite serve`, read its output until the URL line (True) or its exit (False), stop it."""
+    proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, deadline = [], time.monotonic() + TIMEOUT_S
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+            line = proc.stdout.readline() if ready else ""
+            out.append(line)
+            if "http://127.0.0.1:" in line:
+                return True, "".join(out)
+            if not line and proc.poll() is not None:
+                return False, "".join(out) + proc.stdout.read()
+        return False, "".join(out) + "\n(no URL line in time)"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cmd", TO_RUN, ids=[c.where for c in TO_RUN])
+def test_doc_command_runs_as_written(cmd: DocCommand, walkthrough):
+    argv = _argv(cmd, walkthrough)
+    if argv[len(CLI)] == "serve":
+        ok, output = _serve_until_url(argv, walkthrough["cwd"])
+        assert ok and "Traceback" not in output, f"{cmd.where}: {cmd.text}\n{output[-3000:]}"
+        return
+    res = subprocess.run(argv, cwd=walkthrough["cwd"], capture_output=True, text=True, timeout=TIMEOUT_S)
+    output = res.stdout + res.stderr
+    assert res.returncode == 0 and "Traceback" not in output, \
+        f"{cmd.where}: {cmd.text} (exit {res.returncode})\n{output[-3000:]}"
