@@ -16,6 +16,7 @@ inputs produce byte-identical manifests. The manifest never contains a temporary
 """
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -31,6 +32,13 @@ from medlite.fileio import replace_into_place, sha256_file, write_text_atomic
 MANIFEST = "manifest.json"
 RECIPE_FILE = "recipe.yaml"
 VOLATILE = ("build-info.json", "bench.json")   # written, never hashed: timings, host name, date
+# Files the device writes after the build (TensorRT engines are specific to the GPU and TensorRT version
+# that built them, so they are built on the Jetson): declared in every manifest under "device_files"
+# and never hashed. Only names matching a declared pattern inside the declared folder are exempt; any
+# other extra file still fails verification.
+DEVICE_DIR = "device"
+DEVICE_FILES = {"folder": DEVICE_DIR, "patterns": ["*.engine", "timing.cache", "bench.json", "*.log"],
+                "written_by": "engines/build_engines.sh and the bundle's medlite_device.py bench, on the device"}
 LATEST = "latest"
 FORMAT = "medlite-artifact/1"
 # Packages whose versions can change an artifact's numbers; recorded in every manifest.
@@ -86,13 +94,23 @@ def source_identity(source_info: dict, template_name: Optional[str] = None) -> d
     return ident
 
 
-def hash_files(folder: Path) -> dict[str, dict]:
+def is_device_file(rel: str, declared: Optional[dict]) -> bool:
+    """Whether ``rel`` (posix path in an artifact) is a device-built file the manifest declares."""
+    if not isinstance(declared, dict) or not declared.get("folder"):
+        return False
+    head, _, name = rel.partition("/")
+    if head != str(declared["folder"]).strip("/") or not name or "/" in name:
+        return False
+    return any(fnmatch.fnmatchcase(name, pat) for pat in declared.get("patterns", ()))
+
+
+def hash_files(folder: Path, device_files: Optional[dict] = None) -> dict[str, dict]:
     """``{relative posix path: {"sha256", "bytes"}}`` of every file under ``folder`` except the
-    manifest and the volatile files, sorted by path."""
+    manifest, the volatile files and the declared device-built files, sorted by path."""
     out = {}
     for p in sorted(folder.rglob("*")):
         rel = p.relative_to(folder).as_posix()
-        if p.is_dir() or rel == MANIFEST or rel in VOLATILE:
+        if p.is_dir() or rel == MANIFEST or rel in VOLATILE or is_device_file(rel, device_files):
             continue
         out[rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
     return out
@@ -198,7 +216,8 @@ def read_latest(parent: Path) -> Optional[str]:
 def write_manifest(folder: Path, manifest: dict) -> dict:
     """Hash the folder's files into ``manifest["files"]`` and write ``manifest.json`` (stable text)."""
     manifest = dict(manifest)
-    manifest["files"] = hash_files(folder)
+    manifest.setdefault("device_files", DEVICE_FILES)
+    manifest["files"] = hash_files(folder, manifest["device_files"])
     text = json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
     (Path(folder) / MANIFEST).write_text(text, encoding="utf-8")
     return manifest
@@ -223,7 +242,7 @@ def verify_files(folder: Path, manifest: Optional[dict] = None) -> list[str]:
     folder = Path(folder)
     manifest = manifest if manifest is not None else read_manifest(folder)
     recorded: dict[str, dict] = manifest["files"]
-    actual = hash_files(folder)
+    actual = hash_files(folder, manifest.get("device_files"))
     problems = []
     for name in sorted(set(recorded) | set(actual)):
         rec, act = recorded.get(name), actual.get(name)

@@ -71,6 +71,9 @@ def test_script_refuses_to_run_off_device_and_passes_shapes_to_trtexec(bundle, t
     assert r.returncode == 0, r.stderr
     calls = [shlex.split(line) for line in log.read_text().splitlines()]
     assert [c[0] for c in calls] == ["--onnx=../vision.onnx", "--onnx=../decoder.onnx"]
+    assert {a for c in calls for a in c if a.startswith(("--saveEngine", "--timingCacheFile"))} == {
+        "--saveEngine=../device/vision.trtexec.engine", "--saveEngine=../device/decoder.trtexec.engine",
+        "--timingCacheFile=../device/timing.cache"}
     dec = dict(a[2:].split("=", 1) for a in calls[1] if "=" in a)
     parsed = {k: {t.split(":")[0]: [int(d) for d in t.split(":")[1].split("x")] for t in dec[k].split(",")}
               for k in ("minShapes", "optShapes", "maxShapes")}
@@ -267,7 +270,9 @@ def test_on_device_builder_sets_two_decoder_profiles_and_pins_fp32_islands(bundl
         assert prof == {k: (tuple(v["min"]), tuple(v["opt"]), tuple(v["max"])) for k, v in want["shapes"].items()}
     # the exporter keeps normalisation/softmax in fp32 inside fp16 graphs: those layers are pinned
     assert dpinned and {"SOFTMAX"} & {l.type for l in dpinned}
-    assert (work / "engines" / "decoder.engine").read_bytes() == b"ENGINE"
+    # engines and the timing cache go to the artifact's declared device folder, not engines/
+    assert (work / "device" / "decoder.engine").read_bytes() == b"ENGINE"
+    assert (work / "device" / "timing.cache").is_file() and not (work / "engines" / "decoder.engine").exists()
     assert ("workspace", OPTS.workspace_mb << 20) in trt.calls
     with pytest.raises(SystemExit, match="TensorRT 10.0.1 found"):
         mod.main([], trt=_Recorder("10.0.1"))

@@ -11,7 +11,8 @@ once): ``prefill`` (many tokens, one masked dummy past slot) and ``decode`` (one
 past). Layers the exporter kept in fp32 inside an fp16 graph (normalisation, softmax, logits) are
 pinned to fp32, because fp16 RMSNorm/softmax can overflow.
 
-Usage: ``python3 build_engines.py [--only vision|decoder] [--force]``
+Usage: ``python3 build_engines.py [--only vision|decoder] [--force] [--out DIR]`` (engines and
+``timing.cache`` go to ``../device/``, the folder the artifact's manifest declares for device-built files)
 """
 from __future__ import annotations
 
@@ -21,6 +22,10 @@ import sys
 from pathlib import Path
 
 SPEC_FILE = "engines.json"
+# Engines and the timing cache go to the artifact's declared device folder (manifest "device_files",
+# medlite.artifacts.DEVICE_FILES), which verification leaves unhashed: building engines keeps the
+# artifact verifiable. Relative to this script's folder (<artifact>/engines/).
+OUT_DIR = "../device"
 
 
 def _dims(v):
@@ -44,8 +49,9 @@ def pin_fp32_islands(trt, network) -> int:
     return pinned
 
 
-def build_engine(trt, spec: dict, engine_spec: dict, folder: Path, logger) -> bytes:
-    """Parse one ONNX graph and build its serialized engine with the profiles in ``engine_spec``."""
+def build_engine(trt, spec: dict, engine_spec: dict, folder: Path, logger, out: Path = None) -> bytes:
+    """Parse one ONNX graph and build its serialized engine with the profiles in ``engine_spec``
+    (the timing cache is read from and written to ``out``, default ``folder``)."""
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH))
     parser = trt.OnnxParser(network, logger)
@@ -70,7 +76,7 @@ def build_engine(trt, spec: dict, engine_spec: dict, folder: Path, logger) -> by
         for name, s in prof["shapes"].items():
             p.set_shape(name, _dims(s["min"]), _dims(s["opt"]), _dims(s["max"]))
         config.add_optimization_profile(p)
-    cache_file = folder / "timing.cache"
+    cache_file = (out or folder) / "timing.cache"
     cache = config.create_timing_cache(cache_file.read_bytes() if cache_file.is_file() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
     serialized = builder.build_serialized_network(network, config)
@@ -85,8 +91,11 @@ def main(argv=None, trt=None) -> int:
     ap = argparse.ArgumentParser(description="build TensorRT engines for a medlite artifact (on the device)")
     ap.add_argument("--only", choices=["vision", "decoder"], default=None)
     ap.add_argument("--force", action="store_true", help="build even if TensorRT is not 8.5")
+    ap.add_argument("--out", default=None, help=f"folder for engines + timing cache (default {OUT_DIR}, "
+                    "the artifact's declared device folder)")
     args = ap.parse_args(argv)
     folder = Path(__file__).resolve().parent
+    out = Path(args.out) if args.out else (folder / OUT_DIR).resolve()
     spec = json.loads((folder / SPEC_FILE).read_text())
     if trt is None:
         try:
@@ -98,11 +107,12 @@ def main(argv=None, trt=None) -> int:
         raise SystemExit(f"TensorRT {trt.__version__} found, this bundle targets {spec['tensorrt']} "
                          f"({spec['target']}); use --force to build anyway")
     logger = trt.Logger(trt.Logger.WARNING)
+    out.mkdir(parents=True, exist_ok=True)
     for e in spec["engines"]:
         if args.only and e["name"] != args.only:
             continue
-        print(f"building {e['engine']} ({', '.join(p['name'] for p in e['profiles'])} profile(s))")
-        (folder / e["engine"]).write_bytes(build_engine(trt, spec, e, folder, logger))
+        print(f"building {out / e['engine']} ({', '.join(p['name'] for p in e['profiles'])} profile(s))")
+        (out / e["engine"]).write_bytes(build_engine(trt, spec, e, folder, logger, out))
     return 0
 
 

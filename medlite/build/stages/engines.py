@@ -108,10 +108,10 @@ def trtexec_commands(spec: dict, single: list[dict]) -> list[list[str]]:
     for e in spec["engines"]:
         profs = single if e["name"] == "decoder" else e["profiles"]
         shapes = profs[0]["shapes"]
-        cmds.append(["$TRTEXEC", f"--onnx={e['onnx']}", f"--saveEngine={e['name']}.trtexec.engine", *prec,
+        cmds.append(["$TRTEXEC", f"--onnx={e['onnx']}", f"--saveEngine=../device/{e['name']}.trtexec.engine", *prec,
                      f"--minShapes={_shape_arg(shapes, 'min')}", f"--optShapes={_shape_arg(shapes, 'opt')}",
                      f"--maxShapes={_shape_arg(shapes, 'max')}", f"--memPoolSize=workspace:{spec['workspace_mb']}",
-                     "--timingCacheFile=timing.cache", "--buildOnly"])
+                     "--timingCacheFile=../device/timing.cache", "--buildOnly"])
     return cmds
 
 
@@ -153,6 +153,7 @@ python)
   if [ "${{FORCE:-0}}" = "1" ]; then python3 build_engines.py --force; else python3 build_engines.py; fi
   ;;
 trtexec)
+  mkdir -p ../device   # device-built files: the folder the manifest declares (not hashed)
 {trtexec}
   ;;
 *)
@@ -193,6 +194,11 @@ def run(state, index: int, options):
     spec = {"format": "medlite-engines/1", "target": t.name, "tensorrt": t.tensorrt, "arch": t.arch,
             "precision": options.precision, "workspace_mb": options.workspace_mb, "keep_fp32_islands": True,
             "engines": engines, "onnxruntime_components": ort,
+            # the profiles' bounds (recipe options): the runtime refuses requests past them (runtime/limits.py)
+            "limits": {"max_batch": options.max_batch, "max_prompt_tokens": options.max_prompt_tokens,
+                       "max_new_tokens": options.max_new_tokens,
+                       "max_context_tokens": 1 + cfg["num_image_tokens"] + options.max_prompt_tokens
+                       + options.max_new_tokens},
             "embed": "no engine: embed.onnx is one Gather; the runtime reads embed_tokens.bin directly",
             "memory": memory_estimate(state.work, cfg, options, t)}
     cmds = trtexec_commands(spec, profs["decoder_single"])
