@@ -38,3 +38,34 @@ def test_export_json_and_errors(ctx, tmp_path, capsys):
     code = main(["--cache-dir", str(tmp_path / "cache"), "export", "--model", str(ckpt), "--out",
                  str(tmp_path / "o"), "--opset", "13"])
     assert code == 2 and "opset 13 is not supported" in capsys.readouterr().err
+
+
+def test_export_refuses_a_folder_with_other_files_and_replaces_an_earlier_export(ctx, tmp_path, capsys):
+    """Issue 26 #3: `export --out` a folder with a user's files refused them untouched; an earlier export
+    is replaced as a whole and the replaced files are named."""
+    from medlite.checkpoints.random_ckpt import write_random_checkpoint
+
+    ckpt = write_random_checkpoint("tiny", tmp_path / "ckpt", fmt="legacy", ctx=ctx)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "vision.onnx").write_bytes(b"the user's own graph")
+    (out / "notes.txt").write_text("keep me")
+    base = ["--cache-dir", str(tmp_path / "cache"), "export", "--model", str(ckpt), "--out", str(out),
+            "--precision", "fp32"]
+    capsys.readouterr()
+    assert main(base) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(out) in err and "notes.txt" in err and "not empty" in err
+    assert (out / "vision.onnx").read_bytes() == b"the user's own graph"
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "vision.onnx"]
+
+    fresh = tmp_path / "fresh"
+    assert main(["--quiet"] + base[:-3] + [str(fresh), "--precision", "fp32"]) == 0
+    first = RuntimeConfig.load(fresh)
+    assert first.precision == "fp32"
+    capsys.readouterr()
+    assert main(base[:-3] + [str(fresh), "--precision", "fp16"]) == 0     # an earlier export: replaced
+    err = capsys.readouterr().err
+    assert "replaced the earlier export" in err and "vision.onnx" in err
+    assert RuntimeConfig.load(fresh).precision == "fp16"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []   # no staging leftovers
