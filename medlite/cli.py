@@ -29,6 +29,8 @@ HANDLERS = {
     "recipes cp": "medlite.build.commands:cmd_recipes_cp",
     "serve": "medlite.serve.commands:cmd_serve",
     "bench": "medlite.bench.commands:cmd_bench",
+    "embed": "medlite.embeddings.commands:cmd_embed",
+    "probe": "medlite.embeddings.commands:cmd_probe",
 }
 
 
@@ -169,6 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     from medlite.bench.commands import add_bench_args  # argparse only; the model loads on run
 
     add_bench_args(p)
+
+    from medlite.embeddings.commands import add_embed_args, add_probe_args  # argparse only
+
+    p = command(sub, "embed", "one vector per image (pooled projector or vision-tower output) for classifiers")
+    add_embed_args(p)
+    p = command(sub, "probe", "logistic-regression probe on embeddings vs a majority-class baseline "
+                              "(needs medlite[probe])")
+    add_probe_args(p)
 
     rec = command(sub, "recipes", "list (default) or copy shipped recipes")
     rsub = rec.add_subparsers(dest="recipes_command", metavar="WHAT")
