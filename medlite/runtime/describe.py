@@ -1,72 +1,71 @@
-"""What each graph of an export really runs in, for people (torch-free).
+"""What an artifact runs, in words: per-graph precision labels read from ``medlite_runtime.json``.
 
-``medlite_runtime.json`` (and the manifest's ``graphs``) give every graph a float ``precision`` (the
-precision it was traced in) and a ``quantization`` record written by the stage that quantized it.
-The quantization is what runs, so it is what a user is shown: an INT8 Q/DQ vision graph traced in
-fp32 is "int8 Q/DQ", not "fp32".
+One place for every command that shows precision (``ask``, ``serve``, ``bench``): a quantized graph is
+labelled by the quantization that runs (``int8 Q/DQ``, ``w8a8 int8 Q/DQ``, ``w4a16 int4``), never by
+the float precision it was traced in. Torch-free and onnxruntime-free: it reads JSON only.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+import json
+from pathlib import Path
+from typing import Any, Mapping, Union
 
-ORDER = ("vision", "embed", "decoder")
-
-
-def _get(obj: Any, key: str, default=None):
-    """``obj[key]`` for a dict (manifest / raw JSON), ``obj.key`` for a GraphSpec / RuntimeConfig."""
-    if isinstance(obj, Mapping):
-        return obj.get(key, default)
-    return getattr(obj, key, default)
+GRAPH_ORDER = ("vision", "embed", "decoder")
 
 
-def _int8_label(q: Mapping, graph: str) -> str:
-    # An INT8 Q/DQ decoder is the recipe's "llm: w8a8" (weights and activations int8).
-    label = "w8a8 int8 Q/DQ" if graph == "decoder" else "int8 Q/DQ"
-    kept = q.get("kept_fp16_layers") or []
-    return f"{label} ({len(kept)} layer{'' if len(kept) == 1 else 's'} kept fp16)" if kept else label
+def _get(graph: Any, key: str, default=None):
+    """A field of a raw graph dict or of a :class:`medlite.runtime.config.GraphSpec`."""
+    if isinstance(graph, Mapping):
+        return graph.get(key, default)
+    return getattr(graph, key, default)
 
 
-def _w4a16_label(q: Mapping) -> str:
-    parts = [f"int4 weights g{q['group_size']}" if q.get("group_size") else "int4 weights"]
-    if q.get("algorithm"):
-        parts.append(str(q["algorithm"]))
-    if q.get("compute") == "int8":
-        parts.append("int8 compute")
-    return f"w4a16 ({', '.join(parts)})"
+def graph_label(name: str, graph: Any, default_precision: str = "") -> str:
+    """One graph's precision as it runs: ``fp16``, ``int8 Q/DQ``, ``w8a8 int8 Q/DQ``, ``w4a16 int4 g128 gptq``.
 
-
-def graph_precision(graph: Any, name: str = "", default: str = "") -> str:
-    """One graph's label: its quantization (``int8 Q/DQ``, ``w8a8 int8 Q/DQ``, ``w4a16 (int4 weights g128,
-    gptq)``) if it has a record, else its float precision (``fp16``), else ``default``."""
+    ``graph`` is the graph's entry of ``medlite_runtime.json`` (a dict or a ``GraphSpec``);
+    ``default_precision`` is the file's top-level ``precision`` (older files have no per-graph one).
+    """
     q = _get(graph, "quantization") or {}
-    if q:
-        if q.get("method") == "w4a16":
-            return _w4a16_label(q)
-        if q.get("scheme") == "int8-static-qdq" or q.get("precision") == "int8":
-            return _int8_label(q, name)
-        return str(q.get("method") or q.get("scheme") or q.get("precision") or "quantized")
-    return str(_get(graph, "precision") or default or "unknown")
+    traced = _get(graph, "precision") or default_precision or "?"
+    if not q:
+        return traced
+    if q.get("scheme") == "int8-static-qdq":
+        # the decoder's projections are what a recipe calls llm: w8a8; vision/embed are plain int8
+        label = "w8a8 int8 Q/DQ" if name == "decoder" else "int8 Q/DQ"
+        kept = q.get("kept_fp16_layers") or []
+        return label + (f" ({len(kept)} layer{'s' if len(kept) != 1 else ''} kept fp16)" if kept else "")
+    if q.get("method") == "w4a16":
+        bits = q.get("bits") or [4]
+        parts = [f"w4a16 int{'/'.join(str(b) for b in bits)}"]
+        if q.get("group_size"):
+            parts.append(f"g{q['group_size']}")
+        if q.get("algorithm"):
+            parts.append(str(q["algorithm"]))
+        return " ".join(parts)
+    return str(q.get("scheme") or q.get("method") or "quantized")
 
 
-def graph_precisions(config: Any) -> dict[str, str]:
-    """``{graph: label}`` for a RuntimeConfig, a raw ``medlite_runtime.json`` dict or a manifest
-    (both have ``graphs``; a manifest has no top-level ``precision``), vision / embed / decoder first."""
-    graphs = _get(config, "graphs") or {}
-    default = _get(config, "precision") or ""
-    names = [n for n in ORDER if n in graphs] + sorted(n for n in graphs if n not in ORDER)
-    return {n: graph_precision(graphs[n], n, default) for n in names}
+def graph_labels(config: Union[Mapping, Any]) -> dict[str, str]:
+    """``{graph: label}`` in vision, embed, decoder order, from a raw ``medlite_runtime.json`` dict or a
+    parsed :class:`medlite.runtime.config.RuntimeConfig`."""
+    graphs = config.get("graphs", {}) if isinstance(config, Mapping) else getattr(config, "graphs", {})
+    default = (config.get("precision") if isinstance(config, Mapping) else getattr(config, "precision", "")) or ""
+    names = [g for g in GRAPH_ORDER if g in graphs] + sorted(g for g in graphs if g not in GRAPH_ORDER)
+    return {n: graph_label(n, graphs[n], default) for n in names}
 
 
-def precision_summary(config: Any) -> str:
-    """One line: ``fp32`` when every graph runs the same unquantized precision, else per graph
-    (``vision int8 Q/DQ, embed fp16, decoder w8a8 int8 Q/DQ``)."""
-    labels = graph_precisions(config)
-    if not labels:
-        return str(_get(config, "precision") or "unknown")
-    if len(set(labels.values())) == 1 and not any(
-            _get(g, "quantization") for g in (_get(config, "graphs") or {}).values()):
-        return next(iter(labels.values()))
-    return ", ".join(f"{n} {label}" for n, label in labels.items())
+def precision_summary(config: Union[Mapping, Any]) -> str:
+    """``vision int8 Q/DQ, embed fp16, decoder w8a8 int8 Q/DQ`` (one string for a status line)."""
+    return ", ".join(f"{n} {label}" for n, label in graph_labels(config).items())
 
 
-__all__ = ["graph_precision", "graph_precisions", "precision_summary"]
+def read_graph_labels(folder: Union[str, Path]) -> dict[str, str]:
+    """:func:`graph_labels` of ``folder/medlite_runtime.json`` (empty when the file is missing or unreadable)."""
+    from medlite.runtime.config import CONFIG_FILE
+
+    try:
+        raw = json.loads((Path(folder) / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return graph_labels(raw) if isinstance(raw, dict) else {}

@@ -1,35 +1,38 @@
-"""Precision shown to users is the quantization that runs (issue 26 #4): records as the stages write them."""
+"""Per-graph precision labels name the quantization that runs, not the float precision it was traced in."""
 from __future__ import annotations
 
-from medlite.runtime.describe import graph_precision, graph_precisions, precision_summary
+import json
+
+from medlite.runtime.config import RuntimeConfig
+from medlite.runtime.describe import graph_labels, precision_summary, read_graph_labels
+
+INT8 = {"scheme": "int8-static-qdq", "precision": "int8", "kept_fp16_layers": []}
+INT8_KEPT = {"scheme": "int8-static-qdq", "precision": "int8", "kept_fp16_layers": ["layers.3.mlp"]}
+W4 = {"method": "w4a16", "algorithm": "gptq", "group_size": 128, "bits": [4]}
 
 
-def _records():
-    """Quantization records made by the quantize stages' own record functions (not hand-written)."""
-    from medlite.recipes.options import QuantizeOptions  # first: the stages import the recipe registry
-    from medlite.compress.int4.stage import quantization_record  # noqa: I001
-    from medlite.compress.int8.stage import GraphChoice, _record
-
-    o8 = QuantizeOptions(vision="int8", llm="w8a8")
-    vision = _record(GraphChoice(graph="vision", targets=[]), o8, None)
-    w8a8 = _record(GraphChoice(graph="decoder", targets=[], kept_fp16=["model.layers.0.mlp.down_proj"]), o8, None)
-    w4a16 = quantization_record(QuantizeOptions(llm="w4a16"), {}, 4)
-    return vision, w8a8, w4a16
+def _cfg(vision=None, decoder=None, precision="fp32"):
+    return {"precision": precision, "graphs": {
+        "decoder": {"file": "decoder.onnx", "precision": "fp16", "quantization": decoder or {}},
+        "vision": {"file": "vision.onnx", "precision": "fp16", "quantization": vision or {}},
+        "embed": {"file": "embed.onnx"}}}
 
 
-def test_int8_artifact_is_not_labelled_by_its_trace_precision():
-    vision, w8a8, w4a16 = _records()
-    cfg = {"precision": "fp32", "graphs": {"decoder": {"precision": "fp32", "quantization": w8a8},
-                                           "embed": {"precision": "fp16"},
-                                           "vision": {"precision": "fp32", "quantization": vision}}}
-    assert graph_precisions(cfg) == {"vision": "int8 Q/DQ", "embed": "fp16",
-                                     "decoder": "w8a8 int8 Q/DQ (1 layer kept fp16)"}
-    assert precision_summary(cfg) == "vision int8 Q/DQ, embed fp16, decoder w8a8 int8 Q/DQ (1 layer kept fp16)"
-    assert graph_precision({"precision": "fp32", "quantization": w4a16}, "decoder") == \
-        "w4a16 (int4 weights g128, gptq)"
+def test_int8_artifact_is_not_labelled_fp16():
+    assert graph_labels(_cfg(INT8, INT8)) == {"vision": "int8 Q/DQ", "embed": "fp32", "decoder": "w8a8 int8 Q/DQ"}
+    assert precision_summary(_cfg(INT8_KEPT)) == "vision int8 Q/DQ (1 layer kept fp16), embed fp32, decoder fp16"
 
 
-def test_unquantized_export_is_one_word():
-    cfg = {"precision": "fp32", "graphs": {n: {"precision": "fp32"} for n in ("decoder", "embed", "vision")}}
-    assert precision_summary(cfg) == "fp32"
-    assert precision_summary({"precision": "fp16", "graphs": {"vision": {}, "decoder": {}}}) == "fp16"
+def test_w4a16_decoder():
+    assert graph_labels(_cfg(decoder=W4))["decoder"] == "w4a16 int4 g128 gptq"
+
+
+def test_reads_an_exported_folder(rt_export_fp16, tmp_path):
+    labels = read_graph_labels(rt_export_fp16)
+    assert labels == {"vision": "fp16", "embed": "fp16", "decoder": "fp16"}
+    assert graph_labels(RuntimeConfig.load(rt_export_fp16)) == labels      # parsed config: same labels
+    raw = json.loads((rt_export_fp16 / "medlite_runtime.json").read_text())
+    raw["graphs"]["decoder"]["quantization"] = W4
+    (tmp_path / "medlite_runtime.json").write_text(json.dumps(raw))
+    assert read_graph_labels(tmp_path)["decoder"] == "w4a16 int4 g128 gptq"
+    assert read_graph_labels(tmp_path / "missing") == {}
