@@ -189,10 +189,27 @@ def decode_dicom(path: Path, frame: Optional[int], window="auto") -> DecodedImag
             ds = pydicom.dcmread(path, force=path.suffix.lower() in DICOM_SUFFIXES)
         except (InvalidDicomError, OSError, ValueError, EOFError) as e:
             raise DataError(f"{path}: not a readable DICOM file: {e}") from None
+        _check_is_dicom(ds, path)
         _check_content(ds, path, warns)
         decoded = _decode_frames(ds, path, frame, window, warns)
     extra = tuple(f"pydicom: {' '.join(str(w.message).split())}" for w in caught)
     return dataclasses.replace(decoded, warnings=decoded.warnings + extra) if extra else decoded
+
+
+# Element groups every DICOM image carries some of (file meta, identification, patient, acquisition,
+# image pixel module): a ".dcm" holding none of them, and no "DICM" marker, is not DICOM at all.
+_DICOM_GROUPS = frozenset({0x0002, 0x0008, 0x0010, 0x0018, 0x0020, 0x0028, 0x7FE0})
+
+
+def _check_is_dicom(ds, path: Path) -> None:
+    """An empty file, or a file that only has a DICOM suffix (a renamed text file), says so instead of
+    "no pixel data": ``dcmread(force=True)`` reads any bytes as a (junk) data set."""
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty (0 bytes): not a DICOM file")
+    has_marker = getattr(ds, "preamble", None) is not None or len(getattr(ds, "file_meta", None) or ()) > 0
+    if not has_marker and not any(tag.group in _DICOM_GROUPS for tag in ds.keys()):
+        raise DataError(f"{path}: not a DICOM file (no DICM marker and no DICOM elements; only its name "
+                        f"ends in {path.suffix})")
 
 
 def _check_content(ds, path: Path, warns: list) -> None:

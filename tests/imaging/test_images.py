@@ -450,3 +450,15 @@ def test_nifti_frame_out_of_range_is_an_error():
     with pytest.raises(DataError, match="slice 300 out of range"):
         load_image(nii, frame=300)
     assert load_image(nii, frame=3).size == load_image(nii).size
+
+
+# -- issue 26: clean errors and warnings for what is not a scan -------------------------------------
+@pytest.mark.parametrize("content, words", [(b"", "empty (0 bytes): not a DICOM file"),
+                                            (b"Patient notes\nnot an image at all\n", "not a DICOM file")])
+def test_a_dcm_that_is_not_dicom_says_so(tmp_path, content, words):
+    """Issue 26 #9: an empty .dcm and a renamed text file said "DICOM file has no pixel data (SOP class None)"."""
+    p = tmp_path / "scan.dcm"
+    p.write_bytes(content)
+    with pytest.raises(DataError) as e:
+        load_image(p)
+    assert str(e.value).startswith(f"{p}: ") and words in str(e.value) and "pixel data" not in str(e.value)
