@@ -76,13 +76,29 @@ def _decode_nifti(path: Path, axis: int, slice_index: Optional[int], volume: int
 
 
 # -- PNG / JPEG / TIFF ------------------------------------------------------------------------
-def _decode_raster(path: Path, frame: Optional[int], window) -> DecodedImage:
-    from PIL import Image, ImageOps, UnidentifiedImageError
+def _open_raster(path: Path):
+    """``Image.open`` with one-line errors: unreadable files and Pillow's decompression-bomb guard
+    (a header claiming e.g. 60000 x 60000 pixels) name the file and the limit instead of a traceback."""
+    import re
+
+    from PIL import Image, UnidentifiedImageError
 
     try:
-        img = Image.open(path)
+        return Image.open(path)
+    except Image.DecompressionBombError as e:
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        claims = f"{int(found.group(1)):,} pixels" if found else "more pixels than allowed"
+        limit = 2 * int(Image.MAX_IMAGE_PIXELS or 0)
+        raise DataError(f"{path}: its header claims {claims}, over the {limit:,}-pixel limit images are decoded "
+                        f"up to (a guard against decompression bombs); downscale the image") from None
     except (UnidentifiedImageError, OSError) as e:
         raise DataError(f"{path}: not a readable image (DICOM, NIfTI, PNG, JPEG or TIFF): {e}") from None
+
+
+def _decode_raster(path: Path, frame: Optional[int], window) -> DecodedImage:
+    from PIL import ImageOps
+
+    img = _open_raster(path)
     with img:
         n = int(getattr(img, "n_frames", 1))
         warns: list = []
@@ -237,10 +253,5 @@ def load_images(path_or_glob, *, expand_frames: bool = False, max_frames: Option
 
 def _raster_header(path: Path) -> tuple[int, bool]:
     """(frames, is_color) of a PNG/JPEG/TIFF from its header (Pillow decodes lazily)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            return int(getattr(img, "n_frames", 1)), img.mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr", "LAB", "HSV")
-    except (UnidentifiedImageError, OSError) as e:
-        raise DataError(f"{path}: not a readable image (DICOM, NIfTI, PNG, JPEG or TIFF): {e}") from None
+    with _open_raster(path) as img:
+        return int(getattr(img, "n_frames", 1)), img.mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr", "LAB", "HSV")

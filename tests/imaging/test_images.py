@@ -462,3 +462,28 @@ def test_a_dcm_that_is_not_dicom_says_so(tmp_path, content, words):
     with pytest.raises(DataError) as e:
         load_image(p)
     assert str(e.value).startswith(f"{p}: ") and words in str(e.value) and "pixel data" not in str(e.value)
+
+
+def _png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG whose IHDR claims ``width`` x ``height`` (no pixel data: the header is all a bomb needs)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    return path
+
+
+def test_decompression_bomb_header_is_one_line_naming_file_and_limit(tmp_path):
+    """Issue 26 #8: a PNG header claiming 60000 x 60000 gave a DecompressionBombError traceback."""
+    from PIL import Image
+
+    bomb = _png_header_only(tmp_path / "bomb.png", 60000, 60000)
+    limit = f"{2 * Image.MAX_IMAGE_PIXELS:,}"
+    for load in (lambda: load_image(bomb), lambda: load_images(bomb)):
+        with pytest.raises(DataError) as e:
+            load()
+        msg = str(e.value)
+        assert "\n" not in msg and str(bomb) in msg and "3,600,000,000 pixels" in msg and limit in msg
