@@ -20,6 +20,7 @@ Display rules (documented in docs/data.md):
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import glob as _glob
 import gzip
@@ -76,6 +77,10 @@ def _decode_nifti(path: Path, axis: int, slice_index: Optional[int], volume: int
 
 
 # -- PNG / JPEG / TIFF ------------------------------------------------------------------------
+# Smaller than this on either side, an "image" is almost certainly not a scan (an icon, a 1x1 pixel).
+MIN_SCAN_SIDE = 8
+
+
 def _open_raster(path: Path):
     """``Image.open`` with one-line errors: unreadable files and Pillow's decompression-bomb guard
     (a header claiming e.g. 60000 x 60000 pixels) name the file and the limit instead of a traceback."""
@@ -95,6 +100,16 @@ def _open_raster(path: Path):
         raise DataError(f"{path}: not a readable image (DICOM, NIfTI, PNG, JPEG or TIFF): {e}") from None
 
 
+def _hu_window_warning(window, what: str, effect: str) -> tuple:
+    """A (centre, width) window is given in Hounsfield units (CT presets); on an image without an HU
+    rescale it cuts arbitrary values: say so (empty when no explicit window was given)."""
+    if not isinstance(window, tuple):
+        return ()
+    c, w = window
+    return (f"window C{c:g}/W{w:g} is in Hounsfield units, but this is {what}, not CT (no HU rescale): "
+            f"{effect}",)
+
+
 def _decode_raster(path: Path, frame: Optional[int], window) -> DecodedImage:
     from PIL import ImageOps
 
@@ -111,10 +126,14 @@ def _decode_raster(path: Path, frame: Optional[int], window) -> DecodedImage:
         try:
             img = ImageOps.exif_transpose(img) if frame is None else img.copy()
             notes: tuple = ()
+            kind = f"a {path.suffix.lstrip('.').upper() or 'raster'} image"
             if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
                 out, desc = fixed_or_percentile(np.asarray(img, dtype=np.float64), window)
                 rgb, notes = to_rgb8(out), (f"{img.mode} image: {desc}",)
+                warns += _hu_window_warning(window, kind, "it was applied to the stored pixel values")
             else:
+                warns += _hu_window_warning(window, f"{kind} with 8-bit pixels",
+                                            "the window was not applied (shown as stored)")
                 if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
                     warns.append("alpha channel dropped: transparent pixels keep their stored colour "
                                  "(not composited on a background)")
@@ -173,10 +192,25 @@ def decode_image(path, *, frame: Optional[int] = None, axis: int = 2, slice_inde
         raise DataError(f"{p}: is a folder; use load_images() for folders and globs")
     kind = sniff_kind(p)
     if kind == "dicom":
-        return decode_dicom(p, frame, window)
-    if kind == "nifti":
-        return _decode_nifti(p, axis, frame if slice_index is None else slice_index, volume, window)
-    return _decode_raster(p, frame, window)
+        d = decode_dicom(p, frame, window)
+        if d.modality != "CT":
+            mod = d.modality or "unknown"
+            what = f"{'an' if mod in ('MR', 'NM', 'unknown') else 'a'} {mod} image"
+            d = dataclasses.replace(d, warnings=d.warnings + _hu_window_warning(
+                window, what, "its values are not HU, so the window does not show what it shows on CT"))
+    elif kind == "nifti":
+        d = _decode_nifti(p, axis, frame if slice_index is None else slice_index, volume, window)
+    else:
+        d = _decode_raster(p, frame, window)
+    return _with_size_warning(d)
+
+
+def _with_size_warning(d: DecodedImage) -> DecodedImage:
+    w, h = d.image.size
+    if min(w, h) >= MIN_SCAN_SIDE:
+        return d
+    return dataclasses.replace(d, warnings=d.warnings + (
+        f"the image is only {w}x{h} pixels: almost certainly not a scan (the model sees it scaled up)",))
 
 
 def load_image(path, *, frame: Optional[int] = None, axis: int = 2, slice_index: Optional[int] = None,

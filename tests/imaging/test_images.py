@@ -453,17 +453,6 @@ def test_nifti_frame_out_of_range_is_an_error():
 
 
 # -- issue 26: clean errors and warnings for what is not a scan -------------------------------------
-@pytest.mark.parametrize("content, words", [(b"", "empty (0 bytes): not a DICOM file"),
-                                            (b"Patient notes\nnot an image at all\n", "not a DICOM file")])
-def test_a_dcm_that_is_not_dicom_says_so(tmp_path, content, words):
-    """Issue 26 #9: an empty .dcm and a renamed text file said "DICOM file has no pixel data (SOP class None)"."""
-    p = tmp_path / "scan.dcm"
-    p.write_bytes(content)
-    with pytest.raises(DataError) as e:
-        load_image(p)
-    assert str(e.value).startswith(f"{p}: ") and words in str(e.value) and "pixel data" not in str(e.value)
-
-
 def _png_header_only(path: Path, width: int, height: int) -> Path:
     """A PNG whose IHDR claims ``width`` x ``height`` (no pixel data: the header is all a bomb needs)."""
     import struct
@@ -487,3 +476,43 @@ def test_decompression_bomb_header_is_one_line_naming_file_and_limit(tmp_path):
             load()
         msg = str(e.value)
         assert "\n" not in msg and str(bomb) in msg and "3,600,000,000 pixels" in msg and limit in msg
+
+
+@pytest.mark.parametrize("content, words", [(b"", "empty (0 bytes): not a DICOM file"),
+                                            (b"Patient notes\nnot an image at all\n", "not a DICOM file")])
+def test_a_dcm_that_is_not_dicom_says_so(tmp_path, content, words):
+    """Issue 26 #9: an empty .dcm and a renamed text file said "DICOM file has no pixel data (SOP class None)"."""
+    p = tmp_path / "scan.dcm"
+    p.write_bytes(content)
+    with pytest.raises(DataError) as e:
+        load_image(p)
+    assert str(e.value).startswith(f"{p}: ") and words in str(e.value) and "pixel data" not in str(e.value)
+
+
+def test_hu_window_on_an_image_that_is_not_ct_warns_once(tmp_path):
+    """Issue 26 #13: a CT lung window on an MR or a PNG ran without a warning."""
+    lung = (-600.0, 1500.0)
+    mr = make_dicom(tmp_path / "mr.dcm", ct_ramp(), modality="MR")
+    ct = make_dicom(tmp_path / "ct.dcm", ct_ramp(), RescaleSlope=1, RescaleIntercept=-1024)
+    png = tmp_path / "photo.png"
+    Image.fromarray(np.arange(32 * 32, dtype=np.uint8).reshape(32, 32), "L").save(png)
+    png16 = tmp_path / "g16.png"
+    Image.fromarray((np.arange(32 * 32).reshape(32, 32) * 50).astype(np.uint16)).save(png16)
+    for p in (mr, png, png16):
+        hu = [w for w in decode_image(p, window=lung).warnings if "Hounsfield" in w]
+        assert len(hu) == 1 and "not CT" in hu[0] and "C-600/W1500" in hu[0], (p, hu)
+        assert not any("Hounsfield" in w for w in decode_image(p).warnings)     # no window given: quiet
+    assert not any("Hounsfield" in w for w in decode_image(ct, window=lung).warnings)
+    ctx = RunContext(cache_dir=tmp_path / "cache", quiet=True)
+    load_image(mr, window=lung, ctx=ctx)
+    assert [w for w in ctx.warnings if "Hounsfield" in w and str(mr) in w] and len(ctx.warnings) == 1
+
+
+def test_a_tiny_image_warns_that_it_is_not_a_scan(tmp_path):
+    """Issue 26 #13: a 1x1 image ran without a warning."""
+    one = tmp_path / "dot.png"
+    Image.new("L", (1, 1), 128).save(one)
+    assert any("1x1 pixels" in w and "not a scan" in w for w in decode_image(one).warnings)
+    ok = tmp_path / "small.png"
+    Image.new("L", (8, 8), 128).save(ok)
+    assert not any("not a scan" in w for w in decode_image(ok).warnings)
