@@ -106,8 +106,10 @@ def plan_steps(resolved, inspected, target) -> dict:
         files.update(step.get("writes") or {})
         kv = max(kv, int(step.get("kv_cache_bytes") or 0))
         steps.append(step)
+        if spec.estimate is not None:   # plans chain: later stages see the sizes this one leaves
+            inp = spec.estimate(i, entry.options, inp)
     weights = sum(v for v in files.values() if v)
-    return {"sizes": sizes, "steps": steps, "files": files, "weights": weights,
+    return {"sizes": sizes, "after": inp, "steps": steps, "files": files, "weights": weights,
             "budget": planning.budget(weights, kv, target)}
 
 
@@ -136,7 +138,8 @@ def cmd_plan(args, ctx) -> int:
     p = plan_steps(resolved, inspected, target)
     sizes, b = p["sizes"], p["budget"]
     out = {"recipe": r.name, "version": r.version, "target": target.name, "model": choice.label,
-           "count_method": sizes.method, "params": sizes.params, "stages": p["steps"], "files": p["files"],
+           "count_method": sizes.method, "params": sizes.params, "params_after": p["after"].params,
+           "stages": p["steps"], "files": p["files"],
            "estimated_bytes": p["weights"], "usable_memory_bytes": b["usable"], "budget": b,
            "warnings": resolved.warnings}
     check_budget(p, target, f"{resolved.source}: plan")
@@ -147,6 +150,9 @@ def cmd_plan(args, ctx) -> int:
         ctx.warn(w)
     _say(ctx, f"[bold]{r.name} {r.version}[/] → {target.description} ({target.name}); model {choice.label}")
     _say(ctx, f"  parameters ({sizes.method}): " + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in sizes.params.items()))
+    if p["after"].params != sizes.params:
+        _say(ctx, "  after the compress stages: " + ", ".join(
+            f"{k} {v / 1e6:.2f} M" for k, v in p["after"].params.items() if v != sizes.params.get(k)))
     for st in p["steps"]:
         _say(ctx, f"  {st['path']:<22} {st['does']}")
         for name, size in (st.get("writes") or {}).items():

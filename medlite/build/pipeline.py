@@ -105,10 +105,10 @@ def check_samples(recipe, eval_samples: list) -> list:
     """The evaluation questions the check stage runs on (stratified when capped)."""
     from medlite.build.references import select_samples
 
-    opts = recipe.stage("check")
+    opts = recipe.stage_with("needs_references")
     if opts is None:
         return []
-    return select_samples(eval_samples, opts.max_samples or recipe.evaluation.max_samples)
+    return select_samples(eval_samples, getattr(opts, "max_samples", None) or recipe.evaluation.max_samples)
 
 
 def _prepare_working(state, specs: list) -> None:
@@ -117,7 +117,7 @@ def _prepare_working(state, specs: list) -> None:
     src = state.source
     compress = any(s.changes_weights for s in specs)
     keep_source = any(s.needs_source for s in specs)
-    opts = state.recipe.stage("check")
+    opts = state.recipe.stage_with("needs_references")
     if compress and opts is not None:
         with state.ctx.stage("reference") as info:
             refs = src.references(state.check_samples, max_new_tokens=opts.max_new_tokens,
@@ -149,7 +149,7 @@ def _run_stages(state) -> list[dict]:
         state.results[f"stages[{i}].{entry.name}"] = result
         rec = state.ctx.stages[-1]
         records.append({"name": entry.name, "detail": rec.detail, "seconds": round(rec.seconds, 3), "ok": rec.ok})
-        if not result.ok and entry.name != "check":
+        if not result.ok and not STAGES[entry.name].caps.gate:   # a failed gate marks the artifact failed
             raise StageFailed(f"stages[{i}].{entry.name}: {result.summary}")
     return records
 
@@ -175,7 +175,8 @@ def build(resolved, choice: ModelChoice, out_root: Path, ctx, *, force: bool = F
     if recipe.calibration is not None:
         with ctx.stage("calibrate") as info:
             calibration, cal_hash, info["detail"] = load_calibration(recipe, ctx)
-    eval_samples = load_evaluation(recipe, calibration, ctx) if recipe.stage("check") is not None else []
+    eval_samples = (load_evaluation(recipe, calibration, ctx)
+                    if recipe.stage_with("needs_references") is not None else [])
     version = _version(recipe, source, cal_hash)
     parent = af.recipe_dir(out_root, source.name, recipe.name)
     final = parent / version

@@ -10,9 +10,9 @@ Loading validates the whole recipe before any weight is touched and raises
 """
 from medlite.recipes.loader import (ResolvedRecipe, apply_overrides, builtin_recipes, format_path,
                                     load_recipe, parse_path, resolve_recipe_path, validate_data)
-from medlite.recipes.registry import STAGES, StageSpec
-from medlite.recipes.schema import Recipe, StageEntry
+from medlite.recipes.registry import STAGES, Capabilities, Order, StageSpec, register_stage, stage
+from medlite.recipes.schema import Recipe, entry_model
 
-__all__ = ["Recipe", "ResolvedRecipe", "StageEntry", "STAGES", "StageSpec", "apply_overrides",
+__all__ = ["Capabilities", "Order", "Recipe", "ResolvedRecipe", "entry_model", "STAGES", "StageSpec", "apply_overrides",
            "builtin_recipes", "format_path", "load_recipe", "parse_path", "resolve_recipe_path",
-           "validate_data"]
+           "validate_data", "register_stage", "stage"]

@@ -18,7 +18,8 @@ from pydantic import BaseModel, ValidationError
 
 from medlite.errors import RecipeError
 from medlite.recipes import registry
-from medlite.recipes.schema import Recipe, StageEntry
+from medlite.recipes import schema
+from medlite.recipes.schema import Recipe
 from medlite.recipes.semantics import semantic_checks
 
 Loc = tuple  # a YAML path: ("stages", 2, "quantize", "group_size")
@@ -310,6 +311,6 @@ def load_recipe(path_or_name: str | Path, overrides: list[str] | None = None) ->
     return validate_data(data, str(path), overrides, index)
 
 
-def stage_entry(name: str, **options) -> StageEntry:
+def stage_entry(name: str, **options):
     """Build one stage entry in code (tests, programmatic recipes)."""
-    return StageEntry.model_validate({name: options})
+    return schema.entry_model().model_validate({name: options})

@@ -34,6 +34,8 @@ class PlanInputs(ComponentSizes):
 
     recipe: Any = None
     target: Any = None
+    quant: dict = field(default_factory=dict)   # component -> precision, set by a quantize stage's estimate
+    precision: Optional[str] = None             # float precision of the exported graphs, set by export
 
 
 def sizes_from_facts(facts) -> ComponentSizes:
@@ -107,9 +109,24 @@ def _quant_map(recipe) -> dict:
     return {k: v for k, v in (("vision", q.vision), ("llm", q.llm), ("lm_head", q.lm_head)) if v != "fp16"}
 
 
+def quantize_estimate(index: int, opts, inp: PlanInputs) -> PlanInputs:
+    """The sizes after the quantize stage: which components it stores at which precision."""
+    import dataclasses
+
+    quant = {k: v for k, v in (("vision", opts.vision), ("llm", opts.llm), ("lm_head", opts.lm_head)) if v != "fp16"}
+    return dataclasses.replace(inp, quant={**inp.quant, **quant})
+
+
+def export_estimate(index: int, opts, inp: PlanInputs) -> PlanInputs:
+    """The sizes after the export: the graphs' float precision (what the engines and budget read)."""
+    import dataclasses
+
+    return dataclasses.replace(inp, precision=opts.precision)
+
+
 def export_plan(index: int, opts, inp: PlanInputs) -> dict:
     """Files the export writes and their expected bytes (after quantization, when planned)."""
-    quant = _quant_map(inp.recipe)
+    quant = inp.quant if inp.quant else _quant_map(inp.recipe)
     est = estimate_files(inp, opts.precision, opts.components, quant)
     q = f", quantized: {', '.join(f'{k} {v}' for k, v in quant.items())}" if quant else ""
     return {"does": f"({opts.precision}, opset {opts.opset}{q})", "writes": est}

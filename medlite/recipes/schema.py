@@ -24,11 +24,11 @@ from pydantic import Field, create_model, field_validator, model_validator
 
 from medlite.recipes.base import Closed
 from medlite.recipes.options import COMPONENTS, CheckOptions, EnginesOptions, ExportOptions, QuantizeOptions
-from medlite.recipes.registry import OPTION_MODELS, STAGE_NAMES
+from medlite.recipes import registry
 
 # Re-exported: callers import the option models and the base from here.
 __all__ = ["Closed", "COMPONENTS", "CalibrationSpec", "CheckOptions", "EnginesOptions", "EvaluationSpec",
-           "ExportOptions", "OPTION_MODELS", "QuantizeOptions", "Recipe", "STAGE_NAMES", "StageEntry"]
+           "ExportOptions", "QuantizeOptions", "Recipe", "StageEntry", "entry_model"]
 
 _SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?$")
 # Recipe names become folder names in artifact paths: keep them portable.
@@ -59,8 +59,8 @@ class EvaluationSpec(Closed):
 class _StageEntryBase(Closed):
     """One ``stages`` item: exactly one of the fields is set (``- export: {...}``).
 
-    The fields — one per registry stage, typed by that stage's options model — are added from the
-    registry below, so adding a stage is adding a registry entry.
+    The fields — one per registered stage, typed by that stage's options model — are generated from
+    the registry (:func:`entry_model`) and regenerated whenever a stage registers itself.
     """
 
     @model_validator(mode="before")
@@ -72,7 +72,7 @@ class _StageEntryBase(Closed):
             raise ValueError(f"must be a one-key mapping like 'export: {{...}}', got {type(data).__name__}")
         if len(data) != 1:
             keys = ", ".join(map(str, data)) or "none"
-            raise ValueError(f"must have exactly one key (a stage name: {', '.join(STAGE_NAMES)}); "
+            raise ValueError(f"must have exactly one key (a stage name: {', '.join(registry.stage_names())}); "
                              f"got {len(data)}: {keys} — is a '-' missing?")
         # "- check:" with nothing after it means "all defaults".
         return {k: ({} if v is None else v) for k, v in data.items()}
@@ -80,7 +80,7 @@ class _StageEntryBase(Closed):
     @property
     def name(self) -> str:
         """The stage name (the entry's only key)."""
-        return next(n for n in STAGE_NAMES if getattr(self, n) is not None)
+        return next(n for n in type(self).model_fields if getattr(self, n) is not None)
 
     @property
     def options(self) -> Closed:
@@ -88,8 +88,17 @@ class _StageEntryBase(Closed):
         return getattr(self, self.name)
 
 
-StageEntry = create_model("StageEntry", __base__=_StageEntryBase,
-                          **{n: (Optional[m], None) for n, m in OPTION_MODELS.items()})
+def _entry_model() -> type:
+    return create_model("StageEntry", __base__=_StageEntryBase,
+                        **{n: (Optional[m], None) for n, m in registry.option_models().items()})
+
+
+StageEntry = _entry_model()
+
+
+def entry_model() -> type:
+    """The current ``StageEntry`` model (one optional field per registered stage)."""
+    return StageEntry
 
 
 class Recipe(Closed):
@@ -133,6 +142,11 @@ class Recipe(Closed):
         """Options of the first stage called ``name`` (None when the recipe has none)."""
         return next((s.options for s in self.stages if s.name == name), None)
 
+    def stage_with(self, capability: str) -> Optional[Closed]:
+        """Options of the first stage declaring ``capability`` (e.g. ``"gate"``: the thresholds every
+        stage aims at; ``"needs_references"``: the questions and generation length of the references)."""
+        return next((s.options for s in self.stages if getattr(registry.STAGES[s.name].caps, capability)), None)
+
     def to_dict(self) -> dict:
         """The resolved recipe as plain data: every default filled in, stages as one-key mappings."""
         d = self.model_dump(mode="json", exclude={"stages"})
@@ -148,3 +162,14 @@ class Recipe(Closed):
         d = self.to_dict()
         d.pop("model", None)
         return d
+
+
+def _rebuild() -> None:
+    """A stage registered after import: regenerate ``StageEntry`` and the ``Recipe`` field that holds it."""
+    global StageEntry
+    StageEntry = _entry_model()
+    Recipe.model_fields["stages"].annotation = list[StageEntry]
+    Recipe.model_rebuild(force=True)
+
+
+registry.on_change(_rebuild)

@@ -28,6 +28,7 @@ from typing import Literal, Optional
 from pydantic import Field, field_validator
 
 from medlite.recipes.base import Closed
+from medlite.recipes.registry import Capabilities, Order, StageSpec, register_stage
 
 STAGE = "distill"
 # Split names that are never (only) training data, whatever the evaluation section says ("all" holds test).
@@ -125,4 +126,11 @@ def plan(index: int, opts: DistillOptions, sizes) -> list[str]:
             "  sizes unchanged (weights only)"]
 
 
-__all__ = ["DistillOptions", "DistillDataset", "rules", "plan", "STAGE"]
+SPEC = register_stage(StageSpec(
+    STAGE, DistillOptions, "distillation from the untouched source model as teacher",
+    "medlite.compress.distill.stage:run", plan, rules,
+    caps=Capabilities(changes_weights=True, needs_source=True, needs_calibration=True, caches_output=True),
+    order=Order(phase=20, why="distillation recovers the accuracy pruning lost"),
+    numerics=("torch", "transformers")))
+
+__all__ = ["DistillOptions", "DistillDataset", "rules", "plan", "STAGE", "SPEC"]

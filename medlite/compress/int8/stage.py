@@ -133,7 +133,7 @@ def _gate(state, graph: str, opts, n_graphs: int):
     from medlite.compress.int8.sensitivity import Gate
 
     share = opts.sensitivity_max_kl / max(n_graphs, 1)
-    check = state.recipe.stage("check") if state.recipe is not None else None
+    check = state.recipe.stage_with("gate") if state.recipe is not None else None
     if check is None:
         return Gate(min_cosine=0.999 if graph == "vision" else None, max_kl=share, min_top1=0.995)
     kl = share if check.max_mean_kl is None else min(share, check.max_mean_kl)

@@ -20,6 +20,7 @@ from typing import Literal, Optional
 from pydantic import Field
 
 from medlite.recipes.base import Closed
+from medlite.recipes.registry import Capabilities, Order, StageSpec, register_stage
 
 STAGE = "prune"
 VOLTA_SPARSITY = ("Volta (sm_72) tensor cores have no sparse (2:4) or unstructured-sparsity kernels, and "
@@ -146,4 +147,31 @@ def plan(index: int, opts: PruneOptions, sizes) -> list[str]:
     return lines
 
 
-__all__ = ["PruneOptions", "rules", "plan", "kept_mlp_channels", "kept_kv_groups", "STAGE"]
+def estimate(index: int, opts: PruneOptions, sizes):
+    """The sizes after pruning (plans chain): the language model's parameters and dimensions, and the
+    KV cache's layers and groups. Vision-layer pruning is measured at build time (its share is small)."""
+    import dataclasses
+
+    d = _text_dims(sizes)
+    llm = int((getattr(sizes, "params", {}) or {}).get("llm", 0))
+    after = _llm_params_after(opts, d, llm) if llm else None
+    if after is None:
+        return sizes
+    text, kv = dict(getattr(sizes, "text", {}) or {}), dict(getattr(sizes, "kv", {}) or {})
+    groups = kept_kv_groups(int(d["num_kv_heads"]), opts.attention_kv_groups)
+    layers = max(int(d["num_layers"]) - opts.layers, 1)
+    text.update(num_layers=layers, num_kv_heads=groups,
+                num_attention_heads=int(d["num_attention_heads"]) // int(d["num_kv_heads"]) * groups)
+    if opts.mlp:
+        text["intermediate_size"] = kept_mlp_channels(int(d["intermediate_size"]), opts.mlp, opts.round_to)
+    kv.update(num_layers=layers, num_kv_heads=groups)
+    return dataclasses.replace(sizes, params={**sizes.params, "llm": after}, text=text, kv=kv)
+
+
+SPEC = register_stage(StageSpec(
+    STAGE, PruneOptions, "structured pruning of MLP channels / KV groups / layers (dense, smaller)",
+    "medlite.compress.prune.stage:run", plan, rules, estimate=estimate,
+    caps=Capabilities(changes_weights=True, needs_calibration=True, caches_output=True),
+    order=Order(phase=10), numerics=("torch", "transformers")))
+
+__all__ = ["PruneOptions", "rules", "plan", "estimate", "kept_mlp_channels", "kept_kv_groups", "STAGE", "SPEC"]
