@@ -71,13 +71,17 @@ def cmd_validate(args, ctx) -> int:
     r = resolved.recipe
     for w in resolved.warnings:
         ctx.warn(w)
+    # The memory budget depends on the model's size: validate has no model, plan and build check it.
+    budget = (f"device memory budget of {r.target} not checked (it depends on the model): "
+              f"`medlite plan {args.recipe} [--model PATH]` checks it")
     if ctx.json_mode:
         _emit({"valid": True, "source": resolved.source, "errors": [], "warnings": resolved.warnings,
-               "recipe": r.to_dict()})
+               "budget_checked": False, "notes": [budget], "recipe": r.to_dict()})
     else:
         chain = " → ".join(s.name for s in r.stages)
         _say(ctx, f"[bold green]✓[/] {resolved.source}: valid — {r.name} {r.version} for {r.target} "
                           f"({chain})")
+        ctx.info(f"  {budget}")
     return 0
 
 

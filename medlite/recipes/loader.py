@@ -269,8 +269,11 @@ def resolve_recipe_path(arg: str) -> Path:
 
 
 def validate_data(data: dict, source: str, overrides: list[str] | None = None,
-                  line_index: dict | None = None) -> ResolvedRecipe:
-    """Validate raw recipe data (after YAML parsing); raise RecipeError listing every problem."""
+                  line_index: dict | None = None, *, check_files: bool = False) -> ResolvedRecipe:
+    """Validate raw recipe data (after YAML parsing); raise RecipeError listing every problem.
+
+    ``check_files``: also check that the data-set files and images folders exist (``validate``,
+    ``plan`` and ``build`` do; re-reading an artifact's saved recipe does not)."""
     overrides = list(overrides or [])
     line_index = line_index or {}
     data, set_paths, errors = apply_overrides(data, overrides)
@@ -280,7 +283,7 @@ def validate_data(data: dict, source: str, overrides: list[str] | None = None,
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
         pairs += convert_errors(e)
-    sem_errors, warnings = semantic_checks(data)
+    sem_errors, warnings = semantic_checks(data, check_files=check_files)
     pairs += sem_errors
 
     def where(loc: Loc) -> tuple[str, float]:
@@ -300,15 +303,17 @@ def validate_data(data: dict, source: str, overrides: list[str] | None = None,
     return ResolvedRecipe(recipe=recipe, source=source, overrides=overrides, warnings=warnings)
 
 
-def load_recipe(path_or_name: str | Path, overrides: list[str] | None = None) -> ResolvedRecipe:
-    """Load, override and validate a recipe file or shipped recipe name; raise RecipeError with all errors."""
+def load_recipe(path_or_name: str | Path, overrides: list[str] | None = None, *,
+                check_files: bool = True) -> ResolvedRecipe:
+    """Load, override and validate a recipe file or shipped recipe name; raise RecipeError with all errors
+    (data-set files and images folders included unless ``check_files`` is False)."""
     path = resolve_recipe_path(str(path_or_name))
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise RecipeError(str(path), [f"cannot read: {e}"]) from None
     data, index = parse_yaml(text, str(path))
-    return validate_data(data, str(path), overrides, index)
+    return validate_data(data, str(path), overrides, index, check_files=check_files)
 
 
 def stage_entry(name: str, **options):
