@@ -65,7 +65,7 @@ def physical_cores() -> int:
 # kernels that quantize the activations dynamically: measured on a tiny decoder with one fake-quantized
 # Linear, the logits moved by 2e-2 (ALL or EXTENDED) vs 1.6e-4 (BASIC) from the PyTorch fake-quant
 # forward. TensorRT computes what the Q/DQ nodes say, so graphs carrying a quantization record run
-# at BASIC: the gates measure the graph that ships, exactly (tests/build/test_export_plan.py).
+# at BASIC: the gates measure the graph that ships, exactly (tests/pipeline/test_export_plan.py).
 OPTIMIZATION_LEVELS = ("basic", "extended", "all")
 
 
