@@ -260,7 +260,8 @@ def cmd_recipes_ls(args, ctx) -> int:
 
 
 def cmd_recipes_cp(args, ctx) -> int:
-    """Copy a shipped recipe to DEST (a file, or a folder to put NAME.yaml in); never overwrites."""
+    """Copy a shipped recipe to DEST (a file, or a folder to put NAME.yaml in); never overwrites, never
+    creates folders."""
     from medlite.recipes import builtin_recipes
     from medlite.recipes.loader import _suggest
 
@@ -272,10 +273,12 @@ def cmd_recipes_cp(args, ctx) -> int:
     dest = Path(args.dest)
     if dest.is_dir():
         dest = dest / f"{name}.yaml"
+    if not dest.parent.is_dir():   # a typo in the folder would otherwise create a tree of folders silently
+        raise MedliteError(f"recipes cp {dest}: the folder {dest.parent} does not exist; create it first or "
+                           f"choose an existing folder (nothing was written)")
     ensure_writable_file(dest, "recipes cp")
     if dest.exists():
         raise MedliteError(f"{dest} already exists; choose another destination (nothing was overwritten)")
-    dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(shipped[name], dest)
     print(f"{dest}  (copy of {name}; edit it, then `medlite validate {dest}`)")
     return 0

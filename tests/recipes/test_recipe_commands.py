@@ -50,3 +50,12 @@ def test_build_json_mode_reports_a_recipe_error_as_one_object(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["status"] == "error" and len(out["errors"]) == 1 and "opset 19 is above 17" in out["errors"][0]
     assert not (tmp_path / "o").exists()          # nothing loaded, nothing written
+
+
+def test_recipes_cp_refuses_a_missing_parent_folder(tmp_path, capsys):
+    """Issue 26 #13: `recipes cp NAME typo/dir/my.yaml` created the missing folders silently."""
+    dest = tmp_path / "typo" / "deeper" / "my.yaml"
+    assert main(["recipes", "cp", "xavier-agx-fp16", str(dest)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(dest.parent) in err and "does not exist" in err
+    assert not (tmp_path / "typo").exists()
