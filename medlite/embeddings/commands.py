@@ -40,10 +40,19 @@ def add_probe_args(p) -> None:
     p.add_argument("--out", default=None, metavar="FILE", help="also write the results as a JSON file")
 
 
-def _mib(n: int) -> str:
+def _bytes(n: int) -> str:
     from medlite.units import human_bytes
 
     return human_bytes(n)
+
+
+def _identity(m: dict) -> str:
+    """One phrase naming the model version: artifact version, export graph hash or checkpoint format."""
+    if m["kind"] == "artifact":
+        return f"artifact {m.get('version')}"
+    if m["kind"] == "onnx-export":
+        return f"ONNX export, {m['vision_graph']} sha256 {m['vision_graph_sha256'][:12]}"
+    return f"{m.get('source', {}).get('format', '')} checkpoint".strip()
 
 
 def cmd_embed(args, ctx) -> int:
@@ -54,14 +63,12 @@ def cmd_embed(args, ctx) -> int:
     if ctx.json_mode:
         print(json.dumps(res.to_dict(), sort_keys=True, default=str))
         return 0
-    m = res.model
-    ident = m.get("version") or (m.get("vision_graph_sha256") or "")[:12] or m.get("model_name", "")
     rows = [("wrote", f"{res.out} ({res.images} images x {res.dim} floats)"),
-            ("model", f"{m['path']} ({m['kind']} {ident}, {res.runtime['name']} {res.runtime['version']})"),
+            ("model", f"{res.model['path']} ({_identity(res.model)}; {res.runtime['name']} {res.runtime['version']})"),
             ("vectors", f"{res.pool}-pooled {res.source} output"),
             ("load", f"{res.load_s:.1f} s"),
             ("embed", f"{res.embed_s:.1f} s, {res.images_per_s:.2f} images/s"),
-            ("peak RSS", _mib(res.peak_rss_bytes))]
+            ("peak RSS", _bytes(res.peak_rss_bytes))]
     print("\n".join(f"{k:>9}  {v}" for k, v in rows))
     return 0
 
@@ -103,7 +110,7 @@ def cmd_probe(args, ctx) -> int:
             ("baseline", f"accuracy {b['accuracy']:.3f}, macro-F1 {b['macro_f1']:.3f} ({b['model']})"),
             ("train", f"{p['train_s'] * 1e3:.1f} ms"),
             ("inference", f"{p['inference_s'] * 1e3:.2f} ms ({p['inference_ms_per_image']:.3f} ms/image)"),
-            ("memory", f"probe {_mib(p['model_bytes'])}, peak RSS {_mib(res['peak_rss_bytes'])}"),
+            ("memory", f"probe {_bytes(p['model_bytes'])}, peak RSS {_bytes(res['peak_rss_bytes'])}"),
             ("verdict", "beats the majority-class baseline" if res["beats_baseline"]
              else "does NOT beat the majority-class baseline")]
     print("\n".join(f"{k:>9}  {v}" for k, v in rows))

@@ -113,3 +113,25 @@ def test_export_runs_without_torch(tiny_export, real_scans, tmp_path):
     data = read_embeddings(out)
     assert data.vectors.shape[0] == 2 and np.isfinite(data.vectors).all()
     assert Path(data.paths[0]) == real_scans[0]
+
+
+def test_artifact_version_recorded_and_hashes_checked(cli, tmp_path, tiny_export, real_scans):
+    """A built artifact is hash-checked first, and its version and vision-graph hash go into the file."""
+    import shutil
+
+    from medlite.artifacts import FORMAT, write_manifest
+    from medlite.fileio import sha256_file
+
+    art = tmp_path / "art"
+    shutil.copytree(tiny_export, art)
+    write_manifest(art, {"format": FORMAT, "version": "0.1.0+abc1234", "status": "passed",
+                         "recipe": {"name": "cpu-test", "version": "0.1.0"}})
+    _, data = _embed(cli, tmp_path, art, real_scans[:1])
+    m = data.metadata["model"]
+    assert (m["kind"], m["version"], m["recipe"]) == ("artifact", "0.1.0+abc1234", "cpu-test")
+    assert m["vision_graph_sha256"] == sha256_file(art / "vision.onnx")
+
+    with open(art / "tokenizer.json", "a") as f:
+        f.write(" ")
+    code, _, err, _ = cli("embed", "--model", art, "--images", real_scans[0], "--out", tmp_path / "x.npz")
+    assert code == 2 and "tokenizer.json" in err and not (tmp_path / "x.npz").exists()
