@@ -22,6 +22,19 @@ def prompt_ids(loaded, question: str) -> list[int]:
     return expand_image_tokens(ids, loaded.image_token_id, loaded.num_image_tokens)
 
 
+def check_context(loaded, prompt_lengths: Sequence[int], max_new_tokens: int) -> None:
+    """Refuse prompts + ``max_new_tokens`` past the language model's ``max_position_embeddings``.
+
+    The same rule as the ONNX runtime (:func:`medlite.runtime.limits.check_request`): rotary positions
+    past the maximum were never trained and would run silently."""
+    from medlite.runtime.limits import ContextLimits, check_request
+
+    n = getattr(loaded.model.config.text_config, "max_position_embeddings", None)
+    where = f"text_config.max_position_embeddings of {getattr(loaded.source, 'path', 'the model')}"
+    check_request(ContextLimits(max_positions=int(n) if n else None, positions_from=where,
+                                num_image_tokens=int(loaded.num_image_tokens)), prompt_lengths, max_new_tokens)
+
+
 def pixel_values(loaded, images):
     """``preprocess`` output as a tensor in the model's dtype."""
     import torch
@@ -69,8 +82,9 @@ def first_token_logits(loaded, image, question: str) -> np.ndarray:
     """float32 logits ``[vocab]`` for the first answer token (raw: the image token is not masked)."""
     import torch
 
-    ids = torch.tensor([prompt_ids(loaded, question)])
-    out = _forward(loaded, ids, pixel_values(loaded, image))
+    row = prompt_ids(loaded, question)
+    check_context(loaded, [len(row)], 0)
+    out = _forward(loaded, torch.tensor([row]), pixel_values(loaded, image))
     return out.logits[0, -1].float().numpy()
 
 
@@ -103,8 +117,9 @@ def answer(loaded, image, question: str, *, max_new_tokens: int = 32,
     """Greedy answer. ``on_text`` receives the new decoded text as it grows (for streaming)."""
     import torch
 
-    ids = torch.tensor([prompt_ids(loaded, question)])
-    out = _forward(loaded, ids, pixel_values(loaded, image))
+    row = prompt_ids(loaded, question)
+    check_context(loaded, [len(row)], max_new_tokens)   # before the model runs
+    out = _forward(loaded, torch.tensor([row]), pixel_values(loaded, image))
     eos = set(loaded.eos_token_ids)
     gen: list[int] = []
     shown = ""
@@ -152,10 +167,11 @@ def _greedy_rows(loaded, out, mask, last_pos, *, max_new_tokens: int) -> list[st
     return [clean_answer(loaded.tokenizer.decode(g, skip_special_tokens=True), loaded.template.stop) for g in gens]
 
 
-def _left_padded(loaded, questions: Sequence[str]):
+def _left_padded(loaded, questions: Sequence[str], max_new_tokens: int = 0):
     import torch
 
     rows = [prompt_ids(loaded, q) for q in questions]
+    check_context(loaded, [len(r) for r in rows], max_new_tokens)   # before the model runs
     width = max(len(r) for r in rows)
     pad = loaded.pad_token_id
     ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
@@ -169,7 +185,7 @@ def answer_batch(loaded, images: Sequence, questions: Sequence[str], *, max_new_
         raise ValueError(f"{len(images)} images but {len(questions)} questions")
     if not questions:
         return []
-    ids, mask, pos = _left_padded(loaded, questions)
+    ids, mask, pos = _left_padded(loaded, questions, max_new_tokens)
     out = _forward(loaded, ids, pixel_values(loaded, list(images)), mask=mask, positions=pos)
     return _greedy_rows(loaded, out, mask, pos[:, -1], max_new_tokens=max_new_tokens)
 
@@ -186,7 +202,7 @@ def evaluate_rows(loaded, images: Sequence, image_index: Sequence[int], question
     import torch
 
     model = loaded.model
-    ids, mask, pos = _left_padded(loaded, questions)
+    ids, mask, pos = _left_padded(loaded, questions, max_new_tokens)
     with torch.inference_mode():
         img = image_features(model, pixel_values(loaded, list(images)))
         rows = img[torch.as_tensor(list(image_index), dtype=torch.long)]

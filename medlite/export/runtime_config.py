@@ -37,6 +37,12 @@ def _versions() -> dict[str, str]:
             "onnx": onnx.__version__, "exporter": "torch.onnx TorchScript (dynamo=False)"}
 
 
+def _max_positions(loaded) -> dict:
+    """``max_position_embeddings`` of the language model: the runtime refuses longer requests."""
+    n = getattr(loaded.model.config.text_config, "max_position_embeddings", None)
+    return {"max_position_embeddings": int(n)} if n else {}
+
+
 def runtime_config_from_loaded(loaded, *, precision: str, opset: int, graphs: dict[str, GraphSpec],
                                dims: dict[str, int], table: Optional[dict], fp32_ops: dict,
                                trt_check: dict, kv_precision: Optional[str] = None) -> RuntimeConfig:
@@ -46,7 +52,7 @@ def runtime_config_from_loaded(loaded, *, precision: str, opset: int, graphs: di
     """
     kv_dtype = "float16" if (kv_precision or precision) == "fp16" else "float32"
     return RuntimeConfig(
-        graphs=graphs, precision=precision, opset=opset, model=dict(dims),
+        graphs=graphs, precision=precision, opset=opset, model={**dims, **_max_positions(loaded)},
         image_token_id=int(loaded.image_token_id), num_image_tokens=int(loaded.num_image_tokens),
         eos_token_ids=[int(t) for t in loaded.eos_token_ids],
         bos_token_id=None if loaded.bos_token_id is None else int(loaded.bos_token_id),

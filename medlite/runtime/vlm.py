@@ -17,6 +17,7 @@ from medlite.preprocess import preprocess
 from medlite.prompting import clean_answer, encode_prompt, expand_image_tokens
 from medlite.runtime.config import RuntimeConfig
 from medlite.runtime.decoding import BoundDecoder, greedy_generate, prefill_inputs
+from medlite.runtime.limits import check_request, limits_for
 from medlite.runtime.sessions import open_session
 
 
@@ -46,6 +47,8 @@ class OnnxVlm:
         self.table = table
         self._byte_token_ids: Optional[set[int]] = None
         self.warnings = warnings if warnings is not None else []
+        # Maximum positions and the engines' profile bounds: every request is checked before it runs.
+        self.limits = limits_for(folder, config)
         dec = config.graphs["decoder"]
         self._embed_dtype = np.dtype(dec.input("inputs_embeds").dtype)
         self._kv_dtype = np.dtype(config.kv_cache["dtype"])
@@ -138,11 +141,18 @@ class OnnxVlm:
         emb[where] = image_emb.astype(emb.dtype)
         return emb
 
-    def _first(self, images: list, questions: list[str]):
+    def check_request(self, questions: Sequence[str], max_new_tokens: int) -> list[list[int]]:
+        """The questions' prompt ids, after refusing a request past the context limits (:mod:`.limits`)."""
+        ids = [self.prompt_ids(q) for q in questions]
+        check_request(self.limits, [len(i) for i in ids], max_new_tokens)
+        return ids
+
+    def _first(self, images: list, questions: list[str], max_new_tokens: int = 0):
         if len(images) != len(questions):
             raise DataError(f"{len(images)} images but {len(questions)} questions")
+        ids = self.check_request(questions, max_new_tokens)   # before any graph runs
         vis = self._vision(images)
-        rows = [self._prompt_embeds(self.prompt_ids(q), vis[i]) for i, q in enumerate(questions)]
+        rows = [self._prompt_embeds(row, vis[i]) for i, row in enumerate(ids)]
         m = self.config.model
         return prefill_inputs(rows, num_layers=m["num_layers"], num_kv_heads=m["num_kv_heads"],
                               head_dim=m["head_dim"], dtype=self._kv_dtype,
@@ -172,7 +182,8 @@ class OnnxVlm:
             text = self._text(ids)
             return any(s in text for s in stops)
 
-        return greedy_generate(self._decoder, self._embed, self._first(list(images), list(questions)),
+        first = self._first(list(images), list(questions), max_new_tokens)
+        return greedy_generate(self._decoder, self._embed, first,
                                max_new_tokens=max_new_tokens, stop_ids=set(c.eos_token_ids),
                                suppress_ids=list(c.suppress_token_ids), is_stopped=is_stopped, on_step=on_step)
 
@@ -195,8 +206,9 @@ class OnnxVlm:
         questions = list(questions)
         if not questions or len(image_index) != len(questions):
             raise DataError(f"evaluate_rows: {len(questions)} questions, {len(image_index)} image indices")
+        ids = self.check_request(questions, max_new_tokens)   # before any graph runs
         emb = self._vision(list(images))
-        rows = [self._prompt_embeds(self.prompt_ids(q), emb[j]) for q, j in zip(questions, image_index)]
+        rows = [self._prompt_embeds(row, emb[j]) for row, j in zip(ids, image_index)]
         m = self.config.model
         first = prefill_inputs(rows, num_layers=m["num_layers"], num_kv_heads=m["num_kv_heads"],
                                head_dim=m["head_dim"], dtype=self._kv_dtype,

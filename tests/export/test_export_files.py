@@ -107,7 +107,8 @@ def test_runtime_config_describes_the_export(tiny, exported):
     assert cfg.eos_token_ids == tiny.eos_token_ids and cfg.bos_token_id == tiny.bos_token_id
     assert cfg.pad_token_id == tiny.pad_token_id
     assert cfg.model == {"hidden_size": d["hidden"], "num_layers": d["layers"], "num_kv_heads": d["kv"],
-                         "head_dim": d["hd"], "vocab_size": d["vocab"]}
+                         "head_dim": d["hd"], "vocab_size": d["vocab"],
+                         "max_position_embeddings": tiny.model.config.text_config.max_position_embeddings}
     assert cfg.image_spec == tiny.image_spec and cfg.template == tiny.template
     assert cfg.source == tiny.source.to_dict() and cfg.model_name == tiny.name
     assert cfg.kv_cache["convention"] == "dummy_slot" and cfg.kv_cache["prefill_past_slots"] == 1
