@@ -122,10 +122,24 @@ def cmd_serve(args, ctx) -> int:
                      allowed_hosts=None if remote else LOOPBACK_HOSTS)
     _log_to_stderr(ctx)
     shown = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"medlite serve: http://{shown}:{port}/  ({folder.name}, {vlm.config.precision}; Ctrl-C stops)", flush=True)
+    print(f"medlite serve: http://{shown}:{port}/  ({_served(artifact, folder, vlm)}; Ctrl-C stops)", flush=True)
     config = uvicorn.Config(app, log_level="warning" if ctx.quiet else "info", timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])
     return 0
+
+
+def _served(artifact, folder: Path, vlm) -> str:
+    """What the start-up line names: the artifact's model, recipe and version (its folder name may be
+    anything, e.g. ``latest``'s target or a copy) and the precision each graph runs in."""
+    from medlite.runtime.describe import precision_summary
+
+    if artifact is None:
+        what = f"ONNX export {folder.name}, no version"
+    else:
+        m = artifact.manifest
+        recipe = (m.get("recipe") or {}).get("name")
+        what = " · ".join(str(x) for x in (m.get("model"), recipe) if x) + f" version {artifact.version}"
+    return f"{what}, {precision_summary(vlm.config)}"
 
 
 def _log_to_stderr(ctx) -> None:

@@ -29,13 +29,16 @@ def serve_info(vlm, artifact=None, *, folder: Optional[Path] = None, limits=None
     ``artifact`` is an opened :class:`medlite.artifacts.Artifact` (None for a bare ``medlite export``
     folder, which has no manifest, hashes or gates).
     """
+    from medlite.runtime.describe import graph_labels, precision_summary
     from medlite.serve.uploads import WINDOW_PRESETS
 
     cfg = vlm.config
     info = {
         "model": cfg.model_name or (artifact.manifest.get("model") if artifact else None),
         "folder": str(artifact.path if artifact else folder),
-        "precision": cfg.precision,
+        # what runs (an INT8 Q/DQ graph traced in fp32 is int8, not fp32): from the quantization records
+        "precision": precision_summary(cfg),
+        "graph_precision": graph_labels(cfg),
         "providers": dict(getattr(vlm, "providers", {}) or {}),
         "image_size": cfg.image_spec.size,
         "num_image_tokens": cfg.num_image_tokens,

@@ -44,3 +44,30 @@ def mr_small() -> Path:
     from pydicom.data import get_testdata_file
 
     return Path(get_testdata_file("MR_small.dcm"))
+
+
+@pytest.fixture(scope="session")
+def int8_artifact(tmp_path_factory) -> Path:
+    """A small artifact (tiny random model, ~30 s) whose vision graph carries the INT8 stage's own
+    quantization record, in a folder whose name is not its version (a copy, as users make them)."""
+    from medlite.recipes.options import QuantizeOptions  # first: the stages import the recipe registry
+    from medlite.artifacts import FORMAT, write_manifest  # noqa: I001
+    from medlite.checkpoints import load_model
+    from medlite.checkpoints.random_ckpt import write_random_checkpoint
+    from medlite.compress.int8.stage import GraphChoice, _record
+    from medlite.context import RunContext
+    from medlite.export import export_onnx
+
+    root = tmp_path_factory.mktemp("int8-artifact")
+    ctx = RunContext(cache_dir=root / "cache", quiet=True)
+    ckpt = write_random_checkpoint("tiny", root / "ckpt", fmt="legacy", ctx=ctx)
+    out = root / "my-copy"
+    export_onnx(load_model(ckpt, ctx=ctx), out, ctx=ctx, precision="fp32")
+    cfg_path = out / "medlite_runtime.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["graphs"]["vision"]["quantization"] = _record(GraphChoice(graph="vision", targets=[]),
+                                                      QuantizeOptions(vision="int8"), None)
+    cfg_path.write_text(json.dumps(cfg, indent=1, sort_keys=True) + "\n")
+    write_manifest(out, {"format": FORMAT, "model": "tiny", "recipe": {"name": "int8-test", "version": "0.1.0"},
+                         "version": "0.1.0+abc1234", "status": "passed", "gates": []})
+    return out

@@ -118,6 +118,7 @@ class CliServer:
             self.close()
             raise AssertionError("medlite serve printed no URL: " + "".join(self.stderr)[-3000:]) from None
         assert first.startswith("medlite serve: http://127.0.0.1:"), first + "".join(self.stderr)
+        self.first_line = first
         self.url = first.split()[2].rstrip("/")
 
     def close(self) -> None:

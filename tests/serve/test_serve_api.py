@@ -68,7 +68,7 @@ def test_info_is_the_manifest(server, artifact):
     info = get_json(server.url + "/api/info")
     a = info["artifact"]
     assert a["version"] == artifact.manifest["version"] and a["status"] == "passed" and a["hashes_checked"]
-    assert info["precision"] == "fp32" and a["recipe"] == "serve-test"
+    assert info["precision"] == "vision fp32, embed fp32, decoder fp32" and a["recipe"] == "serve-test"
     assert [g["name"] for g in a["gates"]] == [g["name"] for g in artifact.manifest["gates"]] and a["gates"]
     assert all(g["passed"] is not False and g["text"].startswith(g["name"]) for g in a["gates"])
 
