@@ -29,7 +29,8 @@ def add_serve_args(p) -> None:
                    help="allow a --host other than loopback (no authentication, no TLS: a trusted network only)")
     p.add_argument("--max-upload-mb", type=float, default=64.0, help="largest accepted file (default 64 MB)")
     p.add_argument("--max-pixels", type=int, default=25_000_000, help="largest image / frame (default 25 M pixels)")
-    p.add_argument("--max-queue", type=int, default=4, help="requests that may wait for the model (default 4)")
+    p.add_argument("--max-queue", type=int, default=4,
+                   help="requests that may wait for the model (default 4; at least 1)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="answer length limit (default 32, as ask)")
 
 
@@ -79,12 +80,19 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _check_numbers(args) -> None:
+    """Every numeric option, before anything is opened (a bad --port would otherwise surface as a traceback
+    from the socket layer after the artifact was hash-checked)."""
+    if not 0 <= args.port <= 65535:
+        raise MedliteError(f"--port {args.port} is not a TCP port: use 1-65535, or 0 for a free one")
+    for name in ("max_upload_mb", "max_pixels", "max_queue", "max_new_tokens"):
+        if getattr(args, name) <= 0:
+            raise MedliteError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+
+
 def _limits(args):
     from medlite.serve.uploads import ServeLimits
 
-    for name in ("max_upload_mb", "max_pixels", "max_queue", "max_new_tokens"):
-        if getattr(args, name) <= 0 and not (name == "max_queue" and args.max_queue == 0):
-            raise MedliteError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     return ServeLimits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels,
                        max_queue=args.max_queue, max_new_tokens=args.max_new_tokens)
 
@@ -96,6 +104,7 @@ def cmd_serve(args, ctx) -> int:
         raise MedliteError(f"two artifacts given ({args.artifact} and --model {args.model}); name one")
     if not path:
         raise MedliteError("name the artifact to serve: medlite serve --model artifacts/<model>/<recipe>/latest")
+    _check_numbers(args)
     remote = not _is_loopback(args.host)
     if remote and not args.allow_remote:
         raise MedliteError(f"--host {args.host} exposes patient images to the network; add --allow-remote to do it "

@@ -3,7 +3,22 @@ line and /api/info name the artifact's version and the precision that runs, an o
 answered with the question limit."""
 from __future__ import annotations
 
+import pytest
 from serve_helpers import CliServer, get_json
+
+from medlite.cli import main
+
+
+@pytest.mark.parametrize("port", ["70000", "-1"])
+def test_port_out_of_range_is_one_line(int8_artifact, port, capsys):
+    assert main(["serve", str(int8_artifact), "--port", port]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"--port {port} is not a TCP port" in err and len(err.splitlines()) == 1, err
+
+
+def test_max_queue_zero_is_refused(tmp_path, capsys):
+    assert main(["serve", str(tmp_path), "--max-queue", "0"]) == 2
+    assert "--max-queue must be positive, got 0" in capsys.readouterr().err
 
 
 def test_start_up_line_and_info_show_version_and_int8(int8_artifact):
