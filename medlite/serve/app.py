@@ -73,12 +73,24 @@ async def read_form(request, limits: ServeLimits):
         yield bytes(body)
 
     # Starlette spools file parts above 1 MB to an unnamed temporary file; keep them in memory instead.
-    parser = type("_InMemoryParser", (MultiPartParser,), {"spool_max_size": budget + 1})
+    parser = type("_InMemoryParser", (MultiPartParser,), {"spool_max_size": budget + 1})(
+        request.headers, whole(), max_files=1, max_fields=8, max_part_size=_FORM_OVERHEAD)
     try:
-        return await parser(request.headers, whole(), max_files=1, max_fields=8,
-                            max_part_size=_FORM_OVERHEAD).parse()
+        return await parser.parse()
     except MultiPartException as e:
+        if str(e).startswith("Part exceeded"):   # a text field (not the file) over max_part_size
+            raise _field_too_big(getattr(getattr(parser, "_current_part", None), "field_name", None),
+                                 limits) from None
         raise UploadError(f"malformed upload: {e}") from None
+
+
+def _field_too_big(name: Optional[str], limits: ServeLimits) -> UploadError:
+    """Starlette says "Part exceeded maximum size of 64KB"; say which field and what the limit is for it."""
+    if name == "question":
+        return UploadError(f"the question is longer than this server reads ({_FORM_OVERHEAD:,} bytes); "
+                           f"a question may have at most {limits.max_question_chars} characters", status=413)
+    return UploadError(f"form field {name!r} is larger than {_FORM_OVERHEAD:,} bytes (the scan goes in "
+                       "field 'file'; 'question', 'frame' and 'window' are short text)", status=413)
 
 
 async def _decode_form(form, limits: ServeLimits, tmp_root: Optional[Path]):

@@ -4,7 +4,7 @@ answered with the question limit."""
 from __future__ import annotations
 
 import pytest
-from serve_helpers import CliServer, get_json
+from serve_helpers import CliServer, LiveServer, get_json, post
 
 from medlite.cli import main
 
@@ -32,3 +32,17 @@ def test_start_up_line_and_info_show_version_and_int8(int8_artifact):
     assert "vision int8 Q/DQ" in line and "decoder fp32" in line, line
     assert info["precision"] == "vision int8 Q/DQ, embed fp32, decoder fp32"
     assert info["graph_precision"]["vision"] == "int8 Q/DQ"
+
+
+def test_long_question_names_the_question_limit(int8_artifact, ct_small, tmp_path):
+    import json
+
+    from medlite.artifacts import open_artifact
+    from medlite.runtime import OnnxVlm
+    from medlite.serve.app import create_app
+
+    app = create_app(OnnxVlm.open(int8_artifact), artifact=open_artifact(int8_artifact), tmp_root=tmp_path)
+    with LiveServer(app) as s:
+        status, _, body = post(s.url + "/api/ask", {"question": "x" * 95_000}, ("ct.dcm", ct_small.read_bytes()))
+    msg = json.loads(body)["error"]
+    assert status == 413 and "at most 1000 characters" in msg and "Part exceeded" not in msg, msg
