@@ -21,6 +21,8 @@ def add_embed_args(p) -> None:
     p.add_argument("--pool", choices=list(POOLS), default="mean",
                    help="how the image's tokens become one vector: mean (default), max, or first token")
     p.add_argument("--batch-size", type=int, default=8, metavar="N", help="images per forward pass (default 8)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave out images that cannot be decoded (each named in a warning) instead of stopping")
     for flag, kw in (("--base", {"metavar": "PATH", "help": "base checkpoint of a LoRA adapter (--model)"}),
                      ("--vision-tower", {"metavar": "PATH", "help": "local vision tower a legacy checkpoint names"}),
                      ("--vision-weights", {"choices": ["checkpoint", "tower"],
@@ -63,7 +65,8 @@ def cmd_embed(args, ctx) -> int:
     if ctx.json_mode:
         print(json.dumps(res.to_dict(), sort_keys=True, default=str))
         return 0
-    rows = [("wrote", f"{res.out} ({res.images} images x {res.dim} floats)"),
+    skipped = f"; {res.skipped} unreadable left out" if res.skipped else ""
+    rows = [("wrote", f"{res.out} ({res.images} images x {res.dim} floats{skipped})"),
             ("model", f"{res.model['path']} ({_identity(res.model)}; {res.runtime['name']} {res.runtime['version']})"),
             ("vectors", f"{res.pool}-pooled {res.source} output"),
             ("load", f"{res.load_s:.1f} s"),

@@ -28,6 +28,7 @@ class EmbedResult:
 
     out: str
     images: int
+    skipped: int
     dim: int
     source: str
     pool: str
@@ -44,19 +45,37 @@ class EmbedResult:
         return asdict(self)
 
 
-def collect_images(items: list[str], ctx) -> list:
-    """MedImages for every file/folder/glob in ``items``; a one-line error when two share a stored name."""
-    from medlite.imaging.images import load_images
+def collect_images(items: list[str], ctx, *, skip_bad: bool = False) -> tuple[list, int]:
+    """MedImages for every file/folder/glob in ``items``, named relative to the folder (or glob base)
+    each was found under. A file whose header cannot be read is a one-line error naming it, or with
+    ``skip_bad`` a warning (counted); two images with the same stored name are an error."""
+    from dataclasses import replace
 
-    images, seen = [], {}
+    from medlite.imaging.images import _expand, load_images   # _expand: the same file listing as load_images
+
+    images, seen, skipped = [], {}, 0
     for item in items:
-        for im in load_images(item, ctx=ctx):
+        files, base = _expand(str(item))
+        if not files:
+            raise DataError(f"{item}: no image files found")
+        for f in files:
+            try:
+                (im,) = load_images(f, ctx=ctx)
+            except DataError as e:
+                if not skip_bad:
+                    raise DataError(f"{e} (--skip-bad leaves unreadable images out)") from None
+                ctx.warn(f"{f}: left out, cannot read it ({e})")
+                skipped += 1
+                continue
+            im = replace(im, image_id=f.relative_to(base).as_posix() if f.is_relative_to(base) else f.as_posix())
             if im.image_id in seen:
                 raise DataError(f"two images would be stored as {im.image_id!r} ({seen[im.image_id]} and "
                                 f"{im.source}); give their common folder instead so names stay unique")
             seen[im.image_id] = im.source
             images.append(im)
-    return images
+    if not images:
+        raise DataError("no image could be read; nothing written")
+    return images, skipped
 
 
 def validate_args(args) -> None:
@@ -73,16 +92,36 @@ def validate_args(args) -> None:
     ensure_writable_file(args.out, "--out")
 
 
-def _encode_all(encoder, images: list, args, ctx) -> np.ndarray:
-    """Pooled vectors ``[N, D]``, batch by batch, with a progress bar."""
-    out = []
+def _decoded(images: list, skip_bad: bool, ctx) -> tuple[list, list]:
+    """(MedImages, PIL images) of the ones that decode; an unreadable one is a one-line error naming
+    it, or with ``--skip-bad`` a warning and left out."""
+    kept, pil = [], []
+    for im in images:
+        try:
+            pil.append(im.load())
+        except (DataError, OSError, ValueError) as e:
+            if not skip_bad:
+                msg = str(e) if isinstance(e, DataError) else f"{im.source}: cannot decode ({e})"
+                raise DataError(f"{msg} (--skip-bad leaves unreadable images out)") from None
+            ctx.warn(f"{im.source}: left out, cannot decode it ({e})")
+            continue
+        kept.append(im)
+    return kept, pil
+
+
+def _encode_all(encoder, images: list, args, ctx) -> tuple[np.ndarray, list]:
+    """Pooled vectors ``[N, D]`` and the images they belong to, batch by batch, with a progress bar."""
+    out, kept = [], []
     with ctx.progress("embed", total=len(images)) as advance:
         for i in range(0, len(images), args.batch_size):
-            chunk = images[i:i + args.batch_size]
-            pil = [im.load() for im in chunk]
-            out.append(pool_tokens(encoder.features(pil, args.source), args.pool))
-            advance(len(chunk))
-    return np.concatenate(out, axis=0)
+            chunk, pil = _decoded(images[i:i + args.batch_size], args.skip_bad, ctx)
+            if pil:
+                out.append(pool_tokens(encoder.features(pil, args.source), args.pool))
+                kept += chunk
+            advance(min(args.batch_size, len(images) - i))
+    if not kept:
+        raise DataError("no image could be decoded; nothing written")
+    return np.concatenate(out, axis=0), kept
 
 
 def _metadata(encoder, args, vectors: np.ndarray, tokens: int) -> dict:
@@ -100,13 +139,18 @@ def run_embed(args, ctx) -> EmbedResult:
     from medlite.embeddings.encoders import open_encoder
 
     validate_args(args)
-    images = collect_images(list(args.images), ctx)     # bad paths fail before the model loads
+    images, skipped = collect_images(list(args.images), ctx, skip_bad=args.skip_bad)   # before the model loads
     t0 = time.perf_counter()
     encoder = open_encoder(args, ctx)
     load_s = time.perf_counter() - t0
-    tokens = int(encoder.features([images[0].load()], args.source).shape[1])   # also warms the session up
+    # one untimed pass on a blank image: warms the session up (images/s is then the steady rate)
+    # and gives the token count without decoding a user file twice
+    from PIL import Image
+
+    tokens = int(encoder.features([Image.new("RGB", (64, 64))], args.source).shape[1])
     t1 = time.perf_counter()
-    vectors = _encode_all(encoder, images, args, ctx)
+    listed = len(images) + skipped
+    vectors, images = _encode_all(encoder, images, args, ctx)
     embed_s = time.perf_counter() - t1
     bad = [im.image_id for im, v in zip(images, vectors) if not np.isfinite(v).all()]
     if bad:
@@ -115,7 +159,7 @@ def run_embed(args, ctx) -> EmbedResult:
     data = EmbeddingSet([im.image_id for im in images], vectors, [im.source for im in images],
                         _metadata(encoder, args, vectors, tokens))
     write_embeddings(args.out, data)
-    return EmbedResult(out=str(Path(args.out)), images=len(images), dim=int(vectors.shape[1]), source=args.source,
-                       pool=args.pool, load_s=load_s, embed_s=embed_s,
+    return EmbedResult(out=str(Path(args.out)), images=len(images), skipped=listed - len(images),
+                       dim=int(vectors.shape[1]), source=args.source, pool=args.pool, load_s=load_s, embed_s=embed_s,
                        images_per_s=len(images) / embed_s if embed_s > 0 else float("inf"),
                        peak_rss_bytes=peak_rss_bytes(), model=encoder.identity, runtime=encoder.runtime_info())

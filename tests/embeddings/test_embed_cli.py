@@ -135,3 +135,27 @@ def test_artifact_version_recorded_and_hashes_checked(cli, tmp_path, tiny_export
         f.write(" ")
     code, _, err, _ = cli("embed", "--model", art, "--images", real_scans[0], "--out", tmp_path / "x.npz")
     assert code == 2 and "tokenizer.json" in err and not (tmp_path / "x.npz").exists()
+
+
+def test_unreadable_image_named_or_skipped(cli, tmp_path, tiny_export, real_scans):
+    import shutil
+
+    root = tmp_path / "scans"
+    root.mkdir()
+    shutil.copy(real_scans[0], root / "a.dcm")
+    shutil.copy(real_scans[3], root / "c.jpg")
+    (root / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"truncated")      # header unreadable
+    from PIL import Image
+
+    Image.open(real_scans[3]).save(root / "d.png")                             # header fine, pixels cut off
+    (root / "d.png").write_bytes((root / "d.png").read_bytes()[:2000])
+    out = tmp_path / "e.npz"
+    code, _, err, _ = cli("embed", "--model", tiny_export, "--images", root, "--out", out)
+    assert code == 2 and "b.png" in err and "--skip-bad" in err and not out.exists()
+    code, _, err, _ = cli("embed", "--model", tiny_export, "--images", root / "a.dcm", root / "d.png", "--out", out)
+    assert code == 2 and "d.png" in err and "--skip-bad" in err and not out.exists()
+    code, _, err, res = cli("embed", "--model", tiny_export, "--images", root, "--out", out, "--skip-bad", "--json")
+    assert code == 0, err
+    assert "b.png: left out" in err and "d.png: left out" in err
+    assert res["skipped"] == 2 and res["images"] == 2
+    assert read_embeddings(out).files == ["a.dcm", "c.jpg"]
