@@ -13,7 +13,7 @@ from typing import Optional
 
 from medlite.compress.distill import data as D
 from medlite.compress.distill.losses import forward_answers, hidden_mse, kd_kl
-from medlite.compress.distill.options import DistillOptions
+from medlite.compress.distill.options import DistillOptions, hidden_layers
 from medlite.errors import MedliteError
 
 
@@ -69,9 +69,10 @@ def mix_images(pixels, strength: float, *, seed: int, step: int):
     return (1 - w) * pixels + w * pixels[other]
 
 
-def _layer_map(opts, pruned) -> list[int]:
+def _layer_map(layers: list[int], pruned) -> list[int]:
+    """The teacher layers matching the student's ``layers`` (layer pruning keeps a subset)."""
     kept = ((pruned or {}).get("layers") or {}).get("kept")
-    return [kept[i] if kept else i for i in opts.hidden_mse]
+    return [kept[i] if kept else i for i in layers]
 
 
 class Objective:
@@ -82,10 +83,11 @@ class Objective:
         self.student, self.teacher, self.train, self.held, self.opts = student, teacher, train, held, opts
         self.dtype = next(student.model.parameters()).dtype
         n_layers = len(student.model.model.language_model.layers)
-        bad = [i for i in opts.hidden_mse if i >= n_layers]
+        layers = hidden_layers(opts, n_layers)          # "all": every decoder layer of this student
+        bad = [i for i in layers if i >= n_layers]
         if bad:
             raise MedliteError(f"distill.hidden_mse {bad}: the student has {n_layers} decoder layers")
-        self.s_layers, self.t_layers = list(opts.hidden_mse), _layer_map(opts, pruned)
+        self.s_layers, self.t_layers = layers, _layer_map(layers, pruned)
         self.hidden = bool(opts.hidden_mse and opts.hidden_weight)
         # blended images have no cached teacher logits: the teacher then runs alongside every step
         self.online = self.hidden or opts.mixup > 0
@@ -141,7 +143,9 @@ class Objective:
 
     def key(self, examples) -> str:
         """Identity of the run (options, data, teacher targets, the student's initial weights)."""
-        h = hashlib.sha256(json.dumps(self.opts.model_dump(), sort_keys=True).encode())
+        # The resolved layers, not the spelling: "all" and the list it names are the same run.
+        opts = dict(self.opts.model_dump(), hidden_mse=list(self.s_layers))
+        h = hashlib.sha256(json.dumps(opts, sort_keys=True).encode())
         h.update(D.data_key(examples).encode())
         h.update(_digest(self.t_train or []).encode())
         h.update(_digest(p for p in self.student.model.parameters()).encode())

@@ -7,7 +7,8 @@ Recipe form::
         learning_rate: 1.0e-3
         batch_size: 8
         temperature: 2.0
-        hidden_mse: []            # student layer indices whose output hidden states are matched (MSE)
+        hidden_mse: []            # student decoder layers whose output hidden states are matched (MSE):
+                                  # a list of indices, or "all" (every decoder layer, resolved at run time)
         hidden_weight: 0.0
         mixup: 0.0                # consistent function matching on blended images (teacher runs every step)
         datasets: []              # extra VQA sets: [{dataset: ..., split: train, images: ...}]
@@ -23,7 +24,7 @@ Teacher: the untouched source model; student: the working model (pruned by an ea
 """
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from pydantic import Field, field_validator
 
@@ -51,7 +52,8 @@ class DistillOptions(Closed):
     learning_rate: float = Field(1e-3, gt=0.0, le=1.0)
     batch_size: int = Field(8, ge=1, le=1024)
     temperature: float = Field(2.0, gt=0.0, le=100.0)
-    hidden_mse: list[int] = Field(default_factory=list, description="student decoder layers matched by MSE")
+    hidden_mse: Union[Literal["all"], list[int]] = Field(
+        default_factory=list, description="student decoder layers matched by MSE: indices, or 'all' (every layer)")
     hidden_weight: float = Field(0.0, ge=0.0)
     mixup: float = Field(0.0, ge=0.0, le=0.5, description="function matching on blended images: each training "
                          "image mixed with another of its batch, weight ~ U(0, mixup); teacher sees the same")
@@ -66,14 +68,37 @@ class DistillOptions(Closed):
     trainable: Literal["auto", "llm", "llm+projector", "all"] = "auto"
     max_new_tokens: int = Field(16, ge=1, le=512, description="length cap of the teacher's answers")
 
-    @field_validator("hidden_mse")
+    @field_validator("hidden_mse", mode="before")
     @classmethod
-    def _layers(cls, v: list[int]) -> list[int]:
+    def _layers(cls, v):
+        # One message for every wrong form (pydantic's union errors would list one per union member).
+        if isinstance(v, str):
+            if v.strip().lower() == "all":
+                return "all"
+            raise ValueError(f"must be 'all' (every decoder layer) or a list of layer indices, got {v!r}")
+        if not isinstance(v, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
+            raise ValueError(f"must be 'all' (every decoder layer) or a list of layer indices, got {v!r}")
         if any(i < 0 for i in v):
-            raise ValueError(f"layer indices must be >= 0, got {v}")
+            raise ValueError(f"layer indices must be >= 0, got {list(v)}")
         if len(set(v)) != len(v):
-            raise ValueError(f"lists a layer more than once: {v}")
+            raise ValueError(f"lists a layer more than once: {list(v)}")
         return sorted(v)
+
+
+def hidden_layers(opts: DistillOptions, n_layers: int) -> list[int]:
+    """The student decoder layers ``hidden_mse`` names on a student with ``n_layers`` decoder layers
+    (``"all"`` → every one, ``[0, ..., n_layers - 1]``)."""
+    return list(range(int(n_layers))) if opts.hidden_mse == "all" else list(opts.hidden_mse)
+
+
+def _describe_layers(opts: DistillOptions, sizes) -> str:
+    if opts.hidden_mse != "all":
+        return f"layers {opts.hidden_mse}"
+    n = (getattr(sizes, "text", None) or {}).get("num_layers")
+    prune = getattr(getattr(sizes, "recipe", None), "stage", lambda _n: None)("prune")
+    if n is not None and prune is not None:
+        n -= int(getattr(prune, "layers", 0) or 0)          # the student's layers after layer pruning
+    return "every decoder layer" + (f" ({n}: layers 0-{n - 1})" if n else "")
 
 
 def _evaluation(view) -> tuple[str, str]:
@@ -81,6 +106,15 @@ def _evaluation(view) -> tuple[str, str]:
     if not isinstance(ev, dict):
         ev = {}
     return str(ev.get("dataset", "builtin:micro-med-vqa")), str(ev.get("split", "test"))
+
+
+def _given(view, index: int, key: str) -> bool:
+    """Whether the recipe itself sets ``key`` of this stage (an invalid value is dropped from ``opts``
+    and already has its own error: rules must not add a second one about the default)."""
+    stages = (getattr(view, "data", None) or {}).get("stages")
+    item = stages[index] if isinstance(stages, list) and index < len(stages) else None
+    raw = item.get(STAGE) if isinstance(item, dict) else None
+    return isinstance(raw, dict) and raw.get(key) not in (None, [], "")
 
 
 def rules(index: int, opts: DistillOptions, view) -> tuple[list, list]:
@@ -102,7 +136,7 @@ def rules(index: int, opts: DistillOptions, view) -> tuple[list, list]:
         elif d.split.lower() in NOT_TRAINING:
             errors.append((loc + ("datasets", k, "split"), f"split {d.split!r} of {d.dataset} is not a training "
                            "split: distillation uses training splits only"))
-    if opts.hidden_weight > 0 and not opts.hidden_mse:
+    if opts.hidden_weight > 0 and not opts.hidden_mse and not _given(view, index, "hidden_mse"):
         errors.append((loc + ("hidden_weight",), "hidden_weight > 0 needs the layers in hidden_mse"))
     if opts.hidden_mse and opts.hidden_weight == 0:
         warnings.append(f"stages[{index}].distill.hidden_mse is set but hidden_weight is 0: no hidden-state loss")
@@ -119,7 +153,8 @@ def plan(index: int, opts: DistillOptions, sizes) -> list[str]:
     extra = ", ".join(f"{d.dataset} ({d.split})" for d in opts.datasets)
     return [f"distill: {opts.steps} steps × {opts.batch_size} samples from the source model as teacher "
             f"(KL at T={opts.temperature:g} on answer tokens"
-            + (f" + {opts.hidden_weight:g} × hidden MSE on layers {opts.hidden_mse}" if opts.hidden_weight else "")
+            + (f" + {opts.hidden_weight:g} × hidden MSE on {_describe_layers(opts, sizes)}"
+               if opts.hidden_weight else "")
             + (f"; images blended up to {opts.mixup:.0%} with another, teacher alongside" if opts.mixup else "")
             + f"); data: calibration pairs with teacher answers{' + ' + extra if extra else ''}; "
             f"early stop on the held-out calibration slice every {opts.eval_every} steps",

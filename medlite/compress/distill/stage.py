@@ -149,7 +149,8 @@ def run(state, index: int, opts: DistillOptions) -> StageResult:
                + (f"{res.evals[0][1]:.3g} → {res.best_eval:.3g}" if res.evals else "n/a")
                + (f" · agreement {before['agreement']:.3f} → {after['agreement']:.3f}" if before else "")
                + f" · {res.samples_per_s:.1f} samples/s")
-    manifest = {"options": opts.model_dump(), "trained": parts, "train_pairs": len(examples), "heldout_pairs": len(held),
+    manifest = {"options": opts.model_dump(), "hidden_mse_layers": objective.s_layers,   # "all" resolved
+                "trained": parts, "train_pairs": len(examples), "heldout_pairs": len(held),
                 "data_sha256": D.data_key(examples), "steps_run": res.steps_run, "best_step": res.best_step,
                 "stopped_early": res.stopped_early, "run_key": key,
                 "heldout_kl": [round(v, 6) for _, v in res.evals[:1]] + ([round(res.best_eval, 6)] if res.evals else []),
