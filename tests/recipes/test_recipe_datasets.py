@@ -39,9 +39,11 @@ def test_a_misspelt_split_and_missing_paths_are_every_error_at_once(tmp_path, ca
     assert main(["validate", str(p)]) == 2
     err = capsys.readouterr().err
     assert "evaluation.split" in err and "calibration.dataset" in err and "Traceback" not in err
-    assert main(["plan", str(p), "--model", str(tmp_path / "no-such-model"), "--json"]) == 2
+    cache = tmp_path / "cache"            # an empty cache: the recipe is refused before any model is looked for
+    assert main(["--cache-dir", str(cache), "plan", str(p), "--json"]) == 2
     out = json.loads(capsys.readouterr().out)
     assert out["status"] == "error" and any("evaluation.split" in m for m in out["errors"])
+    assert not cache.exists()
 
 
 def test_paths_resolve_like_the_build_from_the_current_folder(tmp_path, monkeypatch):
