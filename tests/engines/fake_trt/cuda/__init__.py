@@ -1,0 +1,1 @@
+"""Fake cuda-python for tests (see cudart.py)."""
