@@ -54,8 +54,9 @@ def _stage_details(m: dict, stage_reports: dict) -> list[str]:
     return out
 
 
-def report_md(manifest: dict, rows: list[dict], files: dict[str, int], stage_reports: dict | None = None) -> str:
-    """The human-readable report (Markdown)."""
+def report_md(manifest: dict, rows: list[dict], files: dict[str, int], stage_reports: dict | None = None,
+              memory: dict | None = None) -> str:
+    """The human-readable report (Markdown); ``memory``: the device-memory estimate (:func:`device_memory`)."""
     from medlite.checks import Gate
 
     m, t = manifest, manifest["target"]
@@ -88,13 +89,12 @@ def report_md(manifest: dict, rows: list[dict], files: dict[str, int], stage_rep
             e = sec["export"]
             trt = ", ".join(f"{g} {'ok' if c['ok'] else 'FAILS'}" for g, c in e.get("trt_check", {}).items())
             out.append(f"- ONNX {e['precision']} opset {e['opset']}; TensorRT {t['tensorrt']} operator check: {trt}")
+        if memory:
+            # the one device-memory model (medlite.engines.memory): the same figure as plan and build_engines.sh
+            out.append(f"- estimated device memory {memory['line']}; KV cache and activations at "
+                       f"{memory['context_tokens']} tokens × batch {memory['batch']} ({memory['context_from']})"
+                       + (f"; not included: {memory['not_included']}" if memory.get("not_included") else ""))
         if "engines" in sec:
-            mem = sec["engines"]["memory"]
-            out.append(f"- estimated device memory {human_bytes(mem['total_bytes'])} of {t['usable_memory_gb']} GB "
-                       f"usable (engines {human_bytes(mem['vision_engine_bytes'] + mem['decoder_engine_bytes'])}, "
-                       f"embedding table {human_bytes(mem['embedding_table_bytes'])}, KV cache "
-                       f"{human_bytes(mem['kv_cache_bytes'])} at {mem['max_context_tokens']} tokens); not included: "
-                       f"{mem['not_included']}")
             out.append("- build the TensorRT engines on the Jetson: `engines/build_engines.sh` "
                        "(engines are not portable across GPUs or TensorRT versions)")
         out.append("")
@@ -132,6 +132,26 @@ def write_reports(folder: Path, manifest: dict, rows: list[dict], stage_reports:
     ``stage_reports``: stage name -> the markdown lines its StageResult wrote."""
     folder = Path(folder)
     files = _files(folder)
-    (folder / REPORT_JSON).write_text(json.dumps(report_json(manifest, rows, files), indent=2, sort_keys=True,
-                                                 ensure_ascii=False) + "\n", encoding="utf-8")
-    (folder / REPORT_MD).write_text(report_md(manifest, rows, files, stage_reports), encoding="utf-8")
+    memory = device_memory(folder, manifest)
+    rj = report_json(manifest, rows, files)
+    rj["device_memory"] = memory
+    (folder / REPORT_JSON).write_text(json.dumps(rj, indent=2, sort_keys=True, ensure_ascii=False) + "\n",
+                                      encoding="utf-8")
+    (folder / REPORT_MD).write_text(report_md(manifest, rows, files, stage_reports, memory), encoding="utf-8")
+
+
+def device_memory(folder: Path, manifest: dict) -> dict | None:
+    """The artifact's device-memory estimate: the engines stage's (engines.json) where it has one, else
+    the same model for the export on ONNX Runtime at the decoder's maximum positions."""
+    from medlite.engines.memory import for_export
+    from medlite.engines.targets import TARGETS
+    from medlite.runtime.config import CONFIG_FILE
+
+    eng = manifest.get("sections", {}).get("engines")
+    if eng and eng.get("memory", {}).get("line"):
+        return eng["memory"]
+    cfg_path = Path(folder) / CONFIG_FILE
+    target = TARGETS.get(manifest["target"]["name"])
+    if target is None or not cfg_path.is_file():
+        return None
+    return for_export(folder, json.loads(cfg_path.read_text(encoding="utf-8")), target).to_dict()

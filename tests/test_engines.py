@@ -278,15 +278,26 @@ def test_on_device_builder_sets_two_decoder_profiles_and_pins_fp32_islands(bundl
         mod.main([], trt=_Recorder("10.0.1"))
 
 
-def test_memory_estimate_adds_weights_table_and_kv_cache(bundle):
+def test_memory_estimate_adds_weights_kv_cache_activations_and_reserve(bundle):
+    from medlite.engines.memory import TRT_RESERVE_BYTES
+    from medlite.units import human_bytes
+
     work, spec, result = bundle
     mem = spec["memory"]
     cfg = json.loads((work / "medlite_runtime.json").read_text())
     m = cfg["model"]
     ctx_max = 1 + cfg["num_image_tokens"] + OPTS.max_prompt_tokens + OPTS.max_new_tokens
+    assert mem["context_tokens"] == ctx_max == spec["limits"]["max_context_tokens"] and mem["batch"] == OPTS.max_batch
     assert mem["kv_cache_bytes"] == 2 * m["num_layers"] * m["num_kv_heads"] * m["head_dim"] * ctx_max * OPTS.max_batch * 2
-    assert mem["decoder_engine_bytes"] == (work / "decoder.onnx").stat().st_size     # fp16 export → fp16 engine
-    assert mem["total_bytes"] == (mem["vision_engine_bytes"] + mem["decoder_engine_bytes"]
-                                  + mem["embedding_table_bytes"] + mem["kv_cache_bytes"])
+    w = mem["weights_detail"]
+    assert w["decoder.onnx"] == (work / "decoder.onnx").stat().st_size     # fp16 export → fp16 engine
+    assert w["embed_tokens.bin"] == (work / "embed_tokens.bin").stat().st_size and "embed.onnx" not in w
+    assert mem["runtime_reserve_bytes"] == TRT_RESERVE_BYTES and mem["activation_bytes"] > 0
+    assert mem["total_bytes"] == (mem["weights_bytes"] + mem["kv_cache_bytes"] + mem["activation_bytes"]
+                                  + mem["runtime_reserve_bytes"]) and mem["weights_bytes"] == sum(w.values())
     assert mem["fits"] and result.manifest["profiles"] == {"vision": ["default"],
                                                                      "decoder": ["prefill", "decode"]}
+    # build_engines.sh shows the same figure in human units (was "0.00 GB" for small models)
+    sh = (work / "engines" / "build_engines.sh").read_text()
+    assert f"# Estimated device memory: {human_bytes(mem['total_bytes'])} (weights {human_bytes(mem['weights_bytes'])}" in sh
+    assert " GB usable" in sh and "0.00 GB" not in sh

@@ -97,7 +97,7 @@ def plan_steps(resolved, inspected, target) -> dict:
     sizes = planning.sizes_from_facts(inspected)
     inp = planning.PlanInputs(**vars(sizes), recipe=r, target=target)
     files: dict[str, int] = {}
-    steps, kv = [], 0
+    steps = []
     for i, entry in enumerate(r.stages):
         spec = STAGES[entry.name]
         step = {"stage": entry.name, "path": f"stages[{i}].{entry.name}", "does": spec.summary}
@@ -108,13 +108,13 @@ def plan_steps(resolved, inspected, target) -> dict:
             step["does"] = f"{spec.summary} {extra.get('does', '')}".rstrip()
             step.update({k: v for k, v in extra.items() if k != "does"})
         files.update(step.get("writes") or {})
-        kv = max(kv, int(step.get("kv_cache_bytes") or 0))
         steps.append(step)
         if spec.estimate is not None:   # plans chain: later stages see the sizes this one leaves
             inp = spec.estimate(i, entry.options, inp)
     weights = sum(v for v in files.values() if v)
+    # the one device-memory model (medlite.engines.memory), as the engines stage and report.md show it
     return {"sizes": sizes, "after": inp, "steps": steps, "files": files, "weights": weights,
-            "budget": planning.budget(weights, kv, target)}
+            "budget": planning.budget(planning.plan_memory(inp, files))}
 
 
 def check_budget(plan: dict, target, where: str) -> None:
@@ -163,7 +163,7 @@ def cmd_plan(args, ctx) -> int:
             _say(ctx, f"      {name:<28} " + (f"~{human_bytes(size)}" if size is not None else ""))
     parts = " + ".join(f"{k} {human_bytes(v)}" for k, v in b["parts"].items())
     _say(ctx, f"  device memory ≈ {human_bytes(b['total'])} ({parts}) of {human_bytes(b['usable'])} usable on "
-              f"{target.name}")
+              f"{target.name}; {b['context']}")
     return 0
 
 

@@ -21,13 +21,15 @@ from medlite.errors import CheckpointError
 _COMMON = {"num_key_value_heads": None, "tie_word_embeddings": False, "head_dim": None}
 TEXT_DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": {**_COMMON, "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
-              "num_hidden_layers": 32, "num_attention_heads": 32},
+              "num_hidden_layers": 32, "num_attention_heads": 32, "max_position_embeddings": 2048},
     "phi": {**_COMMON, "vocab_size": 51200, "hidden_size": 2048, "intermediate_size": 8192,
-            "num_hidden_layers": 24, "num_attention_heads": 32},
+            "num_hidden_layers": 24, "num_attention_heads": 32, "max_position_embeddings": 2048},
     "stablelm": {**_COMMON, "vocab_size": 50304, "hidden_size": 2560, "intermediate_size": 6912,
-                 "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32},
+                 "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+                 "max_position_embeddings": 4096},
     "qwen2": {**_COMMON, "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016,
-              "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32},
+              "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+              "max_position_embeddings": 32768},
 }
 _REQUIRED_TEXT = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 _VISION_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_channels", "image_size",
@@ -61,6 +63,7 @@ class TextSpec:
     intermediate_size = _int_field("intermediate_size")
     num_hidden_layers = _int_field("num_hidden_layers")
     num_attention_heads = _int_field("num_attention_heads")
+    max_position_embeddings = _int_field("max_position_embeddings")
 
     @property
     def num_key_value_heads(self) -> int:

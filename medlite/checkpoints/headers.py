@@ -62,7 +62,8 @@ def _text_dict(t, vocab: int) -> dict:
     return {"model_type": t.model_type, "num_hidden_layers": int(t.num_hidden_layers), "hidden_size": int(t.hidden_size),
             "intermediate_size": int(t.intermediate_size), "num_attention_heads": heads,
             "num_key_value_heads": int(getattr(t, "num_key_value_heads", None) or heads),
-            "head_dim": int(getattr(t, "head_dim", None) or t.hidden_size // heads), "vocab_size": int(vocab)}
+            "head_dim": int(getattr(t, "head_dim", None) or t.hidden_size // heads), "vocab_size": int(vocab),
+            "max_position_embeddings": int(getattr(t, "max_position_embeddings", 0) or 0)}
 
 
 def _vision_dict(v) -> dict:

@@ -38,9 +38,16 @@ def _versions() -> dict[str, str]:
 
 
 def _max_positions(loaded) -> dict:
-    """``max_position_embeddings`` of the language model: the runtime refuses longer requests."""
-    n = getattr(loaded.model.config.text_config, "max_position_embeddings", None)
-    return {"max_position_embeddings": int(n)} if n else {}
+    """``max_position_embeddings`` of the language model (the runtime refuses longer requests) and the
+    sizes the device-memory model's activation term needs (:mod:`medlite.engines.memory`)."""
+    tc, vc = loaded.model.config.text_config, loaded.model.config.vision_config
+    n = getattr(tc, "max_position_embeddings", None)
+    out = {"max_position_embeddings": int(n)} if n else {}
+    out.update(num_attention_heads=int(tc.num_attention_heads), intermediate_size=int(tc.intermediate_size),
+               vision_hidden_size=int(vc.hidden_size), vision_intermediate_size=int(vc.intermediate_size),
+               vision_num_attention_heads=int(vc.num_attention_heads),
+               vision_tokens=int((vc.image_size // vc.patch_size) ** 2))
+    return out
 
 
 def runtime_config_from_loaded(loaded, *, precision: str, opset: int, graphs: dict[str, GraphSpec],

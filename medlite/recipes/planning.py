@@ -10,10 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from medlite.engines.memory import TRT_RESERVE_BYTES
+
 BYTES = {"fp32": 4, "fp16": 2, "int8": 1, "w8a8": 1, "int4": 0.5, "w4a16": 0.5}
-# Reserve for the CUDA / TensorRT context and activations on a Jetson (measured JetPack 5 CUDA context
-# ≈ 0.3-0.5 GB; docs/targets.md). CPU targets reserve for the ONNX Runtime arena instead.
-CONTEXT_RESERVE_BYTES = 600_000_000
+# The runtime reserve of a TensorRT target; the device-memory model (weights + KV cache + activations
+# + runtime reserve) is medlite.engines.memory, shared with the engines stage and report.md.
+CONTEXT_RESERVE_BYTES = TRT_RESERVE_BYTES
 
 
 @dataclass
@@ -26,6 +28,7 @@ class ComponentSizes:
     tied: bool = False                          # lm_head shares the embedding table
     text: dict = field(default_factory=dict)    # hidden_size, intermediate_size, num_attention_heads
     num_image_tokens: int = 0
+    vision: dict = field(default_factory=dict)  # hidden_size, intermediate_size, num_attention_heads, tokens
 
 
 @dataclass
@@ -44,12 +47,18 @@ def sizes_from_facts(facts) -> ComponentSizes:
     kv = {"num_layers": t["num_hidden_layers"], "num_kv_heads": t["num_key_value_heads"], "head_dim": t["head_dim"]}
     text = {"hidden_size": t["hidden_size"], "intermediate_size": t["intermediate_size"],
             "num_attention_heads": t["num_attention_heads"], "num_layers": t["num_hidden_layers"],
-            "num_kv_heads": kv["num_kv_heads"], "head_dim": kv["head_dim"]}
+            "num_kv_heads": kv["num_kv_heads"], "head_dim": kv["head_dim"], "vocab_size": t.get("vocab_size", 0),
+            "max_positions": t.get("max_position_embeddings", 0)}
+    v = facts.vision or {}
+    vision = {"hidden_size": int(v.get("hidden_size") or 0), "intermediate_size": int(v.get("intermediate_size") or 0),
+              "num_attention_heads": int(v.get("num_attention_heads") or 0),
+              "num_layers": int(v.get("num_hidden_layers") or 0), "patch_size": int(v.get("patch_size") or 0),
+              "tokens": (int(v["image_size"]) // int(v["patch_size"])) ** 2 if v.get("patch_size") else 0}
     return ComponentSizes(params={"vision": bd["vision_tower"]["params"], "projector": bd["projector"]["params"],
                                   "embed": facts.embed_params, "lm_head": facts.lm_head_params,
                                   "llm": bd["llm"]["params"]},
                           method="checkpoint headers", kv=kv, tied=facts.tied, text=text,
-                          num_image_tokens=int(facts.num_image_tokens or 0))
+                          num_image_tokens=int(facts.num_image_tokens or 0), vision=vision)
 
 
 def estimate_files(sizes: ComponentSizes, precision: str, components: list, quant: Optional[dict] = None) -> dict:
@@ -78,16 +87,74 @@ def kv_cache_bytes(kv: dict, tokens: int, batch: int = 1, bytes_per: float = 2) 
     """Keys + values of every layer for ``tokens`` positions (None when the config is unknown)."""
     if not kv:
         return None
-    return int(2 * kv["num_layers"] * kv["num_kv_heads"] * kv["head_dim"] * tokens * batch * bytes_per)
+    from medlite.engines.memory import ModelDims, kv_cache_bytes as kv_bytes
+
+    return kv_bytes(ModelDims(kv["num_layers"], kv["num_kv_heads"], kv["head_dim"]), tokens, batch, bytes_per)
 
 
-def budget(weights: int, kv: int, target) -> dict:
-    """Device memory at the recipe's limits against the target's usable memory."""
-    parts = {"weights": int(weights), "KV cache": int(kv), "runtime context reserve": CONTEXT_RESERVE_BYTES}
-    total = sum(parts.values())
-    usable = int(target.usable_memory_gb * 1e9)
-    return {"parts": parts, "total": total, "usable": usable, "fits": total <= usable,
-            "dominant": max(parts, key=parts.get)}
+def model_dims(sizes: ComponentSizes):
+    """The device-memory model's :class:`~medlite.engines.memory.ModelDims` of the planned model."""
+    from medlite.engines.memory import ModelDims
+
+    t, v = sizes.text or {}, sizes.vision or {}
+    return ModelDims(num_layers=int(sizes.kv.get("num_layers", 0)), num_kv_heads=int(sizes.kv.get("num_kv_heads", 0)),
+                     head_dim=int(sizes.kv.get("head_dim", 0)), hidden_size=int(t.get("hidden_size", 0)),
+                     num_attention_heads=int(t.get("num_attention_heads", 0)),
+                     intermediate_size=int(t.get("intermediate_size", 0)), vocab_size=int(t.get("vocab_size", 0)),
+                     num_image_tokens=int(sizes.num_image_tokens), max_positions=int(t.get("max_positions", 0)),
+                     vision_hidden_size=int(v.get("hidden_size", 0)),
+                     vision_intermediate_size=int(v.get("intermediate_size", 0)),
+                     vision_num_attention_heads=int(v.get("num_attention_heads", 0)),
+                     vision_tokens=int(v.get("tokens", 0)))
+
+
+def _resident_weights(files: dict, recipe, inp_quant: Optional[dict] = None) -> dict:
+    """Planned bytes the runtime holds (the engines stage's rule on the planned files, see
+    :func:`medlite.engines.memory.export_weights`)."""
+    from medlite.engines.memory import engine_weight_bytes
+
+    eng = recipe.stage("engines") if recipe is not None else None
+    if eng is None:
+        return {k: int(v) for k, v in files.items() if v and not k.startswith("engines/")}
+    exp = recipe.stage("export")
+    quant = inp_quant if inp_quant else _quant_map(recipe)
+    out = {}
+    for name, comp in (("vision", "vision"), ("decoder", "llm")):
+        size = sum(int(v or 0) for k, v in files.items() if k.startswith(f"{name}.onnx"))
+        q = quant.get(comp)
+        out[f"{name}.onnx"] = engine_weight_bytes(
+            size, graph_precision="fp32" if q in ("int8", "w8a8") else (exp.precision if exp else "fp16"),
+            engine_precision=None if q == "w4a16" else eng.precision, quantized=q is not None)
+    if files.get("embed_tokens.bin"):
+        out["embed_tokens.bin"] = int(files["embed_tokens.bin"])
+    return out
+
+
+def plan_memory(inp: PlanInputs, files: dict):
+    """The device-memory estimate of the plan (:class:`~medlite.engines.memory.DeviceMemory`): the
+    engines options' bounds where the recipe has an engines stage, else ONNX Runtime at the decoder's
+    maximum positions — the same model the engines stage and report.md use."""
+    from medlite.engines import memory
+
+    recipe = inp.recipe
+    eng = recipe.stage("engines") if recipe is not None else None
+    exp = recipe.stage("export") if recipe is not None else None
+    dims = model_dims(inp)
+    quant = inp.quant if inp.quant else _quant_map(recipe)
+    if eng is not None:
+        kv = act = 4 if eng.precision == "fp32" else 2
+    else:     # ONNX Runtime keeps the cache in the decoder's traced precision (Q/DQ decoders: fp32)
+        kv = act = 2 if (exp is not None and exp.precision == "fp16" and quant.get("llm") is None) else 4
+    return memory.estimate(dims, _resident_weights(files, recipe, quant), inp.target, kv_bytes=kv, act_bytes=act,
+                           **memory.limits(dims, eng))
+
+
+def budget(mem) -> dict:
+    """Device memory at the recipe's limits against the target's usable memory (``mem``: a
+    :class:`~medlite.engines.memory.DeviceMemory`)."""
+    parts = mem.parts()
+    return {"parts": parts, "total": mem.total_bytes, "usable": mem.usable_bytes, "fits": mem.fits,
+            "dominant": max(parts, key=parts.get), "line": mem.line(), "context": mem.context_note()}
 
 
 def budget_error(b: dict, target, where: str) -> Optional[str]:
@@ -133,15 +200,14 @@ def export_plan(index: int, opts, inp: PlanInputs) -> dict:
 
 
 def engines_plan(index: int, opts, inp: PlanInputs) -> dict:
-    """The engines bundle, its KV cache at the recipe's limits and the device memory budget."""
+    """The engines bundle and its KV cache at the recipe's limits (the budget: :func:`plan_memory`)."""
     from medlite.units import human_bytes
 
     tokens = 1 + inp.num_image_tokens + opts.max_prompt_tokens + opts.max_new_tokens
     kv = kv_cache_bytes(inp.kv, tokens, opts.max_batch, 4 if opts.precision == "fp32" else 2) or 0
     return {"does": f"(KV cache at {tokens} tokens × batch {opts.max_batch} ≈ {human_bytes(kv)})",
             "writes": {"engines/build_engines.sh": None, "engines/build_engines.py": None,
-                       "engines/engines.json": None},
-            "kv_cache_bytes": kv}
+                       "engines/engines.json": None}}
 
 
 def check_plan(index: int, opts, inp: PlanInputs) -> dict:

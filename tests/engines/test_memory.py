@@ -3,6 +3,7 @@ plan, the budget check, the engines stage (engines.json, build_engines.sh) and r
 the same export — KV cache counted for targets without an engines stage too."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -21,15 +22,15 @@ DIMS = memory.ModelDims(num_layers=2, num_kv_heads=2, head_dim=32, hidden_size=1
 def test_kv_cache_and_activations_by_hand():
     assert memory.kv_cache_bytes(DIMS, 100, 3, 2) == 2 * 2 * 2 * 32 * 100 * 3 * 2
     # prefill of 10 tokens: fp32 logits 10x641, fp32 scores+probs 4 heads x 10 x 11, fp16 MLP 3x10x352, hidden 4x10x128
+    text_only = dataclasses.replace(DIMS, vision_tokens=0)
     want = 10 * 641 * 4 + 2 * 4 * 10 * 11 * 4 + 3 * 10 * 352 * 2 + 4 * 10 * 128 * 2
-    assert memory.activation_bytes(DIMS, prefill_tokens=10, context_tokens=20, batch=1, bytes_per=2) == want
+    assert memory.activation_bytes(text_only, prefill_tokens=10, context_tokens=20, batch=1, bytes_per=2) == want
     # a decode step over a long context: scores over 5000 slots outweigh the 10-token prefill's
-    long = memory.activation_bytes(DIMS, prefill_tokens=10, context_tokens=5000, batch=2, bytes_per=2)
+    long = memory.activation_bytes(text_only, prefill_tokens=10, context_tokens=5000, batch=2, bytes_per=2)
     assert long == 2 * (want - 2 * 4 * 10 * 11 * 4 + 2 * 4 * 5000 * 4)
-    # a tower with many patches dominates a short prompt
-    wide = memory.ModelDims(**{**DIMS.__dict__, "vision_tokens": 729})
-    assert memory.activation_bytes(wide, prefill_tokens=10, context_tokens=20, batch=1, bytes_per=2) == (
-        2 * 4 * 729 * 729 * 4 + 2 * 729 * 384 * 2 + 4 * 729 * 96 * 2)
+    # the tower's 49 patches outweigh a 10-token prompt: scores + probs, fc1 + activation, hidden states
+    assert memory.activation_bytes(DIMS, prefill_tokens=10, context_tokens=20, batch=1, bytes_per=2) == (
+        2 * 4 * 49 * 49 * 4 + 2 * 49 * 384 * 2 + 4 * 49 * 96 * 2)
 
 
 def test_estimate_is_four_parts_and_the_reserve_follows_the_runtime():

@@ -98,6 +98,14 @@ def test_large_graph_uses_external_data(tiny, exported, tmp_path):
     np.testing.assert_array_equal(a[0], b[0])
 
 
+def _memory_dims(loaded) -> dict:
+    tc, vc = loaded.model.config.text_config, loaded.model.config.vision_config
+    return {"num_attention_heads": tc.num_attention_heads, "intermediate_size": tc.intermediate_size,
+            "vision_hidden_size": vc.hidden_size, "vision_intermediate_size": vc.intermediate_size,
+            "vision_num_attention_heads": vc.num_attention_heads,
+            "vision_tokens": (vc.image_size // vc.patch_size) ** 2}
+
+
 def test_runtime_config_describes_the_export(tiny, exported):
     folder, _ = exported
     cfg = RuntimeConfig.load(folder)
@@ -108,7 +116,8 @@ def test_runtime_config_describes_the_export(tiny, exported):
     assert cfg.pad_token_id == tiny.pad_token_id
     assert cfg.model == {"hidden_size": d["hidden"], "num_layers": d["layers"], "num_kv_heads": d["kv"],
                          "head_dim": d["hd"], "vocab_size": d["vocab"],
-                         "max_position_embeddings": tiny.model.config.text_config.max_position_embeddings}
+                         "max_position_embeddings": tiny.model.config.text_config.max_position_embeddings,
+                         **_memory_dims(tiny)}
     assert cfg.image_spec == tiny.image_spec and cfg.template == tiny.template
     assert cfg.source == tiny.source.to_dict() and cfg.model_name == tiny.name
     assert cfg.kv_cache["convention"] == "dummy_slot" and cfg.kv_cache["prefill_past_slots"] == 1

@@ -2,8 +2,9 @@
 
 Writes into ``<artifact>/engines/``:
 
-* ``engines.json``: the engines, their optimisation profiles, precision, workspace and the
-  device-memory estimate (weights + KV cache at the longest context + workspace);
+* ``engines.json``: the engines, their optimisation profiles and bounds (``limits``), precision,
+  workspace and the device-memory estimate (:mod:`medlite.engines.memory`: weights + KV cache +
+  activations + runtime reserve);
 * ``build_engines.py``: the builder (TensorRT Python API, :mod:`medlite.engines.trt_build`) —
   vision engine + one decoder engine with two profiles, ``prefill`` (past = the one masked dummy
   slot) and ``decode`` (one token, past ≥ 1);
@@ -25,7 +26,6 @@ from medlite.errors import ExportError
 from medlite.units import human_bytes
 
 FLAGS_FILE = "trtexec-8.5.2-flags.json"
-BYTES = {"fp32": 4, "fp16": 2, "int8": 1}
 
 
 def trtexec_flags() -> set[str]:
@@ -66,35 +66,15 @@ def profiles(cfg: dict, options) -> dict[str, list[dict]]:
             "decoder_single": [{"name": "prefill+decode", "shapes": dims("decoder", both)}]}
 
 
-def _graph_bytes(work: Path, spec: dict) -> int:
-    return sum((work / f).stat().st_size for f in [spec["file"], *spec.get("data_files", [])])
-
-
 def memory_estimate(work: Path, cfg: dict, options, target) -> dict:
-    """Device memory: engine weights (graph files rescaled to the engine precision), the embedding
-    table and the KV cache at the longest context and largest batch."""
-    def engine_bytes(name: str) -> int:
-        g = cfg["graphs"][name]
-        if g.get("quantization") or g.get("runtime", "tensorrt") != "tensorrt":
-            # Quantized graphs already store their weights at the deployed width (INT8 Q/DQ, INT4
-            # MatMulNBits): rescaling their fp32-base file by the engine precision would undercount.
-            return _graph_bytes(work, g)
-        prec = g.get("precision") or cfg["precision"]
-        return int(_graph_bytes(work, g) * BYTES[options.precision] / BYTES.get(prec, 4))
+    """Device memory from the one model every place shows (:mod:`medlite.engines.memory`): weights
+    (engines + embedding table) + KV cache + activations at the profiles' bounds + runtime reserve."""
+    from medlite.engines.memory import for_export
 
-    vision, decoder = engine_bytes("vision"), engine_bytes("decoder")
-    table = cfg.get("embedding_table") or {}
-    table_bytes = (work / table["file"]).stat().st_size if table.get("file") else 0
-    m = cfg["model"]
-    ctx_max = 1 + cfg["num_image_tokens"] + options.max_prompt_tokens + options.max_new_tokens
-    kv_bytes = BYTES["fp16" if options.precision != "fp32" else "fp32"]
-    kv = 2 * m["num_layers"] * m["num_kv_heads"] * m["head_dim"] * ctx_max * options.max_batch * kv_bytes
-    total = vision + decoder + table_bytes + kv
-    return {"vision_engine_bytes": vision, "decoder_engine_bytes": decoder, "embedding_table_bytes": table_bytes,
-            "kv_cache_bytes": kv, "total_bytes": total, "max_context_tokens": ctx_max,
-            "usable_bytes": int(target.usable_memory_gb * 1e9), "fits": total <= target.usable_memory_gb * 1e9,
-            "not_included": "CUDA/TensorRT context and activation memory (typically a few hundred MB); the "
-                            f"builder workspace ({options.workspace_mb} MB) is only needed while building"}
+    mem = for_export(work, cfg, target, options).to_dict()
+    mem["max_context_tokens"] = mem["context_tokens"]
+    mem["not_included"] = f"the builder workspace ({options.workspace_mb} MB) is only needed while building"
+    return mem
 
 
 def _shape_arg(shapes: dict, key: str) -> str:
@@ -140,7 +120,7 @@ def shell_script(spec: dict, cmds: list[list[str]]) -> str:
 #                                 gets a single profile spanning prefill and decode (slower prefill),
 #                                 and fp32 islands are not pinned.
 #
-# Estimated device memory: {spec['memory']['total_bytes'] / 1e9:.2f} GB of {spec['memory']['usable_bytes'] / 1e9:.1f} GB usable (see engines.json).
+# Estimated device memory: {spec['memory']['line']} (see engines.json).
 set -euo pipefail
 cd "$(dirname "$0")"
 if [ ! -f /etc/nv_tegra_release ] && [ "${{FORCE:-0}}" != "1" ]; then
@@ -212,13 +192,13 @@ def run(state, index: int, options):
     sh.chmod(0o755)
     mem = spec["memory"]
     if not mem["fits"]:
-        state.ctx.warn(f"engines: estimated device memory {human_bytes(mem['total_bytes'])} exceeds the "
-                       f"{t.usable_memory_gb} GB usable on {t.name}")
+        state.ctx.warn(f"engines: estimated device memory {mem['line']} on {t.name}: it does not fit")
     manifest = {"precision": options.precision, "memory": mem,
                 "profiles": {e["name"]: [p["name"] for p in e["profiles"]] for e in spec["engines"]},
                 "onnxruntime_components": sorted(ort)}
     ort_note = f" · {', '.join(ort)} on ONNX Runtime" if ort else ""
     return StageResult(summary=(f"bundle for {t.name} · est. device memory {human_bytes(mem['total_bytes'])} of "
-                                f"{t.usable_memory_gb:g} GB{ort_note} · build on the device: engines/build_engines.sh"),
+                                f"{human_bytes(mem['usable_bytes'])}{ort_note} · build on the device: "
+                                "engines/build_engines.sh"),
                        changed=["engines/"], manifest=manifest, ok=bool(mem["fits"]))
 
