@@ -20,7 +20,9 @@ from pathlib import Path
 
 NOT_A_JETSON = "not a Jetson"
 PAPER = {"watts": 18.9, "memory_gb": 11.9, "source": "TinyLLaVA-Med paper (Jetson AGX Xavier)"}
-_RAIL = re.compile(r"\b([A-Z][A-Z0-9_]*) (\d+)mW/(\d+)mW")
+# JetPack 5 prints "GPU 0mW/0mW"; JetPack 4 printed "GPU 120/100" (current/average, milliwatts).
+_RAIL = re.compile(r"\b([A-Z][A-Z0-9_]*) (\d+)(?:mW)?/(\d+)(?:mW)?(?=\s|$)")
+_NOT_RAILS = ("RAM", "SWAP", "IRAM")
 _RAM = re.compile(r"\bRAM (\d+)/(\d+)MB")
 _GPU = re.compile(r"\bGR3D_FREQ (\d+)%")
 
@@ -34,7 +36,7 @@ def parse_line(line: str) -> dict:
     m = _GPU.search(line)
     if m:
         out["gpu_load_pct"] = int(m.group(1))
-    rails = {name: int(now) for name, now, _avg in _RAIL.findall(line)}
+    rails = {name: int(now) for name, now, _avg in _RAIL.findall(line) if name not in _NOT_RAILS}
     out["rails_mw"] = rails
     if "VDD_IN" in rails:
         out["watts"], out["watts_from"] = rails["VDD_IN"] / 1000.0, "VDD_IN"
