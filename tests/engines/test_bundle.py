@@ -3,9 +3,10 @@ README commands run where medlite cannot be imported, TensorRT names checked aga
 TensorRT 8.5.2, tampering detected, device-built files accepted."""
 import ast
 import json
+import re
+import shlex
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -25,7 +26,6 @@ def test_same_artifact_gives_a_byte_identical_bundle(tiny_artifact, tiny_bundle,
     again = tmp_path / "again.tar.gz"
     make_bundle(tiny_artifact, again)
     assert again.read_bytes() == tiny_bundle.read_bytes()
-    import gzip
     import tarfile
 
     assert tiny_bundle.read_bytes()[4:8] == b"\0\0\0\0"              # gzip header mtime 0
@@ -64,7 +64,6 @@ def test_every_py_file_is_python_38_and_imports_only_stdlib_and_readme_packages(
 
 def test_shell_scripts_parse_and_trtexec_flags_are_8_5_2_flags(folder):
     from medlite.build.stages.engines import trtexec_flags
-    import re
 
     scripts = sorted(folder.rglob("*.sh"))
     assert scripts
@@ -94,8 +93,6 @@ def test_readme_commands_run_and_engines_land_in_the_declared_folder(folder, tmp
     assert [c.split()[2] for c in cmds] == ["verify", "build", "verify", "ask", "bench"]
     env = device_env(tmp_path, fake_trt=True)
     for line in cmds:
-        import shlex
-
         args = shlex.split(line)[2:]
         r = run(folder, args, {**env, "FORCE": "1"})
         assert r.returncode == 0, (line, r.stdout[-2000:], r.stderr[-3000:])

@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -111,5 +110,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    t0 = time.time()
     sys.exit(main())

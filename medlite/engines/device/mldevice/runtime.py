@@ -20,7 +20,6 @@ import numpy as np
 
 from mlrt.config import RuntimeConfig
 from mlrt.errors import DataError
-from mlrt.prompting import expand_image_tokens  # noqa: F401  (re-exported for tools)
 from mlrt.vlm import OnnxVlm
 
 from mldevice.backends import (CudaBuffer, HostBuffer, ProfileError, StandinEngine, TrtEngine, load_cuda,
