@@ -15,6 +15,7 @@ class OrtBackend:
 
     def __init__(self, folder, *, ctx, max_new_tokens: int, ignore_eos: bool, threads=None):
         from medlite.runtime import OnnxVlm
+        from medlite.runtime.describe import precision_summary
         from medlite.runtime.sessions import physical_cores
 
         self.vlm = OnnxVlm.open(folder, providers=["CPUExecutionProvider"], ctx=ctx)
@@ -22,12 +23,8 @@ class OrtBackend:
         self.threads = int(threads or physical_cores())
         used = sorted({p for ps in self.vlm.providers.values() for p in ps})
         self.runtime = f"onnxruntime ({', '.join(used)})"
-        cfg = self.vlm.config
-        parts = []
-        for name, g in sorted(cfg.graphs.items()):
-            q = getattr(g, "quantization", None) or {}
-            parts.append(f"{name} {q.get('method') or getattr(g, 'precision', '') or cfg.precision}")
-        self.precision = ", ".join(parts)
+        # what runs (int8 Q/DQ, w4a16 ...), from the quantization records: not the trace precision
+        self.precision = precision_summary(self.vlm.config)
 
     def prompt_tokens(self, question: str) -> int:
         return len(self.vlm.prompt_ids(question))

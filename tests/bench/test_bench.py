@@ -85,3 +85,28 @@ def test_bad_runs_is_one_clear_error(tiny, capsys):
     _, export, cache = tiny
     assert main(["bench", "--model", str(export), "--runs", "0", "--cache-dir", str(cache)]) == 2
     assert "--runs 0" in capsys.readouterr().err
+
+
+def _copy(export, tmp_path, edit=None):
+    """A copy of the export, its medlite_runtime.json changed by ``edit(cfg)``."""
+    import shutil
+
+    out = tmp_path / "export"
+    shutil.copytree(export, out)
+    if edit is not None:
+        p = out / "medlite_runtime.json"
+        cfg = json.loads(p.read_text())
+        edit(cfg)
+        p.write_text(json.dumps(cfg, indent=1, sort_keys=True) + "\n")
+    return out
+
+
+def test_int8_graph_is_labelled_int8(tiny, tmp_path, capsys):
+    """Issue 26 #4: the precision shown is the quantization record's, not the trace precision."""
+    from medlite.recipes.options import QuantizeOptions  # first: the stages import the recipe registry
+    from medlite.compress.int8.stage import GraphChoice, _record  # noqa: I001
+
+    _, export, cache = tiny
+    rec = _record(GraphChoice(graph="vision", targets=[]), QuantizeOptions(vision="int8"), None)
+    art = _copy(export, tmp_path, lambda cfg: cfg["graphs"]["vision"].update(quantization=rec))
+    assert _bench(capsys, art, cache, "--runs", "1")["precision"] == "vision int8 Q/DQ, embed fp32, decoder fp32"
