@@ -42,7 +42,8 @@ def _prompt(args, ctx):
     from medlite.evaluation.vqa import load_dataset
 
     s = load_dataset("builtin:micro-med-vqa", split="test")[0]
-    return s.load_image(), f"builtin:micro-med-vqa test {s.qid}", args.question or s.question
+    # the image's own id (the question id embeds the view, "cr-tibia/fNone/v000": no frame is not "fNone")
+    return s.load_image(), f"builtin:micro-med-vqa test image {s.image_id}", args.question or s.question
 
 
 def _backend(args, ctx):
@@ -94,13 +95,15 @@ def _count(n: int, noun: str) -> str:
 
 
 def _table(r) -> str:
+    from medlite.units import human_bytes
+
     rows = [("model", f"{r.model} ({r.kind}, {r.runtime}, {r.precision})"),
             ("prompt", f"{r.prompt_tokens} tokens · {r.question!r} · {r.image}"),
             ("image encode", f"{r.image_encode_ms:.1f} ms"), ("prefill", f"{r.prefill_ms:.1f} ms"),
             ("time to first token", f"{r.ttft_ms:.1f} ms"),
             ("decode", f"{r.decode_tokens_per_s:.1f} tokens/s ({_count(r.decode_steps, 'step')}, "
                        f"{_count(r.tokens, 'answer token')})"),
-            ("peak RSS", f"{r.peak_rss_bytes / 2**20:.0f} MiB"), ("threads", str(r.threads)),
+            ("peak RSS", human_bytes(r.peak_rss_bytes)), ("threads", str(r.threads)),
             ("runs", f"median of {r.runs} after {_count(r.warmup, 'warm-up')}"), ("answer", repr(r.answer))]
     return "\n".join(f"{k:>20}  {v}" for k, v in rows)
 

@@ -110,3 +110,18 @@ def test_int8_graph_is_labelled_int8(tiny, tmp_path, capsys):
     rec = _record(GraphChoice(graph="vision", targets=[]), QuantizeOptions(vision="int8"), None)
     art = _copy(export, tmp_path, lambda cfg: cfg["graphs"]["vision"].update(quantization=rec))
     assert _bench(capsys, art, cache, "--runs", "1")["precision"] == "vision int8 Q/DQ, embed fp32, decoder fp32"
+
+
+def test_table_in_decimal_units_and_image_id(tiny, capsys):
+    """Issue 26 #13: peak RSS in decimal units (README), the image named by its id (no "fNone")."""
+    import re
+
+    from medlite.evaluation.vqa import load_dataset
+
+    _, export, cache = tiny
+    capsys.readouterr()
+    assert main(["bench", "--model", str(export), "--runs", "1", "--cache-dir", str(cache), "--no-write"]) == 0
+    out = capsys.readouterr().out
+    assert "MiB" not in out and re.search(r"peak RSS  \d+\.\d\d (kB|MB|GB)$", out, re.M), out
+    image_id = load_dataset("builtin:micro-med-vqa", split="test")[0].image_id
+    assert "fNone" not in out and f"test image {image_id}" in out
