@@ -3,7 +3,8 @@
 On an artifact (or ONNX export folder) it runs the artifact's ONNX Runtime graphs on this
 machine's CPU; on a checkpoint it runs PyTorch eager. Results print as a table (or one JSON object
 with ``--json``) and, for an artifact, are written next to it as ``bench.json`` — a volatile file
-the manifest does not hash (medlite/artifacts.py), so the artifact's hashes stay valid.
+the manifest does not hash (medlite/artifacts.py), so the artifact's hashes stay valid. Results are
+printed before the file is written: a read-only artifact loses nothing (a warning says so).
 """
 from __future__ import annotations
 
@@ -108,19 +109,33 @@ def _table(r) -> str:
     return "\n".join(f"{k:>20}  {v}" for k, v in rows)
 
 
+def _write(folder: Path, data: dict, ctx) -> None:
+    """bench.json next to the artifact; a folder that cannot be written costs a warning, not the results."""
+    from medlite.fileio import write_text_atomic
+
+    path = folder / BENCH_FILE
+    try:
+        write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    except OSError as e:
+        ctx.warn(f"could not write {path}: {e.strerror or e} — the results above are not saved "
+                 "(--no-write skips the file; --json prints them as JSON)")
+        return
+    ctx.info(f"wrote {path}")
+
+
 def cmd_bench(args, ctx) -> int:
-    """Handler of ``medlite bench``."""
+    """Handler of ``medlite bench``: the results first (stdout), then bench.json next to an artifact."""
     res, folder = run_bench(args, ctx)
     data = res.to_dict()
     if res.decode_steps == 0 or not math.isfinite(res.decode_tokens_per_s):
         ctx.warn("the answer ended at its first token: no decode steps were timed (use --ignore-eos)")
-    if folder is not None and not args.no_write:
-        (folder / BENCH_FILE).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        ctx.info(f"wrote {folder / BENCH_FILE}")
     if ctx.json_mode:
-        print(json.dumps(data, sort_keys=True, allow_nan=False if math.isfinite(res.decode_tokens_per_s) else True))
+        print(json.dumps(data, sort_keys=True, allow_nan=False if math.isfinite(res.decode_tokens_per_s) else True),
+              flush=True)
     else:
-        print(_table(res))
+        print(_table(res), flush=True)
+    if folder is not None and not args.no_write:
+        _write(folder, data, ctx)
     return 0
 
 

@@ -125,3 +125,20 @@ def test_table_in_decimal_units_and_image_id(tiny, capsys):
     assert "MiB" not in out and re.search(r"peak RSS  \d+\.\d\d (kB|MB|GB)$", out, re.M), out
     image_id = load_dataset("builtin:micro-med-vqa", split="test")[0].image_id
     assert "fNone" not in out and f"test image {image_id}" in out
+
+
+def test_read_only_artifact_keeps_the_results(tiny, tmp_path, capsys):
+    """Issue 26 #8: bench.json cannot be written (here: a folder of that name; root ignores modes), the
+    results are printed and a warning names the file; no traceback."""
+    _, export, cache = tiny
+    art = _copy(export, tmp_path)
+    (art / "bench.json").unlink(missing_ok=True)   # an earlier test's
+    (art / "bench.json").mkdir()
+    (art / "bench.json" / "keep").write_text("x")
+    r = _bench(capsys, art, cache, "--runs", "1")
+    assert r["tokens"] > 0 and r["model"] == str(art)
+    r2 = main(["bench", "--model", str(art), "--runs", "1", "--warmup", "0", "--cache-dir", str(cache)])
+    out, err = capsys.readouterr()
+    assert r2 == 0 and "time to first token" in out
+    assert f"could not write {art / 'bench.json'}" in err and "Traceback" not in err
+    assert (art / "bench.json" / "keep").read_text() == "x"
