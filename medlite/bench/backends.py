@@ -1,7 +1,8 @@
 """The two things ``medlite bench`` times: an ONNX artifact on ONNX Runtime, a checkpoint on PyTorch eager.
 
 Each backend gives ``encode(image)`` and ``generate(image, question) -> RunTimes`` (timed with a
-:class:`~medlite.bench.measure.StepClock`), its runtime/precision/thread count, and the prompt length.
+:class:`~medlite.bench.measure.StepClock`), its runtime/precision/thread count, the prompt length and
+``check`` (the context limit, before any run).
 """
 from __future__ import annotations
 
@@ -28,6 +29,10 @@ class OrtBackend:
 
     def prompt_tokens(self, question: str) -> int:
         return len(self.vlm.prompt_ids(question))
+
+    def check(self, question: str) -> None:
+        """Refuse a prompt + max_new_tokens past the decoder's positions or the engines' bounds (one line)."""
+        self.vlm.check_request([question], self.max_new_tokens)
 
     def encode(self, image):
         return self.vlm.image_embeddings(image)
@@ -70,6 +75,12 @@ class TorchBackend:
         from medlite.checkpoints.generate import prompt_ids
 
         return len(prompt_ids(self.loaded, question))
+
+    def check(self, question: str) -> None:
+        """Refuse a prompt + max_new_tokens past the model's ``max_position_embeddings`` (one line)."""
+        from medlite.checkpoints.generate import check_context
+
+        check_context(self.loaded, [self.prompt_tokens(question)], self.max_new_tokens)
 
     def encode(self, image):
         from medlite.checkpoints.generate import image_embeddings

@@ -73,6 +73,7 @@ def run_bench(args, ctx):
                         "runs and max-new-tokens must be >= 1, warmup >= 0")
     backend, folder = _backend(args, ctx)
     image, label, question = _prompt(args, ctx)
+    backend.check(question)   # prompt + --max-new-tokens within the context, before anything runs
     with ctx.progress("image encode", total=args.warmup + args.runs) as advance:
         def encode():
             backend.encode(image)

@@ -142,3 +142,17 @@ def test_read_only_artifact_keeps_the_results(tiny, tmp_path, capsys):
     assert r2 == 0 and "time to first token" in out
     assert f"could not write {art / 'bench.json'}" in err and "Traceback" not in err
     assert (art / "bench.json" / "keep").read_text() == "x"
+
+
+@pytest.mark.parametrize("which", ["export", "checkpoint"])
+def test_generation_past_the_context_is_refused_up_front(tiny, which, capsys):
+    """Issue 26 #6: --max-new-tokens past the decoder's positions (512 on this model) is refused before any
+    run, naming the limit and where it comes from."""
+    ckpt, export, cache = tiny
+    model = export if which == "export" else ckpt
+    capsys.readouterr()
+    assert main(["bench", "--model", str(model), "--ignore-eos", "--max-new-tokens", "600", "--runs", "1",
+                 "--warmup", "0", "--cache-dir", str(cache), "--no-write"]) == 2
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if x.startswith("error:")]   # the checkpoint also logs its load
+    assert "maximum of 512 positions" in line and "max_position_embeddings" in line and "Traceback" not in err
