@@ -52,10 +52,10 @@ def _image(args):
 
 
 def cmd_ask(args) -> int:
+    image = _image(args)             # a bad image path fails before the engines load
     vlm = _vlm(args)
     for part, what in sorted(vlm.runs.items()):
         print(f"{part}: {what}", file=sys.stderr)
-    image = _image(args)
     for q in args.question:
         if len(args.question) > 1:
             sys.stdout.write(f"Q: {q}\nA: ")
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     handler = {"build": cmd_build, "verify": cmd_verify, "ask": cmd_ask, "bench": cmd_bench}[args.command]
     try:
         return handler(args)
-    except ValueError as e:          # ProfileError and config errors: one line, no traceback
+    except (ValueError, OSError) as e:   # ProfileError, config errors, a missing image: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:           # noqa: BLE001 - the copied medlite errors (DataError) end here too
