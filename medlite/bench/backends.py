@@ -1,12 +1,15 @@
 """The two things ``medlite bench`` times: an ONNX artifact on ONNX Runtime, a checkpoint on PyTorch eager.
 
 Each backend gives ``encode(image)`` and ``generate(image, question) -> RunTimes`` (timed with a
-:class:`~medlite.bench.measure.StepClock`), its runtime/precision/thread count, the prompt length and
-``check`` (the context limit, before any run).
+:class:`~medlite.bench.measure.StepClock`), ``answer_ids`` (the answer within the generated ids), its
+runtime/precision/thread count, the prompt length and ``check`` (the context limit, before any run).
+
+``generate`` makes exactly ``max_new_tokens`` tokens (a fixed count for the decode figure) unless
+``stop_at_eos``: then it stops where the answer ends, as ``ask`` does (``ignore_eos`` never stops).
 """
 from __future__ import annotations
 
-from medlite.bench.measure import RunTimes, StepClock
+from medlite.bench.measure import RunTimes, StepClock, answer_prefix
 
 
 class OrtBackend:
@@ -14,13 +17,15 @@ class OrtBackend:
 
     kind = "artifact"
 
-    def __init__(self, folder, *, ctx, max_new_tokens: int, ignore_eos: bool, threads=None):
+    def __init__(self, folder, *, ctx, max_new_tokens: int, ignore_eos: bool, stop_at_eos: bool = False,
+                 threads=None):
         from medlite.runtime import OnnxVlm
         from medlite.runtime.describe import precision_summary
         from medlite.runtime.sessions import physical_cores
 
         self.vlm = OnnxVlm.open(folder, providers=["CPUExecutionProvider"], ctx=ctx)
         self.max_new_tokens, self.ignore_eos = int(max_new_tokens), bool(ignore_eos)
+        self.stops_early = bool(stop_at_eos) and not self.ignore_eos
         self.threads = int(threads or physical_cores())
         used = sorted({p for ps in self.vlm.providers.values() for p in ps})
         self.runtime = f"onnxruntime ({', '.join(used)})"
@@ -34,6 +39,14 @@ class OrtBackend:
         """Refuse a prompt + max_new_tokens past the decoder's positions or the engines' bounds (one line)."""
         self.vlm.check_request([question], self.max_new_tokens)
 
+    def _stopped(self, ids: list) -> bool:
+        return any(s in self.vlm._text(ids) for s in self.vlm.config.template.stop if s)
+
+    def answer_ids(self, ids: list) -> list:
+        """The answer within ``ids`` (all of them with ``ignore_eos``)."""
+        return list(ids) if self.ignore_eos else answer_prefix(ids, set(self.vlm.config.eos_token_ids),
+                                                                self._stopped)
+
     def encode(self, image):
         return self.vlm.image_embeddings(image)
 
@@ -42,13 +55,12 @@ class OrtBackend:
 
         vlm, c = self.vlm, self.vlm.config
         clock = StepClock()
-        stops = tuple(s for s in c.template.stop if s)
         first = vlm._first([image], [question])
         (ids,) = greedy_generate(
             clock.wrap_decoder(vlm._decoder), vlm._embed, first, max_new_tokens=self.max_new_tokens,
-            stop_ids=set() if self.ignore_eos else set(c.eos_token_ids), suppress_ids=list(c.suppress_token_ids),
-            is_stopped=(lambda _r, _g: False) if self.ignore_eos else
-            (lambda _r, g: any(s in vlm._text(g) for s in stops)), on_step=clock.token)
+            stop_ids=set(c.eos_token_ids) if self.stops_early else set(), suppress_ids=list(c.suppress_token_ids),
+            is_stopped=(lambda _r, g: self._stopped(g)) if self.stops_early else (lambda _r, _g: False),
+            on_step=clock.token)
         return clock.result(ids)
 
     def answer_text(self, ids: list) -> str:
@@ -63,11 +75,12 @@ class TorchBackend:
     kind = "checkpoint"
     runtime = "pytorch eager"
 
-    def __init__(self, loaded, *, max_new_tokens: int, ignore_eos: bool):
+    def __init__(self, loaded, *, max_new_tokens: int, ignore_eos: bool, stop_at_eos: bool = False):
         import torch
 
         self.loaded = loaded
         self.max_new_tokens, self.ignore_eos = int(max_new_tokens), bool(ignore_eos)
+        self.stops_early = bool(stop_at_eos) and not self.ignore_eos
         self.threads = int(torch.get_num_threads())
         self.precision = str(next(loaded.model.parameters()).dtype).replace("torch.", "")
 
@@ -82,6 +95,15 @@ class TorchBackend:
 
         check_context(self.loaded, [self.prompt_tokens(question)], self.max_new_tokens)
 
+    def _stopped(self, ids: list) -> bool:
+        from medlite.checkpoints.generate import _stop_hit
+
+        return _stop_hit(self.loaded, self.loaded.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def answer_ids(self, ids: list) -> list:
+        """The answer within ``ids`` (all of them with ``ignore_eos``)."""
+        return list(ids) if self.ignore_eos else answer_prefix(ids, set(self.loaded.eos_token_ids), self._stopped)
+
     def encode(self, image):
         from medlite.checkpoints.generate import image_embeddings
 
@@ -90,7 +112,7 @@ class TorchBackend:
     def generate(self, image, question: str) -> RunTimes:
         import torch
 
-        from medlite.checkpoints.generate import _forward, _pick, _stop_hit, pixel_values, prompt_ids
+        from medlite.checkpoints.generate import _forward, _pick, pixel_values, prompt_ids
 
         lm = self.loaded
         clock = StepClock()
@@ -101,14 +123,14 @@ class TorchBackend:
                                           setattr(clock, "prefill", __import__("time").perf_counter() - started[0]))
         try:
             out = _forward(lm, torch.tensor([prompt_ids(lm, question)]), pixel_values(lm, image))
-            eos, gen = (set() if self.ignore_eos else set(lm.eos_token_ids)), []
+            eos, gen = (set(lm.eos_token_ids) if self.stops_early else set()), []
             for _ in range(self.max_new_tokens):
                 nxt = int(_pick(out.logits[0, -1], lm.image_token_id))
                 clock.token()
                 if nxt in eos:
                     break
                 gen.append(nxt)
-                if not self.ignore_eos and _stop_hit(lm, lm.tokenizer.decode(gen, skip_special_tokens=True)):
+                if self.stops_early and self._stopped(gen):
                     break
                 if len(gen) == self.max_new_tokens:
                     break

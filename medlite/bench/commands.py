@@ -9,7 +9,6 @@ printed before the file is written: a read-only artifact loses nothing (a warnin
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 BENCH_FILE = "bench.json"
@@ -24,9 +23,13 @@ def add_bench_args(p) -> None:
     p.add_argument("--question", default=None, help="question (default: that image's first question)")
     p.add_argument("--runs", type=int, default=5, help="timed runs; figures are medians (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="answer length limit (default 32)")
+    p.add_argument("--max-new-tokens", type=int, default=32,
+                   help="tokens each timed run generates (default 32): the decode figure is timed over all of "
+                        "them, past the answer's end; the answer shown stops where it ends")
+    p.add_argument("--stop-at-eos", action="store_true",
+                   help="stop each run where the answer ends, as ask does (a short answer gives no decode figure)")
     p.add_argument("--ignore-eos", action="store_true",
-                   help="always generate --max-new-tokens tokens (throughput benchmarks)")
+                   help="the answer and its token count include every generated token, past its end")
     p.add_argument("--no-write", action="store_true", help="do not write bench.json next to the artifact")
 
 
@@ -55,22 +58,27 @@ def _backend(args, ctx):
 
         folder = Path(resolve_artifact_path(Path(args.model)))
         if (folder / "medlite_runtime.json").is_file():
-            return OrtBackend(folder, ctx=ctx, max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos), folder
+            return OrtBackend(folder, ctx=ctx, max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos,
+                              stop_at_eos=args.stop_at_eos), folder
     from medlite.model_choice import load_from_args
 
     loaded = load_from_args(args, ctx)
     loaded = loaded[0] if isinstance(loaded, tuple) else loaded
-    return TorchBackend(loaded, max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos), None
+    return TorchBackend(loaded, max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos,
+                        stop_at_eos=args.stop_at_eos), None
 
 
 def run_bench(args, ctx):
     """Measure; returns ``(BenchResult, artifact folder or None)``."""
-    from medlite.bench.measure import BenchResult, host_info, median_ms, peak_rss_bytes, summarize, timed_runs
+    from medlite.bench.measure import (MIN_DECODE_STEPS, BenchResult, host_info, median_ms, peak_rss_bytes,
+                                       summarize, timed_runs)
     from medlite.errors import DataError
 
     if args.runs < 1 or args.warmup < 0 or args.max_new_tokens < 1:
         raise DataError(f"--runs {args.runs} / --warmup {args.warmup} / --max-new-tokens {args.max_new_tokens}: "
                         "runs and max-new-tokens must be >= 1, warmup >= 0")
+    if args.stop_at_eos and args.ignore_eos:
+        raise DataError("--stop-at-eos and --ignore-eos contradict each other: name one")
     backend, folder = _backend(args, ctx)
     image, label, question = _prompt(args, ctx)
     backend.check(question)   # prompt + --max-new-tokens within the context, before anything runs
@@ -82,18 +90,37 @@ def run_bench(args, ctx):
     with ctx.progress("generate", total=args.warmup + args.runs) as advance:
         runs = timed_runs(lambda: backend.generate(image, question), args.runs, args.warmup, advance)
     s = summarize(runs)
-    ids = runs[-1].ids
+    ids = backend.answer_ids(runs[-1].ids)
+    s["tokens"] = len(ids)
+    details = {"ignore_eos": bool(args.ignore_eos), "stop_at_eos": bool(args.stop_at_eos),
+               "decode_timed_over": "the answer only" if backend.stops_early else
+               f"a fixed {args.max_new_tokens}-token generation, past the answer's end",
+               "min_decode_steps": MIN_DECODE_STEPS}
     res = BenchResult(model=str(folder or args.model or "builtin:demo-model"), kind=backend.kind,
                       runtime=backend.runtime, precision=backend.precision, question=question, image=label,
                       prompt_tokens=backend.prompt_tokens(question), runs=args.runs, warmup=args.warmup,
                       max_new_tokens=args.max_new_tokens, image_encode_ms=enc, answer=backend.answer_text(ids),
                       peak_rss_bytes=peak_rss_bytes(), threads=backend.threads, host=host_info(),
-                      details={"ignore_eos": bool(args.ignore_eos)}, **s)
+                      details=details, **s)
     return res, folder
 
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _decode(r) -> str:
+    steps = _count(r.decode_steps, "step")
+    if r.decode_tokens_per_s is None:
+        return f"not measured: {steps} timed, fewer than {r.details['min_decode_steps']} ({_too_few(r)})"
+    return f"{r.decode_tokens_per_s:.1f} tokens/s ({steps} timed over {r.details['decode_timed_over']})"
+
+
+def _too_few(r) -> str:
+    """Why a run had too few decode steps, and what gives a figure."""
+    if r.details.get("stop_at_eos"):
+        return "the answer ended early; drop --stop-at-eos to time a fixed token count"
+    return f"raise --max-new-tokens to at least {r.details['min_decode_steps'] + 1}"
 
 
 def _table(r) -> str:
@@ -102,11 +129,10 @@ def _table(r) -> str:
     rows = [("model", f"{r.model} ({r.kind}, {r.runtime}, {r.precision})"),
             ("prompt", f"{r.prompt_tokens} tokens · {r.question!r} · {r.image}"),
             ("image encode", f"{r.image_encode_ms:.1f} ms"), ("prefill", f"{r.prefill_ms:.1f} ms"),
-            ("time to first token", f"{r.ttft_ms:.1f} ms"),
-            ("decode", f"{r.decode_tokens_per_s:.1f} tokens/s ({_count(r.decode_steps, 'step')}, "
-                       f"{_count(r.tokens, 'answer token')})"),
+            ("time to first token", f"{r.ttft_ms:.1f} ms"), ("decode", _decode(r)),
             ("peak RSS", human_bytes(r.peak_rss_bytes)), ("threads", str(r.threads)),
-            ("runs", f"median of {r.runs} after {_count(r.warmup, 'warm-up')}"), ("answer", repr(r.answer))]
+            ("runs", f"median of {r.runs} after {_count(r.warmup, 'warm-up')}"),
+            ("answer", f"{r.answer!r} ({_count(r.tokens, 'token')})")]
     return "\n".join(f"{k:>20}  {v}" for k, v in rows)
 
 
@@ -128,13 +154,10 @@ def cmd_bench(args, ctx) -> int:
     """Handler of ``medlite bench``: the results first (stdout), then bench.json next to an artifact."""
     res, folder = run_bench(args, ctx)
     data = res.to_dict()
-    if res.decode_steps == 0 or not math.isfinite(res.decode_tokens_per_s):
-        ctx.warn("the answer ended at its first token: no decode steps were timed (use --ignore-eos)")
-    if ctx.json_mode:
-        print(json.dumps(data, sort_keys=True, allow_nan=False if math.isfinite(res.decode_tokens_per_s) else True),
-              flush=True)
-    else:
-        print(_table(res), flush=True)
+    if res.decode_tokens_per_s is None:
+        ctx.warn(f"decode speed not measured: {_count(res.decode_steps, 'decode step')} timed, fewer than "
+                 f"{res.details['min_decode_steps']} ({_too_few(res)})")
+    print(json.dumps(data, sort_keys=True) if ctx.json_mode else _table(res), flush=True)
     if folder is not None and not args.no_write:
         _write(folder, data, ctx)
     return 0

@@ -8,9 +8,13 @@ Both backends answer the same (image, question) greedily and are timed the same 
 * ``ttft_ms`` — from the request (a decoded PIL image and the question) to the first answer token:
   preprocessing, vision, embeddings, prefill and the first argmax;
 * ``decode_tokens_per_s`` — decode steps after the first token ÷ their wall time (embedding of the
-  previous token, decoder step, argmax); ``decode_steps`` counts them;
-* ``tokens`` — answer tokens generated (stop ids excluded; with ``ignore_eos`` exactly
-  ``max_new_tokens``).
+  previous token, decoder step, argmax); ``decode_steps`` counts them. By default every timed run
+  generates exactly ``max_new_tokens`` tokens, past the answer's end (as ``llama-bench``'s fixed
+  token counts do): a short answer ("Yes") would otherwise leave one or two steps to time. With
+  fewer than :data:`MIN_DECODE_STEPS` steps the figure is None ("not measured"), never a number
+  read off one step;
+* ``tokens`` — the answer's tokens (up to its first stop id / stop string; with ``ignore_eos``
+  every generated token).
 
 Every figure is the median over ``runs`` timed runs after ``warmup`` untimed ones. Peak RSS is the
 process's high-water mark (``getrusage``), so it includes loading the model.
@@ -24,6 +28,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
+
+MIN_DECODE_STEPS = 8      # fewer timed decode steps give no decode figure (one step is noise, not a rate)
 
 
 @dataclass
@@ -54,7 +60,7 @@ class BenchResult:
     image_encode_ms: float
     prefill_ms: float
     ttft_ms: float
-    decode_tokens_per_s: float
+    decode_tokens_per_s: Optional[float]   # None: fewer than MIN_DECODE_STEPS steps were timed
     decode_steps: int
     tokens: int
     answer: str
@@ -96,13 +102,25 @@ def median_ms(fn: Callable[[], object], runs: int, warmup: int) -> float:
 
 
 def summarize(runs: list[RunTimes]) -> dict:
-    """Medians of the timed runs (every run generated the same ids: greedy and deterministic)."""
+    """Medians of the timed runs (every run generated the same ids: greedy and deterministic).
+
+    ``decode_tokens_per_s`` is None below :data:`MIN_DECODE_STEPS` decode steps."""
     steps = runs[-1].decode_steps
-    rate = [r.decode_steps / r.decode_s for r in runs if r.decode_steps and r.decode_s > 0]
+    rate = [r.decode_steps / r.decode_s for r in runs if r.decode_steps >= MIN_DECODE_STEPS and r.decode_s > 0]
     return {"ttft_ms": statistics.median(r.ttft_s for r in runs) * 1e3,
             "prefill_ms": statistics.median(r.prefill_s for r in runs) * 1e3,
-            "decode_tokens_per_s": statistics.median(rate) if rate else float("nan"),
+            "decode_tokens_per_s": statistics.median(rate) if rate else None,
             "decode_steps": steps, "tokens": len(runs[-1].ids)}
+
+
+def answer_prefix(ids: list, stop_ids, stopped: Callable[[list], bool]) -> list:
+    """The ids the answer ends with, as plain generation would stop: before the first stop id, or
+    through the token after which ``stopped(ids)`` (a stop string appeared) first holds."""
+    end = next((i for i, t in enumerate(ids) if t in stop_ids), len(ids))
+    ids = list(ids[:end])
+    if not stopped(ids):
+        return ids
+    return next(ids[:k] for k in range(1, len(ids) + 1) if stopped(ids[:k]))
 
 
 def timed_runs(one_run: Callable[[], RunTimes], runs: int, warmup: int, progress=None) -> list[RunTimes]:
@@ -143,5 +161,5 @@ class StepClock:
                         decode_steps=len(s) - 1, ids=list(ids))
 
 
-__all__ = ["BenchResult", "RunTimes", "StepClock", "host_info", "median_ms", "peak_rss_bytes", "summarize",
-           "timed_runs"]
+__all__ = ["BenchResult", "MIN_DECODE_STEPS", "RunTimes", "StepClock", "answer_prefix", "host_info", "median_ms",
+           "peak_rss_bytes", "summarize", "timed_runs"]

@@ -68,15 +68,15 @@ def test_checkpoint_and_artifact_on_the_same_prompt(tiny, capsys):
     from medlite.context import RunContext
 
     ckpt, export, cache = tiny
-    a = _bench(capsys, export, cache, "--max-new-tokens", "6", "--ignore-eos")
-    c = _bench(capsys, ckpt, cache, "--max-new-tokens", "6", "--ignore-eos")
+    a = _bench(capsys, export, cache, "--max-new-tokens", "10", "--ignore-eos")
+    c = _bench(capsys, ckpt, cache, "--max-new-tokens", "10", "--ignore-eos")
     assert c["kind"] == "checkpoint" and c["runtime"] == "pytorch eager"
     assert (a["question"], a["image"], a["prompt_tokens"]) == (c["question"], c["image"], c["prompt_tokens"])
     for r in (a, c):
-        assert r["tokens"] == 6 and r["decode_steps"] == 5
+        assert r["tokens"] == 10 and r["decode_steps"] == 9
         assert all(math.isfinite(r[k]) and r[k] > 0 for k in FIGURES)
     image, question = _pair()
-    ref = answer(load_model(ckpt, ctx=RunContext(cache_dir=cache, quiet=True)), image, question, max_new_tokens=6)
+    ref = answer(load_model(ckpt, ctx=RunContext(cache_dir=cache, quiet=True)), image, question, max_new_tokens=10)
     assert c["answer"] == ref
     assert "bench.json" in VOLATILE      # never hashed: benchmarking leaves an artifact verifiable
 
@@ -101,6 +101,34 @@ def _copy(export, tmp_path, edit=None):
     return out
 
 
+def _stops_at_once(export, tmp_path):
+    """The export with its first answer token made an end-of-sequence id: every answer is empty."""
+    from medlite.runtime import OnnxVlm
+
+    image, question = _pair()
+    (first,) = OnnxVlm.open(export, providers=["CPUExecutionProvider"]).generate_ids([image], [question],
+                                                                                    max_new_tokens=1)
+    return _copy(export, tmp_path, lambda cfg: cfg.update(eos_token_ids=[first[0]]))
+
+
+def test_decode_speed_is_timed_over_a_fixed_token_count(tiny, tmp_path, capsys):
+    """Issue 26 #11: a one-word answer gave "646.9 tokens/s (1 step)"; by default every timed run
+    generates --max-new-tokens tokens, and too few steps give no figure, with what to change."""
+    _, export, cache = tiny
+    short = _stops_at_once(export, tmp_path)
+    r = _bench(capsys, short, cache)
+    assert r["answer"] == "" and r["tokens"] == 0 and r["decode_steps"] == 31 and r["max_new_tokens"] == 32
+    assert math.isfinite(r["decode_tokens_per_s"]) and r["decode_tokens_per_s"] > 0
+    r = _bench(capsys, short, cache, "--stop-at-eos")
+    assert r["decode_steps"] == 0 and r["decode_tokens_per_s"] is None
+    capsys.readouterr()
+    assert main(["bench", "--model", str(export), "--runs", "1", "--max-new-tokens", "4", "--cache-dir",
+                 str(cache), "--no-write"]) == 0
+    out, err = capsys.readouterr()
+    assert "decode speed not measured: 3 decode steps timed, fewer than 8" in err and "--max-new-tokens" in err
+    assert "tokens/s" not in out and "not measured" in out
+
+
 def test_int8_graph_is_labelled_int8(tiny, tmp_path, capsys):
     """Issue 26 #4: the precision shown is the quantization record's, not the trace precision."""
     from medlite.recipes.options import QuantizeOptions  # first: the stages import the recipe registry
@@ -110,21 +138,6 @@ def test_int8_graph_is_labelled_int8(tiny, tmp_path, capsys):
     rec = _record(GraphChoice(graph="vision", targets=[]), QuantizeOptions(vision="int8"), None)
     art = _copy(export, tmp_path, lambda cfg: cfg["graphs"]["vision"].update(quantization=rec))
     assert _bench(capsys, art, cache, "--runs", "1")["precision"] == "vision int8 Q/DQ, embed fp32, decoder fp32"
-
-
-def test_table_in_decimal_units_and_image_id(tiny, capsys):
-    """Issue 26 #13: peak RSS in decimal units (README), the image named by its id (no "fNone")."""
-    import re
-
-    from medlite.evaluation.vqa import load_dataset
-
-    _, export, cache = tiny
-    capsys.readouterr()
-    assert main(["bench", "--model", str(export), "--runs", "1", "--cache-dir", str(cache), "--no-write"]) == 0
-    out = capsys.readouterr().out
-    assert "MiB" not in out and re.search(r"peak RSS  \d+\.\d\d (kB|MB|GB)$", out, re.M), out
-    image_id = load_dataset("builtin:micro-med-vqa", split="test")[0].image_id
-    assert "fNone" not in out and f"test image {image_id}" in out
 
 
 def test_read_only_artifact_keeps_the_results(tiny, tmp_path, capsys):
@@ -142,6 +155,21 @@ def test_read_only_artifact_keeps_the_results(tiny, tmp_path, capsys):
     assert r2 == 0 and "time to first token" in out
     assert f"could not write {art / 'bench.json'}" in err and "Traceback" not in err
     assert (art / "bench.json" / "keep").read_text() == "x"
+
+
+def test_table_in_decimal_units_and_image_id(tiny, capsys):
+    """Issue 26 #13: peak RSS in decimal units (README), the image named by its id (no "fNone")."""
+    import re
+
+    from medlite.evaluation.vqa import load_dataset
+
+    _, export, cache = tiny
+    capsys.readouterr()
+    assert main(["bench", "--model", str(export), "--runs", "1", "--cache-dir", str(cache), "--no-write"]) == 0
+    out = capsys.readouterr().out
+    assert "MiB" not in out and re.search(r"peak RSS  \d+\.\d\d (kB|MB|GB)$", out, re.M), out
+    image_id = load_dataset("builtin:micro-med-vqa", split="test")[0].image_id
+    assert "fNone" not in out and f"test image {image_id}" in out
 
 
 @pytest.mark.parametrize("which", ["export", "checkpoint"])
