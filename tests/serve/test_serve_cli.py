@@ -26,6 +26,8 @@ def test_not_an_artifact(tmp_path, capsys):
 
 
 def test_two_different_artifacts(tmp_path, capsys):
+    (tmp_path / "a").mkdir()   # existing folders: a missing --model path is refused before serve runs
+    (tmp_path / "b").mkdir()
     assert main(["serve", str(tmp_path / "a"), "--model", str(tmp_path / "b")]) == 2
     assert "two artifacts given" in capsys.readouterr().err
 
