@@ -56,6 +56,16 @@ def _global_flags(*, top: bool) -> argparse.ArgumentParser:
     return g
 
 
+class _Once(argparse.Action):
+    """An option given at most once: a second value is an error, never silently the one that wins."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        before = getattr(namespace, self.dest, None)
+        if before is not None:
+            parser.error(f"{option_string} given twice ({before} and {values}); give it once")
+        setattr(namespace, self.dest, values)
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     """Options every model-taking command shares (no --model means the built-in demo model)."""
     p.add_argument("--model", default=None, metavar="PATH",
@@ -104,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs="+", metavar="[PATH] QUESTION",
                    help="optional checkpoint/artifact folder, then one or more questions (quote each); "
                         "options may come anywhere: ask ARTIFACT --image scan.dcm \"is there a lesion?\"")
-    p.add_argument("--image", required=True, metavar="FILE", help="image file: DICOM, NIfTI, PNG, JPEG, TIFF")
+    p.add_argument("--image", required=True, metavar="FILE", action=_Once,
+                   help="image file: DICOM, NIfTI, PNG, JPEG, TIFF (one per ask)")
     p.add_argument("--max-new-tokens", type=int, default=32, metavar="N",
                    help="longest answer in tokens (default 32)")
     p.add_argument("--frame", type=int, default=None, metavar="N",
@@ -195,29 +206,32 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _is_model_folder(arg: str) -> bool:
-    p = Path(arg).expanduser()
-    return p.is_dir() or (p.parent.is_dir() and p.name == "latest")
-
-
 def _cmd_ask(args, ctx) -> int:
     """``ask [PATH] QUESTION...``: ONNX artifacts run through the torch-free runtime, checkpoints in PyTorch.
 
-    The first word is the model/artifact folder when it is a folder and ``--model`` is not given;
-    every other word is a question (each answered in turn, the model loaded once).
+    The first word is the model when it looks like a path (:func:`medlite.model_choice.looks_like_path`):
+    then it must be a model, never a question, so a mistyped path is an error, not a question answered by
+    the built-in demo model. Every other word is a question (each answered in turn, the model loaded once).
     """
     from medlite.errors import DataError
+    from medlite.model_choice import check_model_path, looks_like_path
 
     words = list(args.args)
     path = args.model
-    if path is None and len(words) > 1 and _is_model_folder(words[0]):
+    if words and looks_like_path(words[0]):
+        if path is not None:
+            raise DataError(f"ask: two models given (--model {path} and {words[0]}); name one")
         path = words.pop(0)
+        check_model_path(path, command="ask", option="PATH")
+    if not words:
+        raise DataError(f"ask: no question given; write it in quotes after the image: medlite ask "
+                        f"{path or 'MODEL'} --image {args.image} \"QUESTION\"")
     questions = [w.strip() for w in words]
     if any(not q for q in questions):
         raise DataError("ask: a question is empty; write the question in quotes after the image option")
     if args.max_new_tokens < 1:
         raise DataError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if path:  # OUT/<model>/<recipe> means its latest artifact
+    if path:  # OUT/<model>/<recipe> (or its latest file) means its latest artifact
         from medlite.artifacts import resolve_artifact_path
 
         path = str(resolve_artifact_path(Path(path)))
@@ -312,12 +326,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if args.command is None else 2
     from medlite.context import RunContext, default_cache_dir
     from medlite.errors import GateFailure, MedliteError
+    from medlite.model_choice import check_named_models
 
-    ctx = RunContext(cache_dir=Path(args.cache_dir) if args.cache_dir else default_cache_dir(),
-                     json_mode=bool(getattr(args, "json", False)), quiet=args.quiet, seed=args.seed)
-    module, fn = HANDLERS[key].split(":")
     try:
+        # a named model that is not there stops here: one line, before any stage or the demo model runs
+        check_named_models(args)
+        ctx = RunContext(cache_dir=Path(args.cache_dir) if args.cache_dir else default_cache_dir(),
+                         json_mode=bool(getattr(args, "json", False)), quiet=args.quiet, seed=args.seed)
         _deprecated_positionals(args, ctx)
+        module, fn = HANDLERS[key].split(":")
         handler = getattr(importlib.import_module(module), fn)
         return int(handler(args, ctx) or 0)
     except GateFailure as e:

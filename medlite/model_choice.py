@@ -132,3 +132,68 @@ def load_source(choice: ModelChoice, ctx, *, dtype=None) -> tuple[Any, str]:
 def load_from_args(args, ctx, *, dtype=None):
     """The model a command's ``--model`` (+ loader options) names, or the demo model without one."""
     return ModelChoice.from_args(args).load(ctx, dtype=dtype)
+
+
+# -- model paths on the command line ----------------------------------------------------------------
+# A word ending in one of these names a model file, never a question (``ask copies/goood.onnx``).
+MODEL_SUFFIXES = (".onnx", ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".json", ".yaml", ".yml",
+                  ".tar.gz", ".tgz", ".tar", ".zip")
+# What each command takes as its model, for the error that names a missing or wrong one.
+_KINDS = {"verify": "an artifact folder", "bundle": "an artifact folder", "serve": "an artifact or ONNX export folder",
+          "ask": "a checkpoint, ONNX export or artifact folder", "bench": "a checkpoint, ONNX export or artifact folder"}
+_CHECKED_OPTIONS = (("model", "--model"), ("path", "PATH"), ("artifact", "ARTIFACT"), ("base", "--base"),
+                    ("vision_tower", "--vision-tower"))
+
+
+def _exists(word: str) -> bool:
+    try:
+        return Path(word).expanduser().exists()
+    except (OSError, ValueError):    # a question too long for a file name, or with a NUL byte
+        return False
+
+
+def looks_like_path(word: str) -> bool:
+    """A command-line word that names a model, not a question: it exists, or it is one word (no spaces)
+    with a path separator, a leading ``~`` or a model-file suffix (``.onnx``, ``.safetensors``, ``.tar.gz`` ...)."""
+    import os
+
+    w = word.strip()
+    if not w:
+        return False
+    if _exists(w):
+        return True
+    if any(c.isspace() for c in w):
+        return False
+    seps = {"/", os.sep} | ({os.altsep} if os.altsep else set())
+    return any(s in w for s in seps) or w.startswith("~") or w.lower().endswith(MODEL_SUFFIXES)
+
+
+def check_model_path(path: str, *, command: str, option: str = "--model") -> None:
+    """Refuse a named model that is not there, or a file that is not a model, in one line naming it.
+
+    Called before a command does anything (no stage line, no demo model): a named model never falls back
+    to another one. ``OUT/<model>/<recipe>/latest`` (a text file) is an artifact, as ``serve`` takes it.
+    """
+    p = Path(path).expanduser()
+    kind = "a checkpoint folder" if option in ("--base", "--vision-tower") else \
+        _KINDS.get(command, "a checkpoint folder")
+    if not _exists(path):
+        where = p.parent if p.parent != p else None
+        hint = f" ({where} does not exist either)" if where is not None and not where.exists() else ""
+        raise CheckpointError(f"{path}: no such file or folder ({option} takes {kind}){hint}")
+    if p.is_file():
+        if p.name == "latest":
+            return
+        if p.name in ("medlite_runtime.json", "manifest.json", "config.json") or \
+                p.name.lower().endswith(MODEL_SUFFIXES):
+            raise CheckpointError(f"{path}: is a file, not {kind}; give the folder that holds it: {p.parent}")
+        raise CheckpointError(f"{path}: is a file, not {kind} ({option} takes {kind})")
+
+
+def check_named_models(args) -> None:
+    """:func:`check_model_path` for every model path a parsed command line names."""
+    command = getattr(args, "command", "") or ""
+    for attr, option in _CHECKED_OPTIONS:
+        value = getattr(args, attr, None)
+        if isinstance(value, str) and value:
+            check_model_path(value, command=command, option=option)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from medlite.errors import CheckpointError, DataError
+from medlite.errors import CheckpointError
 from medlite.fileio import staged_folder
 from medlite.units import common_unit, human_bytes
 
@@ -148,30 +148,31 @@ def cmd_convert(args, ctx) -> int:
 
 
 # -- ask -------------------------------------------------------------------------------------------
-def _load_image(path, frame, ctx):
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise DataError(f"{p}: image file not found")
-    try:
-        from medlite.imaging.images import load_image
-    except ImportError:
-        from PIL import Image
-
-        return Image.open(p).convert("RGB")
-    return load_image(p, frame=frame, ctx=ctx)
+def _checkpoint_facts(choice, loaded, folder: Path) -> dict:
+    """What answers, for ``ask``'s model line / ``--json``: the checkpoint folder or the built-in demo model."""
+    label = str(folder) if choice.path else f"built-in demo model ({folder})"
+    dtype = str(next(loaded.model.parameters()).dtype).replace("torch.", "")
+    prec = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(dtype, dtype)
+    return {"folder": label, "name": loaded.name, "version": None, "status": None,
+            "hash_check": "skipped (a checkpoint: no manifest.json)", "runtime": "PyTorch (CPU)",
+            "format": loaded.source.format, "precision": {"model": prec}}
 
 
 def cmd_ask(args, ctx) -> int:
-    """Greedy answers from the PyTorch reference model, streamed to stdout (one per question)."""
+    """Greedy answers from the PyTorch reference model, streamed to stdout (one per question), with the
+    checkpoint that answers named on stderr (or in ``--json``)."""
     from medlite.checkpoints.generate import answer
-    from medlite.model_choice import load_from_args
-    from medlite.runtime.commands import print_answers
+    from medlite.model_choice import ModelChoice
+    from medlite.runtime.commands import load_ask_image, print_answers
 
-    image = _load_image(args.image, _opt(args, "frame"), ctx)
-    loaded = load_from_args(args, ctx)
+    image, facts = load_ask_image(args.image, _opt(args, "frame"), ctx)
+    choice = ModelChoice.from_args(args)
+    folder = choice.folder(ctx)
+    loaded = choice.load(ctx)
     n = int(_opt(args, "max_new_tokens", 32))
     questions = _opt(args, "questions") or [args.question]
-    print_answers(questions, lambda q, on_text: answer(loaded, image, q, max_new_tokens=n, on_text=on_text), ctx)
+    print_answers(questions, lambda q, on_text: answer(loaded, image, q, max_new_tokens=n, on_text=on_text), ctx,
+                  model=_checkpoint_facts(choice, loaded, folder), image=facts)
     return 0
 
 

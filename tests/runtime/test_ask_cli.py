@@ -32,8 +32,10 @@ def test_natural_order_and_several_questions(rt_export, image, capsys):
     assert capsys.readouterr().out.strip() == _expected(rt_export, image, Q1)
     assert main(["ask", str(rt_export), "--image", str(image), Q1, Q2, "--max-new-tokens", "8", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out == {"answers": [{"question": Q1, "answer": _expected(rt_export, image, Q1)},
-                               {"question": Q2, "answer": _expected(rt_export, image, Q2)}]}
+    assert [{k: a[k] for k in ("question", "answer")} for a in out["answers"]] == [
+        {"question": Q1, "answer": _expected(rt_export, image, Q1)},
+        {"question": Q2, "answer": _expected(rt_export, image, Q2)}]
+    assert all(a["latency_s"] > 0 for a in out["answers"])
     assert main(["ask", "--model", str(rt_export), Q1, Q2, "--image", str(image), "--max-new-tokens", "8"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines == [f"Q: {Q1}", f"A: {_expected(rt_export, image, Q1)}", f"Q: {Q2}",
@@ -59,3 +61,76 @@ def test_artifact_without_its_manifest_is_refused(rt_export, image, tmp_path, ca
     err = capsys.readouterr().err
     assert "manifest.json is missing" in err and "refused" in err
     assert capsys.readouterr().out == ""                # nothing answered
+
+
+# -- issue 26: the model that answers is never a silent wrong one ----------------------------------
+@pytest.fixture()
+def empty_cache(tmp_path, monkeypatch):
+    """A cache without the demo model: a run that fell back to it would build it here."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setenv("MEDLITE_CACHE", str(cache))
+    yield cache
+    assert not (cache / "demo-model").exists(), "the built-in demo model was used although a model was named"
+
+
+@pytest.mark.parametrize("typo", ["copies/goood", "goood.onnx", "model.safetensors", "out.tar.gz"])
+def test_mistyped_artifact_path_is_an_error_not_a_question(image, empty_cache, capsys, typo):
+    assert main(["ask", typo, "--image", str(image), Q1]) == 2
+    cap = capsys.readouterr()
+    assert cap.out == "" and cap.err.count("\n") == 1
+    assert cap.err.startswith(f"error: {typo}: no such file or folder")
+
+
+def test_artifact_without_a_question_is_an_error(rt_export, image, empty_cache, capsys):
+    assert main(["ask", str(rt_export), "--image", str(image)]) == 2
+    cap = capsys.readouterr()
+    assert cap.out == "" and "no question given" in cap.err and "Traceback" not in cap.err
+
+
+def test_a_file_that_is_not_a_model_is_refused(image, tmp_path, empty_cache, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello")
+    assert main(["ask", str(notes), "--image", str(image), Q1]) == 2
+    assert capsys.readouterr().err == f"error: {notes}: is a file, not a checkpoint, ONNX export or artifact " \
+                                      f"folder (PATH takes a checkpoint, ONNX export or artifact folder)\n"
+    onnx = tmp_path / "vision.onnx"                    # a model file, not the folder that holds it
+    onnx.write_bytes(b"x")
+    assert main(["ask", "--model", str(onnx), "--image", str(image), Q1]) == 2
+    assert f"give the folder that holds it: {tmp_path}" in capsys.readouterr().err
+
+
+def test_the_model_that_answers_is_named(rt_export, image, capsys):
+    assert main(["ask", str(rt_export), "--image", str(image), Q1, "--max-new-tokens", "4"]) == 0
+    cap = capsys.readouterr()
+    first, *rest = cap.err.splitlines()
+    assert "NOT HASH-CHECKED" in first and str(rt_export) in first          # an export: no manifest
+    model = next(line for line in rest if line.startswith("model: "))
+    runtime = model.split(" · ")[2]                      # CPU here; CUDA where this onnxruntime has it
+    assert runtime.startswith("ONNX Runtime (")
+    assert model == (f"model: {rt_export} · hashes skipped (no manifest.json: an ONNX export) · "
+                     f"{runtime} · vision fp32, embed fp32, decoder fp32")
+    assert rest[-1].startswith(f"image: {image} · window as stored (8-bit) · latency ")
+    assert main(["ask", str(rt_export), "--image", str(image), Q1, "--max-new-tokens", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    m = out["model"]
+    assert (m["folder"], m["version"], m["runtime"]) == (str(rt_export), None, runtime)
+    assert m["hash_check"].startswith("skipped") and m["precision"] == {"vision": "fp32", "embed": "fp32",
+                                                                         "decoder": "fp32"}
+    assert out["image"] == {"file": str(image), "kind": "raster", "frames": 1, "frame": 0,
+                            "window": "as stored (8-bit)"}
+
+
+def test_image_given_twice_is_an_error(rt_export, image, tmp_path, capsys):
+    other = tmp_path / "other.png"
+    other.write_bytes(image.read_bytes())
+    with pytest.raises(SystemExit) as e:
+        main(["ask", str(rt_export), "--image", str(image), "--image", str(other), Q1])
+    assert e.value.code == 2
+    assert "--image given twice" in capsys.readouterr().err
+
+
+def test_negative_frame_says_frames_count_from_0(rt_export, image, capsys):
+    assert main(["ask", str(rt_export), "--image", str(image), Q1, "--frame", "-1"]) == 2
+    assert "frames count from 0" in capsys.readouterr().err
+
