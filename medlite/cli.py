@@ -324,28 +324,47 @@ def main(argv: list[str] | None = None) -> int:
     if key is None:
         parser.print_help()
         return 0 if args.command is None else 2
-    from medlite.context import RunContext, default_cache_dir
+    from medlite.context import RunContext, checked_cache_dir
     from medlite.errors import GateFailure, MedliteError
     from medlite.model_choice import check_named_models
 
     try:
         # a named model that is not there stops here: one line, before any stage or the demo model runs
         check_named_models(args)
-        ctx = RunContext(cache_dir=Path(args.cache_dir) if args.cache_dir else default_cache_dir(),
+        ctx = RunContext(cache_dir=checked_cache_dir(args.cache_dir),
                          json_mode=bool(getattr(args, "json", False)), quiet=args.quiet, seed=args.seed)
         _deprecated_positionals(args, ctx)
         module, fn = HANDLERS[key].split(":")
         handler = getattr(importlib.import_module(module), fn)
-        return int(handler(args, ctx) or 0)
+        rc = int(handler(args, ctx) or 0)
+        sys.stdout.flush()      # a closed pipe (`| head`) shows here, not at interpreter exit
+        return rc
     except GateFailure as e:
         print(str(e), file=sys.stderr)
         return 1
     except MedliteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        return _stdout_closed()
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (``medlite inspect --json | head``): stop quietly, as ``cat`` does.
+
+    stdout is pointed at /dev/null so the interpreter's final flush does not raise again; 141 = 128 + SIGPIPE.
+    """
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):   # stdout has no file descriptor (captured): nothing left to flush
+        pass
+    return 141
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -25,6 +25,22 @@ def default_cache_dir() -> Path:
     return Path(user_cache_dir("medlite"))
 
 
+def checked_cache_dir(arg: str | None = None) -> Path:
+    """The cache folder ``--cache-dir`` (else ``$MEDLITE_CACHE``, else the user cache dir) names, refused in
+    one line when it, or a folder above it, is a file (later it would be a NotADirectoryError traceback)."""
+    from medlite.errors import MedliteError
+
+    path = Path(arg).expanduser() if arg else default_cache_dir()
+    where = "--cache-dir" if arg else ("$MEDLITE_CACHE" if os.environ.get("MEDLITE_CACHE") else "cache folder")
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "is a file" if p == path else f"is inside {p}, which is a file"
+                raise MedliteError(f"{where} {path}: {what}, not a folder; give a folder (it is created if missing)")
+            break
+    return path
+
+
 def make_console(*, stderr: bool, quiet: bool = False):
     """A rich Console for stdout or stderr that wraps only on a terminal.
 
