@@ -277,12 +277,18 @@ class Artifact:
 
 
 def resolve_artifact_path(path: Path) -> Path:
-    """An artifact folder, or ``OUT/<model>/<recipe>`` (resolved through its ``latest`` file)."""
-    path = Path(path)
+    """An artifact folder, or ``OUT/<model>/<recipe>`` or ``OUT/<model>/<recipe>/latest`` (resolved through
+    the ``latest`` file); ArtifactError when ``latest`` names a version that is not there."""
+    path = Path(path).expanduser()
+    if path.name == LATEST and path.is_file():     # the text file itself, as `serve` takes it
+        path = path.parent
     if not (path / MANIFEST).is_file():
         latest = read_latest(path)
         if latest and (path / latest / MANIFEST).is_file():
             return path / latest
+        if latest:
+            raise ArtifactError(f"{path / LATEST}: names version {latest!r}, but {path / latest} is not an "
+                                f"artifact (no {MANIFEST}); rebuild it or name a version folder")
     return path
 
 

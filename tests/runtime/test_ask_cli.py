@@ -134,3 +134,18 @@ def test_negative_frame_says_frames_count_from_0(rt_export, image, capsys):
     assert main(["ask", str(rt_export), "--image", str(image), Q1, "--frame", "-1"]) == 2
     assert "frames count from 0" in capsys.readouterr().err
 
+
+@pytest.mark.parametrize("how", ["latest", "recipe folder"])
+def test_ask_accepts_latest_and_names_the_version(rt_export, image, tmp_path, capsys, how):
+    from medlite import artifacts as af
+
+    art = tmp_path / "out" / "tiny" / "r" / "1.0+abc1234"
+    shutil.copytree(rt_export, art)
+    af.write_manifest(art, {"format": af.FORMAT, "version": art.name, "status": "passed"})
+    af.update_latest(art.parent, art.name)
+    target = art.parent / "latest" if how == "latest" else art.parent
+    assert main(["ask", str(target), "--image", str(image), Q1, "--max-new-tokens", "4", "--json"]) == 0
+    cap = capsys.readouterr()
+    m = json.loads(cap.out)["model"]
+    assert (m["folder"], m["version"], m["status"]) == (str(art), "1.0+abc1234", "passed")
+    assert m["hash_check"].startswith("checked (") and "NOT HASH-CHECKED" not in cap.err
