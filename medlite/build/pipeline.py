@@ -111,9 +111,10 @@ def check_samples(recipe, eval_samples: list) -> list:
     return select_samples(eval_samples, getattr(opts, "max_samples", None) or recipe.evaluation.max_samples)
 
 
-def _prepare_working(state, specs: list) -> None:
+def _prepare_working(state, specs: list, resume=None) -> None:
     """Cache the source's references before the first weight-changing stage, then hand the working
-    model to the stages (a copy only when a stage still reads the untouched source)."""
+    model to the stages (a copy only when a stage still reads the untouched source; the cached model
+    when the build resumes after a cached stage)."""
     src = state.source
     compress = any(s.changes_weights for s in specs)
     keep_source = any(s.needs_source for s in specs)
@@ -126,6 +127,9 @@ def _prepare_working(state, specs: list) -> None:
             state.timings["references_seconds"] = round(refs.seconds, 3)
             info["detail"] = (f"source outputs on {len(refs.qids)} questions / {refs.n_images} images "
                               + ("(cached)" if refs.cached else f"computed and cached ({refs.seconds:.1f} s)"))
+    if resume is not None:
+        state.model = resume.model
+        return
     state.model = src.working_model(keep_source=keep_source) if compress else src.model()
 
 
@@ -137,20 +141,30 @@ def _runner(spec):
     return getattr(importlib.import_module(module), fn)
 
 
-def _run_stages(state) -> list[dict]:
+def _record(state, i: int, name: str, result, *, detail: str, seconds: float, ok: bool) -> dict:
+    state.results[f"stages[{i}].{name}"] = result
+    return {"name": name, "detail": detail, "seconds": round(seconds, 3), "ok": ok}
+
+
+def _run_stages(state, resume=None, cache=None) -> list[dict]:
+    """Run the recipe's stages in order; ``resume`` (:class:`medlite.build.resume.Resume`) replays the
+    cached ones, ``cache`` stores each cacheable stage's output as it finishes."""
     from medlite.recipes.registry import STAGES
 
-    records = []
+    records = [] if resume is None else resume.replay(state)
     for i, entry in enumerate(state.recipe.stages):
+        if i < len(records):
+            continue
         run = _runner(STAGES[entry.name])
         with state.ctx.stage(entry.name) as info:
             result = run(state, i, entry.options)
             info["detail"], info["ok"] = result.summary, result.ok
-        state.results[f"stages[{i}].{entry.name}"] = result
         rec = state.ctx.stages[-1]
-        records.append({"name": entry.name, "detail": rec.detail, "seconds": round(rec.seconds, 3), "ok": rec.ok})
+        records.append(_record(state, i, entry.name, result, detail=rec.detail, seconds=rec.seconds, ok=rec.ok))
         if not result.ok and not STAGES[entry.name].caps.gate:   # a failed gate marks the artifact failed
             raise StageFailed(f"stages[{i}].{entry.name}: {result.summary}")
+        if cache is not None:
+            cache.store_after(state, i, records)
     return records
 
 
@@ -188,8 +202,12 @@ def build(resolved, choice: ModelChoice, out_root: Path, ctx, *, force: bool = F
         state = BuildState(ctx=ctx, recipe=recipe, target=target, work=staging.path, source=source,
                            eval_samples=eval_samples, calibration=calibration)
         state.check_samples = check_samples(recipe, eval_samples)
-        _prepare_working(state, [STAGES[e.name] for e in recipe.stages])
-        records = _run_stages(state)
+        from medlite.build.resume import ResumeCache
+
+        cache = ResumeCache(state, resolved, source, cal_hash)
+        resume = cache.find()
+        _prepare_working(state, [STAGES[e.name] for e in recipe.stages], resume)
+        records = _run_stages(state, resume, cache)
         (staging.path / af.RECIPE_FILE).write_text(resolved.to_yaml(), encoding="utf-8")
         manifest = build_manifest(state, resolved, cal_hash, version, records)
         from medlite.report import write_reports

@@ -240,10 +240,12 @@ def chain() -> tuple:
     return tuple(n for n in STAGES if STAGES[n].order.phase is not None)
 
 
-def chain_reason(first: str, second: str) -> str:
-    """Why ``first`` must come before ``second``: the reasons of every chain step between them."""
+def chain_reason(first: str, second: str, present=None) -> str:
+    """Why ``first`` must come before ``second``: the reasons of the chain steps between them — of the
+    stages in ``present`` (a recipe's stage names) when given, else of every registered one."""
     lo, hi = STAGES[first].order.phase, STAGES[second].order.phase
-    return "; ".join(STAGES[n].order.why for n in chain() if lo < STAGES[n].order.phase <= hi and STAGES[n].order.why)
+    steps = [n for n in chain() if lo < STAGES[n].order.phase <= hi and (present is None or n in present or n == second)]
+    return "; ".join(STAGES[n].order.why for n in steps if STAGES[n].order.why)
 
 
 def providers(capability: str) -> list[str]:
@@ -296,6 +298,7 @@ def _chain_errors(names: list[tuple[int, str]]) -> list[str]:
         for b in range(a + 1, len(ordered)):
             (i, first), (j, second) = ordered[a], ordered[b]
             if STAGES[first].order.phase > STAGES[second].order.phase:
+                present = {n for _, n in names}
                 errors.append(f"stages[{i}].{first} must come after stages[{j}].{second} "
-                              f"({second} → {first}: {chain_reason(second, first)})")
+                              f"({second} → {first}: {chain_reason(second, first, present)})")
     return errors
