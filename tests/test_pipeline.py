@@ -178,7 +178,11 @@ def test_plan_estimates_without_building(tmp_path, recipe, tiny_ckpt, capsys):
     total = loaded.param_breakdown()["total"]["params"]
     assert sum(plan["params"].values()) == total             # every parameter counted once
     p = plan["params"]
-    assert plan["files"]["decoder.onnx"] == 2 * (p["llm"] + p["lm_head"])    # fp16: 2 bytes each
+    from medlite.recipes.file_sizes import STRUCTURE
+
+    base, per_layer = STRUCTURE["decoder"]      # fp16: 2 bytes each, plus the graph's structure per layer
+    layers = loaded.model.config.text_config.num_hidden_layers
+    assert plan["files"]["decoder.onnx"] == 2 * (p["llm"] + p["lm_head"]) + base + per_layer * layers
     assert plan["files"]["embed_tokens.bin"] == 2 * p["embed"]
     assert not (tmp_path / "artifacts").exists()
 

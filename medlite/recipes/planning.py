@@ -67,19 +67,23 @@ def estimate_files(sizes: ComponentSizes, precision: str, components: list, quan
     The token embedding table is stored once in ``embed_tokens.bin`` (read by the embed graph and,
     when tied, by the decoder's head); large graphs put their weights in ``<graph>.onnx.data``.
     """
+    from medlite.recipes import file_sizes as fs
+
     quant = quant or {}
     b = BYTES[precision]
     p = sizes.params
     out = {}
     if "vision" in components:
-        out["vision.onnx"] = int((p["vision"] + p["projector"]) * BYTES.get(quant.get("vision"), b))
+        out.update(fs.graph_files("vision", fs.vision_bytes(sizes, precision, quant.get("vision"))))
     if "embed" in components or ("decoder" in components and sizes.tied):
         out["embed_tokens.bin"] = int(p["embed"] * b)
     if "embed" in components:
-        out["embed.onnx"] = 1024      # a Gather node; the table is the file above
+        out["embed.onnx"] = fs.EMBED_GRAPH_BYTES      # a Gather node; the table is the file above
     if "decoder" in components:
-        out["decoder.onnx"] = int(p["llm"] * BYTES.get(quant.get("llm"), b)
-                                  + p["lm_head"] * BYTES.get(quant.get("lm_head"), b))
+        recipe = getattr(sizes, "recipe", None)
+        q = recipe.stage("quantize") if recipe is not None else None
+        out.update(fs.graph_files("decoder", fs.decoder_bytes(
+            sizes, precision, quant.get("llm"), quant.get("lm_head"), group_size=getattr(q, "group_size", 128))))
     return out
 
 
