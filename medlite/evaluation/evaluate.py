@@ -1,8 +1,9 @@
-"""``medlite eval``: answer a VQA dataset with a checkpoint and score it.
+"""``medlite eval``: answer a VQA dataset with a checkpoint or a built artifact and score it.
 
 Predictions come from the PyTorch reference generation (:func:`medlite.checkpoints.generate.answer_batch`,
-greedy, equal to ``answer`` row by row); scores from :func:`medlite.evaluation.scoring.score`, so the
-numbers printed here are the numbers the build gates compare against.
+greedy, equal to ``answer`` row by row) for a checkpoint, or from ONNX Runtime (:func:`evaluate_artifact`,
+the graphs a device runs) for an artifact / export; scores from :func:`medlite.evaluation.scoring.score`,
+so the numbers printed here are the numbers the build gates compare against.
 """
 from __future__ import annotations
 
@@ -33,7 +34,6 @@ def evaluate(loaded, samples: Sequence[VqaSample], *, ctx, batch_size: int = 32,
     [{qid, question, answer, prediction, answer_type, modality, image_id, correct...}], "model": ...}``.
     Questions are batched (left padding); generation stops early once every row has ended.
     """
-    from medlite.evaluation.scoring import score, score_one
     from medlite.checkpoints.generate import answer_batch
 
     samples = list(samples)
@@ -46,6 +46,13 @@ def evaluate(loaded, samples: Sequence[VqaSample], *, ctx, batch_size: int = 32,
                                       max_new_tokens=max_new_tokens)
                 advance(len(chunk))
         info["detail"] = f"{len(samples)} questions"
+    return {**scored(preds, samples), "model": {"name": loaded.name, "source": loaded.source.to_dict()}}
+
+
+def scored(preds: list[str], samples: Sequence[VqaSample]) -> dict:
+    """``{"metrics", "predictions"}`` of answers ``preds`` to ``samples`` (the same for every runtime)."""
+    from medlite.evaluation.scoring import score, score_one
+
     metrics = score(preds, samples)
     rows = [score_one(p, s) for p, s in zip(preds, samples)]
     qtypes = [dict(s.meta).get("question_type") for s in samples]
@@ -55,8 +62,27 @@ def evaluate(loaded, samples: Sequence[VqaSample], *, ctx, batch_size: int = 32,
                     "answer_type": s.answer_type, "modality": s.modality, "image_id": s.image_id,
                     **{k: v for k, v in r.items() if k not in ("qid", "type")}}
                    for s, p, r in zip(samples, preds, rows)]
-    return {"metrics": metrics, "predictions": predictions,
-            "model": {"name": loaded.name, "source": loaded.source.to_dict()}}
+    return {"metrics": metrics, "predictions": predictions}
+
+
+def evaluate_artifact(vlm, samples: Sequence[VqaSample], *, ctx, batch_size: int = 16,
+                      max_new_tokens: int = 32) -> dict:
+    """Answer every sample with an ONNX export (:class:`medlite.runtime.OnnxVlm`) and score the answers.
+
+    The same result as :func:`evaluate` (``metrics``, ``predictions``), from the graphs a device runs:
+    greedy answers in left-padded batches of ``batch_size`` on ONNX Runtime, scored by the same rules.
+    """
+    samples = list(samples)
+    preds: list[str] = []
+    with ctx.stage("answer") as info:
+        with ctx.progress("answer", total=len(samples)) as advance:
+            for i in range(0, len(samples), batch_size):
+                chunk = samples[i:i + batch_size]
+                preds += vlm.answer_batch([s.load_image() for s in chunk], [s.question for s in chunk],
+                                          max_new_tokens=max_new_tokens)
+                advance(len(chunk))
+        info["detail"] = f"{len(samples)} questions on ONNX Runtime"
+    return scored(preds, samples)
 
 
 def _fmt(v) -> str:
