@@ -249,7 +249,7 @@ class _Recorder:
         self.Builder, self.OnnxParser = Builder, Parser
 
 
-def test_on_device_builder_sets_two_decoder_profiles_and_pins_fp32_islands(bundle, monkeypatch):
+def test_on_device_builder_sets_two_decoder_profiles_and_pins_fp32_islands(bundle, monkeypatch, capsys):
     work, spec, _ = bundle
     script = work / "engines" / "build_engines.py"
     sys.path.insert(0, str(script.parent))
@@ -261,6 +261,8 @@ def test_on_device_builder_sets_two_decoder_profiles_and_pins_fp32_islands(bundl
         sys.path.pop(0)
     trt = _Recorder()
     assert mod.main([], trt=trt) == 0
+    # the builder shows the engines stage's device-memory figure (the one plan and report.md show)
+    assert f"estimated device memory: {spec['memory']['line']}" in capsys.readouterr().out
     builds = [c for c in trt.calls if c[0] == "build"]
     assert [c[1] for c in trt.calls if c[0] == "parse"] == ["vision.onnx", "decoder.onnx"]
     (vflags, vprof, vpinned), (dflags, dprof, dpinned) = (b[1:] for b in builds)

@@ -107,6 +107,8 @@ def main(argv=None, trt=None) -> int:
         raise SystemExit(f"TensorRT {trt.__version__} found, this bundle targets {spec['tensorrt']} "
                          f"({spec['target']}); use --force to build anyway")
     logger = trt.Logger(trt.Logger.WARNING)
+    if (spec.get("memory") or {}).get("line"):   # the figure plan and report.md show (medlite.engines.memory)
+        print(f"estimated device memory: {spec['memory']['line']}")
     out.mkdir(parents=True, exist_ok=True)
     for e in spec["engines"]:
         if args.only and e["name"] != args.only:
