@@ -19,6 +19,9 @@ Rules (docs/data.md):
   ``index/<input key>.json`` maps the inputs (samples' text, ids, meta, file size+mtime, params) to
   it, so a rebuild with unchanged inputs skips image hashing (samples rendered by ``image_fn`` are
   trusted to be pure functions of their text and meta). Files are written atomically.
+* Subsets: a stage that uses ``n`` of the pairs (``samples: N``; held-out: ``sensitivity_rows``,
+  ``heldout_samples``) takes ``CalibrationSet.subset(n)`` / ``heldout_subset(n)`` — one rule
+  (:func:`stratified_subset`), so every stage that asks for ``n`` gets the same rows.
 * Too little data is a DataError, never random data. ``allow_synthetic=True`` pads with seeded
   noise images and warns loudly through ``ctx.warn``.
 """
@@ -68,6 +71,16 @@ class CalibrationSet:
                 if self.heldout else " · no held-out")
         return (f"{len(self.samples)} image+question pairs on {len({s.image_id for s in self.samples})} "
                 f"images · {mods}{held}")
+
+    def subset(self, n: Optional[int]) -> list[VqaSample]:
+        """The calibration pairs every stage that asks for ``n`` of them uses (``samples: N``): the same
+        rows for int8, int4, prune and distill. Rule: :func:`stratified_subset` (``None``: all)."""
+        return stratified_subset(self.samples, n, stratify=self.stratify)
+
+    def heldout_subset(self, n: Optional[int]) -> list[VqaSample]:
+        """``n`` pairs of the held-out slice by the same rule (int8's ``sensitivity_rows``, distill's
+        ``heldout_samples``)."""
+        return stratified_subset(self.heldout, n, stratify=self.stratify)
 
     def pairs(self) -> Iterator[tuple[object, str, VqaSample]]:
         """Yield ``(RGB image, question, sample)`` for every calibration pair (images load lazily)."""
@@ -119,6 +132,50 @@ def allocate(sizes: dict[str, int], n: int) -> dict[str, int]:
 
 def _stratum_key(stratify: str):
     return (lambda s: s.modality) if stratify == "modality" else (lambda s: s.region)
+
+
+def _deal(sizes: list[int], k: int) -> list[int]:
+    """``k`` slots over groups (images) of the given sizes, in list order: fewer slots than groups →
+    one each to groups spread evenly over the list; else one each, the rest by size (:func:`allocate`,
+    ties to the earlier group)."""
+    if k < len(sizes):
+        out = [0] * len(sizes)
+        for j in range(k):
+            out[(j * len(sizes)) // k] += 1
+        return out
+    quota = allocate({f"{i:09d}": size for i, size in enumerate(sizes)}, k)
+    return [quota[f"{i:09d}"] for i in range(len(sizes))]
+
+
+def stratified_subset(samples: Sequence[VqaSample], n: Optional[int], *,
+                      stratify: str = "modality") -> list[VqaSample]:
+    """The one subset rule: ``n`` of ``samples``, stratified and deterministic (``None`` or ``n`` ≥ the
+    number of samples: all of them, in order).
+
+    1. The ``n`` slots are allocated over the strata (modality, or region) by :func:`allocate`;
+    2. a stratum's slots are dealt over its images (``image_id``, in order of first appearance) by
+       :func:`_deal`: as many distinct images as the slots allow, spread over the list;
+    3. an image's slots are spread evenly over its pairs in list order (pair ``j·size // k`` for
+       ``j < k``), never "the first k".
+
+    The result keeps the input order and depends on nothing but the list and ``n``.
+    """
+    samples = list(samples)
+    if n is None or n >= len(samples):
+        return samples
+    if n < 1:
+        raise DataError(f"a calibration subset needs at least 1 sample, got {n}")
+    key = _stratum_key(stratify)
+    strata: dict[str, dict[str, list[int]]] = {}
+    for i, s in enumerate(samples):
+        strata.setdefault(key(s), {}).setdefault(s.image_id, []).append(i)
+    quota = allocate({k: sum(map(len, imgs.values())) for k, imgs in strata.items()}, n)
+    chosen: list[int] = []
+    for k, images in strata.items():
+        groups = list(images.values())
+        for idx, m in zip(groups, _deal([len(g) for g in groups], quota.get(k, 0))):
+            chosen += [idx[(j * len(idx)) // m] for j in range(m)]
+    return [samples[i] for i in sorted(chosen)]
 
 
 def _split_heldout(samples: list[VqaSample], key, fraction: float, seed: int) -> set[str]:

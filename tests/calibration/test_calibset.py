@@ -184,3 +184,43 @@ def test_exclude_calibration_images_from_evaluation(ctx):
     assert len(ctx.warnings) == 1 and "dropped" in ctx.warnings[0]
     with pytest.raises(DataError, match="every question is about a calibration image"):
         exclude_calibration_images(cs.samples, cs, ctx=ctx)
+
+
+# -- the one subset rule (samples: N, sensitivity_rows, heldout_samples) --------------------------
+def test_subset_is_stratified_then_spread_over_images():
+    samples = make_samples()      # CT 20 images x 3, MR 10 x 2, US 4 x 1, NM 1 x 2: 86 pairs, in this order
+    sub = calibset.stratified_subset(samples, 10)
+    # one slot per modality, then 6 by size (room 59, 19, 3, 1 → 4.32, 1.39, 0.22, 0.07): floors 4 + 1,
+    # the last slot to MR (.39); inside a modality one slot per image, the images spread over the list
+    assert qids(sub) == ["CT-0-q0", "CT-4-q0", "CT-8-q0", "CT-12-q0", "CT-16-q0",
+                         "MR-0-q0", "MR-3-q0", "MR-6-q0", "US-0-q0", "NM-0-q0"]
+    assert qids(calibset.stratified_subset(samples, 10)) == qids(sub)          # deterministic
+    big = calibset.stratified_subset(samples, 40)
+    # 1 each, 36 by size (25.93, 8.34, 1.32, 0.44): floors 25 + 8 + 1, remainders to CT (.93), NM (.44)
+    assert Counter(s.modality for s in big) == {"CT": 27, "MR": 9, "US": 2, "NM": 2}
+    assert len({s.image_id for s in big if s.modality == "CT"}) == 20          # every CT image, 7 twice
+    assert len(set(qids(big))) == 40 and qids(big) == [q for q in qids(samples) if q in set(qids(big))]
+
+
+def test_subset_spreads_over_one_images_questions():
+    one = make_samples(layout={"CT": (1, 100)})
+    assert qids(calibset.stratified_subset(one, 4)) == ["CT-0-q0", "CT-0-q25", "CT-0-q50", "CT-0-q75"]
+    assert qids(calibset.stratified_subset(one, None)) == qids(one) == qids(calibset.stratified_subset(one, 100))
+    with pytest.raises(DataError, match="at least 1"):
+        calibset.stratified_subset(one, 0)
+
+
+def test_calibration_set_subsets_use_the_rule(ctx):
+    samples = make_samples()
+    cs = build_calibration_set(samples, 40, seed=0, ctx=ctx, cache=False)
+    for n in (1, 5, 12, 39):
+        assert qids(cs.subset(n)) == qids(calibset.stratified_subset(cs.samples, n))
+        assert qids(cs.heldout_subset(n)) == qids(calibset.stratified_subset(cs.heldout, n))
+    assert cs.subset(None) == cs.samples and cs.subset(10_000) == cs.samples
+    # the set lists a modality's pairs round-robin over its images: 12 slots → 12 distinct images
+    assert len({s.image_id for s in cs.subset(12)}) == 12
+    # the same rows from a set rebuilt from the inputs in another order
+    shuffled = list(samples)
+    random.Random(3).shuffle(shuffled)
+    again = build_calibration_set(shuffled, 40, seed=0, ctx=ctx, cache=False)
+    assert qids(again.subset(12)) == qids(cs.subset(12)) and qids(again.heldout_subset(7)) == qids(cs.heldout_subset(7))

@@ -20,7 +20,6 @@ from medlite.build.contract import StageResult
 from medlite.compress.distill import data as D
 from medlite.compress.distill.objective import Objective
 from medlite.compress.distill.options import DistillOptions
-from medlite.compress.prune.stage import spread
 from medlite.errors import MedliteError
 from medlite.training.trainer import TrainConfig, Trainer
 
@@ -66,7 +65,7 @@ def _samples(state, opts: DistillOptions) -> tuple[list, list]:
     if state.calibration is None:
         raise MedliteError("distill needs the recipe's calibration section (medical image + question pairs)")
     train = D.unique(list(state.calibration.samples) + D.extra_samples(opts, ctx=state.ctx))
-    held = spread(list(state.calibration.heldout), opts.heldout_samples)
+    held = state.calibration.heldout_subset(opts.heldout_samples)
     D.check_disjoint(train, state.eval_samples)
     D.check_disjoint(held, state.eval_samples)
     held_imgs = {s.image_id for s in held}

@@ -121,12 +121,8 @@ def apply_w4a16(state, index: int, opts):
     from medlite.compress.int4.swap import matmul_nbits_swap
 
     ctx = state.ctx
-    samples = list(state.calibration.samples) if state.calibration is not None else None
-    if samples is not None and opts.samples is not None and opts.samples < len(samples):
-        from medlite.build.references import select_samples
-
-        # stratified, never "the first N": the calibration set lists its samples stratum by stratum
-        samples = select_samples(samples, int(opts.samples))
+    # the calibration set's one subset rule: the same rows as every stage that asks for opts.samples
+    samples = state.calibration.subset(opts.samples) if state.calibration is not None else None
     loop = state.forward_loop(samples=samples, description=f"{opts.algorithm.upper()} calibration")
     model = state.model.model
     before = sum(int(model.get_submodule(n).weight.numel()) * model.get_submodule(n).weight.element_size()

@@ -62,14 +62,6 @@ class GraphChoice:
         return [t.node for t in self.targets if t.layer in self.kept_fp16]
 
 
-def _subset(samples: list, n: Optional[int]) -> list:
-    """``n`` samples spread evenly over the (stratum-ordered) list, so every modality keeps its share."""
-    if not n or n >= len(samples):
-        return list(samples)
-    idx = sorted({int(i * len(samples) / n) for i in range(n)})
-    return [samples[i] for i in idx]
-
-
 def initializer_bytes(proto: onnx.ModelProto, *, as_fp16: bool = False) -> int:
     """Bytes of a graph's initializers (``as_fp16``: float tensors counted at 2 bytes, the fp16 export)."""
     size = {TensorProto.FLOAT: 4, TensorProto.FLOAT16: 2, TensorProto.INT8: 1, TensorProto.INT32: 4,
@@ -199,7 +191,8 @@ def _choose(state, graph: str, opts, samples: list, tmp: Path, n_graphs: int = 1
     choice.feeds, choice.observed_forward = _calibrate(state, graph, opts, samples, choice, fp32, ranges, tmp, fr)
     choice.ranges = json.loads(ranges.read_text())
     layers = list(dict.fromkeys(t.layer for t in choice.targets))
-    heldout = _subset(list(getattr(state.calibration, "heldout", []) or []), opts.sensitivity_rows)
+    # the calibration set's one subset rule (the same rows as every stage that asks for this many)
+    heldout = state.calibration.heldout_subset(opts.sensitivity_rows) if state.calibration is not None else []
     step = [0]
 
     def measure(excluded) -> object:
@@ -324,7 +317,7 @@ def apply_int8(state, index: int, opts) -> StageResult:
         # SmoothQuant statistics, the traced graphs and their ranges are fp32 (the Q/DQ graphs are fp32-based)
         ctx.warn("int8: the working model is not fp32; converting it to fp32 for calibration and the Q/DQ graphs")
         state.model.model.float()
-    samples = _subset(list(state.calibration.samples) if state.calibration else [], opts.samples)
+    samples = state.calibration.subset(opts.samples) if state.calibration is not None else []
     fr = None
     if opts.activation_calibration == "minmax" and opts.minmax_ranges == "forward":
         from medlite.compress.int8.forward_ranges import ForwardRanges

@@ -17,13 +17,6 @@ from medlite.compress.prune.options import PruneOptions, kept_kv_groups, kept_ml
 from medlite.errors import MedliteError
 
 
-def spread(samples: list, n) -> list:
-    """``n`` samples spread evenly over ``samples`` (the calibration set is stratified: not "the first N")."""
-    if n is None or n >= len(samples):
-        return list(samples)
-    return [samples[(i * len(samples)) // n] for i in range(n)]
-
-
 def _round(x, digits: int = 6) -> list:
     # Scores go into the hashed manifest: a fixed number of significant digits keeps it deterministic.
     return [float(f"{float(v):.{digits}g}") for v in x]
@@ -52,8 +45,8 @@ def _check_amounts(opts: PruneOptions, dims: dict) -> None:
 
 
 def measure(state, opts: PruneOptions) -> tuple[imp.Importance, list]:
-    """Importance of the working model on (a spread of) the calibration samples."""
-    samples = spread(list(state.calibration.samples), opts.samples)
+    """Importance of the working model on the calibration samples (`samples: N`: the set's one subset rule)."""
+    samples = state.calibration.subset(opts.samples)      # the rows every stage asking for this many uses
     loop = state.forward_loop(samples=samples, description="prune: activation importance")
     scores = imp.activation_importance(loop, state.model.model)
     if opts.layers:
@@ -151,4 +144,4 @@ def run(state, index: int, opts: PruneOptions) -> StageResult:
                        bytes_after=after["total"]["bytes"], manifest=manifest, report=report)
 
 
-__all__ = ["run", "measure", "apply", "spread"]
+__all__ = ["run", "measure", "apply"]

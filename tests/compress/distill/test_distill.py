@@ -2,6 +2,7 @@
 recipe rules, and an interrupted run resuming to the same weights as an uninterrupted one."""
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -92,7 +93,7 @@ def test_interrupted_distillation_resumes_to_the_same_weights(tiny_path, cctx, c
 
     # no held-out slice: no early stop, the run ends with its last weights (a random model's held-out
     # KL need not improve, and restoring the initial weights would make the comparison trivial)
-    no_held = SimpleNamespace(samples=calib.samples, heldout=[])
+    no_held = dataclasses.replace(calib, heldout=[])
     full = _pruned_state(tiny_path, cctx, calib)
     full.calibration = no_held
     start = {n: p.detach().clone() for n, p in full.model.model.named_parameters()}

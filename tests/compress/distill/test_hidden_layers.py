@@ -2,6 +2,7 @@
 shipped prune-attn-half recipe uses it; on the demo model it resolves to the list it replaced."""
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -50,7 +51,7 @@ def test_all_and_the_list_it_names_are_the_same_run(tiny_path, cctx, calib):
     runs = {}
     for spelling in ("all", [0, 1]):
         state = _pruned_state(tiny_path, cctx, calib)
-        state.calibration = SimpleNamespace(samples=calib.samples, heldout=[])
+        state.calibration = dataclasses.replace(calib, heldout=[])      # a CalibrationSet without held-out
         res = run(state, 1, opts.model_copy(update={"hidden_mse": spelling}))
         runs[str(spelling)] = res.manifest
     assert runs["all"]["hidden_mse_layers"] == runs["[0, 1]"]["hidden_mse_layers"] == [0, 1]

@@ -47,5 +47,6 @@ def test_the_pass_judges_on_sensitivity_rows_pairs(rows, tiny_path, cctx, calib,
     got = [s.qid for s in seen[0]]
     if rows >= len(pool):
         assert got == [s.qid for s in pool]
-    else:   # evenly spread (every stratum keeps its share), not the first `rows` pairs
-        assert got == [pool[i * len(pool) // rows].qid for i in range(rows)]
+    else:   # the calibration set's one subset rule (stratified, spread; tests/calibration/test_calibset.py)
+        assert got == [s.qid for s in calib.heldout_subset(rows)] and len(got) == rows
+        assert got != [s.qid for s in pool[:rows]]
