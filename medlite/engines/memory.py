@@ -179,14 +179,15 @@ def export_weights(folder, cfg: dict, engine_precision: Optional[str]) -> dict[s
 
     folder = Path(folder)
     names = ("vision", "decoder") if engine_precision else tuple(cfg["graphs"])
+    table = (cfg.get("embedding_table") or {}).get("file")
     out = {}
     for name in names:
         g = cfg["graphs"][name]
-        size = sum((folder / f).stat().st_size for f in [g["file"], *g.get("data_files", [])])
+        # the embed graph's external data is the table itself: counted once, below
+        size = sum((folder / f).stat().st_size for f in [g["file"], *g.get("data_files", [])] if f != table)
         on_trt = engine_precision if g.get("runtime", "tensorrt") == "tensorrt" else None
         out[g["file"]] = engine_weight_bytes(size, graph_precision=g.get("precision") or cfg["precision"],
                                              engine_precision=on_trt, quantized=bool(g.get("quantization")))
-    table = (cfg.get("embedding_table") or {}).get("file")
     if table:
         out[table] = (folder / table).stat().st_size
     return out

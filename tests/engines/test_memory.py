@@ -62,7 +62,9 @@ def _export(folder, files: dict, *, precision: str, quantized: dict, kv_dtype: s
         q = quantized.get(name)
         graphs[name] = {"file": f"{name}.onnx", "inputs": [], "outputs": [], "precision": "fp32" if q else precision,
                         "runtime": "onnxruntime" if q == "int4" else "tensorrt",
-                        "quantization": {"scheme": q} if q else {}}
+                        "quantization": {"scheme": q} if q else {},
+                        # as the export writes it: the embed graph's external data is the table file
+                        "data_files": ["embed_tokens.bin"] if name == "embed" else []}
     (folder / "embed_tokens.bin").write_bytes(b"\0" * files["embed_tokens.bin"])
     d = DIMS
     cfg = {"graphs": graphs, "precision": precision, "num_image_tokens": 49, "kv_cache": {"dtype": kv_dtype},
