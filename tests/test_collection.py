@@ -42,13 +42,10 @@ def pytest_pycollect_makemodule(module_path, parent):
 '''
 
 
-def test_files(root: Path = ROOT) -> set[str]:
+def wanted_files(root: Path = ROOT) -> set[str]:
     """Every ``test_*.py`` under ``root``/tests, as a path relative to ``root`` (posix)."""
     return {p.relative_to(root).as_posix() for p in (root / "tests").rglob("test_*.py")
             if "__pycache__" not in p.parts}
-
-
-test_files.__test__ = False     # a helper, not a test
 
 
 def collect(*extra: str, root: Path = ROOT, stub_dir: Path | None = None) -> tuple[int, dict[str, int], str]:
@@ -84,7 +81,7 @@ def test_every_test_file_is_discovered(tmp_path):
     rc, counts, out = collect(stub_dir=tmp_path)
     assert rc == 0, out[-3000:]
     assert counts and all(n == 1 for n in counts.values()), out[-3000:]    # the stub ran, nothing imported
-    wanted = test_files()
+    wanted = wanted_files()
     assert len(wanted) > 50                         # the glob itself found the suite
     missing = wanted - set(counts)
     assert not missing, _missing_message(missing, out)
@@ -101,7 +98,7 @@ def test_the_discovery_check_fails_on_a_hidden_folder(tmp_path):
         (root / "tests" / folder / f"test_{folder}_probe.py").write_text("def test_probe():\n    pass\n")
     rc, counts, out = collect(root=root, stub_dir=tmp_path)
     assert rc == 0, out[-3000:]
-    assert test_files(root) - set(counts) == {"tests/build/test_build_probe.py"}, out[-3000:]
+    assert wanted_files(root) - set(counts) == {"tests/build/test_build_probe.py"}, out[-3000:]
 
 
 def test_every_test_file_collects_tests():
@@ -109,5 +106,5 @@ def test_every_test_file_collects_tests():
     yields a test or is skipped as a whole with its reason in the summary."""
     rc, counts, out = collect()
     assert rc == 0, f"collection errors:\n{out[-6000:]}"
-    missing = test_files() - set(counts)
+    missing = wanted_files() - set(counts)
     assert not missing, _missing_message(missing, out)
