@@ -8,8 +8,8 @@ runs. A command passes when it exits 0 and prints no traceback; ``serve`` passes
 URL (it would run until Ctrl-C).
 
 Every collected command runs unless NOT_RUN lists it with the reason, so a command added to the docs
-is run by default. The two placeholders the docs use for "your artifact" and "your checkpoint" are
-replaced by the demo's own (PLACEHOLDERS); any other placeholder fails until it is listed.
+is run by default. The placeholders the docs use for "your artifact", "your checkpoint" and "your
+scan" are replaced by the demo's own (PLACEHOLDERS); any other placeholder fails until it is listed.
 """
 from __future__ import annotations
 
@@ -53,6 +53,7 @@ NOT_RUN = {
 PLACEHOLDERS = {
     "OUT/<model>/<recipe>": DEMO_ARTIFACT,
     "CKPT": "{demo_model}",
+    "scan.dcm": "{scan}",  # pydicom's CT_small.dcm (a real CT slice, installed with pydicom)
 }
 
 
@@ -134,7 +135,7 @@ def test_docs_have_commands_and_every_exclusion_is_still_in_the_docs():
 
 @pytest.fixture(scope="module")
 def walkthrough(tmp_path_factory) -> dict:
-    """A folder like a fresh clone after `make demo`; returns {"cwd", "demo_model"}."""
+    """A folder like a fresh clone after `make demo`; returns {"cwd", "demo_model", "scan"}."""
     cwd = tmp_path_factory.mktemp("walkthrough")
     shutil.copytree(ROOT / "recipes", cwd / "recipes")
     res = subprocess.run(CLI + ["--quiet", *MAKE_DEMO], cwd=cwd, capture_output=True, text=True,
@@ -145,7 +146,9 @@ def walkthrough(tmp_path_factory) -> dict:
                          timeout=TIMEOUT_S)  # prints the cached checkpoint's folder
     demo_model = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
     assert res.returncode == 0 and Path(demo_model).is_dir(), res.stdout + res.stderr[-3000:]
-    return {"cwd": cwd, "demo_model": demo_model}
+    from pydicom.data import get_testdata_file
+
+    return {"cwd": cwd, "demo_model": demo_model, "scan": get_testdata_file("CT_small.dcm")}
 
 
 def _argv(cmd: DocCommand, walk: dict) -> list[str]:
