@@ -8,7 +8,8 @@ every intermediate tensor, attributes). The weights:
   an fp32 scale and an int8 zero point per output channel, each quantized input's scale and zero
   point, other float tensors of at least :data:`FP16_MIN_ELEMENTS` elements as fp16 (the rest fp32),
   as :func:`medlite.compress.int8.qdq_onnx.float_weights_to_fp16` stores them. Layers the sensitivity
-  pass keeps in fp16 are chosen during the build, so the plan counts every matrix as int8;
+  pass keeps in fp16 are chosen during the build, so the plan counts every matrix as int8 and says
+  how much the pass can add at most (:func:`fp16_fallback_bytes`);
 * W4A16 decoders: each projection as MatMulNBits (:func:`medlite.compress.int4.rules.packed_bytes`).
 
 The structure's bytes were measured on medlite's TorchScript exports (opset 17) of SigLIP + Llama
@@ -103,6 +104,14 @@ def decoder_bytes(sizes, precision: str, llm, lm_head, *, group_size: int = 128)
     return int(weights + structure + QDQ_STRUCTURE["decoder"] * len(q))
 
 
+def fp16_fallback_bytes(sizes, graph: str, layers: int) -> int:
+    """Bytes the INT8 sensitivity pass can add to a Q/DQ graph: its ``layers`` largest matrices kept fp16
+    (2 bytes per weight instead of 1, without their scales and Q/DQ nodes) — the plan's upper bound."""
+    mats, _ = vision_matrices(sizes) if graph == "vision" else decoder_matrices(sizes)
+    largest = sorted(mats, key=lambda m: m[0] * m[1], reverse=True)[:max(int(layers), 0)]
+    return int(sum(max(k * n - 5 * n - QDQ_STRUCTURE[graph], 0) for k, n in largest))
+
+
 def graph_files(name: str, total: int) -> dict[str, int]:
     """``{<name>.onnx: bytes}``, or the graph and its ``.onnx.data`` when the weights go to external data."""
     if total <= EXTERNAL_THRESHOLD:
@@ -113,4 +122,5 @@ def graph_files(name: str, total: int) -> dict[str, int]:
 
 
 __all__ = ["EMBED_GRAPH_BYTES", "EXTERNAL_THRESHOLD", "FP16_MIN_ELEMENTS", "QDQ_STRUCTURE", "STRUCTURE",
-           "decoder_bytes", "decoder_matrices", "graph_files", "vision_bytes", "vision_matrices"]
+           "decoder_bytes", "decoder_matrices", "fp16_fallback_bytes", "graph_files", "vision_bytes",
+           "vision_matrices"]

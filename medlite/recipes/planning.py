@@ -169,7 +169,8 @@ def budget_error(b: dict, target, where: str) -> Optional[str]:
         return None
     parts = ", ".join(f"{k} {human_bytes(v)}" for k, v in b["parts"].items())
     return (f"{where}: needs {human_bytes(b['total'])} but {target.name} has {human_bytes(b['usable'])} usable "
-            f"({human_bytes(b['total'] - b['usable'])} over; {parts}; the {b['dominant']} dominates)")
+            f"({human_bytes(b['total'] - b['usable'])} over; {parts}; the {b['dominant']} "
+            f"{'dominate' if b['dominant'] == 'activations' else 'dominates'})")
 
 
 # -- plan functions of the built-in stages ---------------------------------------------------------
@@ -200,7 +201,21 @@ def export_plan(index: int, opts, inp: PlanInputs) -> dict:
     quant = inp.quant if inp.quant else _quant_map(inp.recipe)
     est = estimate_files(inp, opts.precision, opts.components, quant)
     q = f", quantized: {', '.join(f'{k} {v}' for k, v in quant.items())}" if quant else ""
-    return {"does": f"({opts.precision}, opset {opts.opset}{q})", "writes": est}
+    return {"does": f"({opts.precision}, opset {opts.opset}{q}{_fallback_note(inp, quant)})", "writes": est}
+
+
+def _fallback_note(inp: PlanInputs, quant: dict) -> str:
+    """What the INT8 sensitivity pass can add to the planned Q/DQ graphs (its choice is made in the build)."""
+    from medlite.recipes import file_sizes as fs
+    from medlite.units import human_bytes
+
+    opts = inp.recipe.stage("quantize") if inp.recipe is not None else None
+    graphs = [g for g, c in (("vision", "vision"), ("decoder", "llm")) if quant.get(c) in ("int8", "w8a8")]
+    if opts is None or not getattr(opts, "sensitivity", False) or not graphs or not opts.max_fp16_layers:
+        return ""
+    extra = ", ".join(f"{g}.onnx +{human_bytes(fs.fp16_fallback_bytes(inp, g, opts.max_fp16_layers))}" for g in graphs)
+    return (f"; sizes with every matrix int8 — layers the sensitivity pass keeps fp16 add at most {extra} "
+            f"(max_fp16_layers {opts.max_fp16_layers} per graph)")
 
 
 def engines_plan(index: int, opts, inp: PlanInputs) -> dict:
