@@ -29,6 +29,7 @@ HANDLERS = {
     "recipes cp": "medlite.build.commands:cmd_recipes_cp",
     "serve": "medlite.serve.commands:cmd_serve",
     "bench": "medlite.bench.commands:cmd_bench",
+    "sweep": "medlite.sweep.commands:cmd_sweep",
     "bundle": "medlite.engines.bundle:cmd_bundle",
     "embed": "medlite.embeddings.commands:cmd_embed",
     "probe": "medlite.embeddings.commands:cmd_probe",
@@ -183,6 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
     from medlite.bench.commands import add_bench_args  # argparse only; the model loads on run
 
     add_bench_args(p)
+
+    p = command(sub, "sweep", "build recipe variants, tabulate accuracy vs device memory, recommend one per device")
+    from medlite.sweep.commands import add_sweep_args  # argparse only; builds load on run
+
+    add_sweep_args(p)
 
     p = command(sub, "bundle", "one reproducible .tar.gz to copy to the Jetson (graphs, runtime, references)")
     from medlite.engines.bundle import add_bundle_args  # argparse only; the artifact loads on run
