@@ -242,7 +242,8 @@ def _decode_frames(ds, path: Path, frame: Optional[int], window, warns: list) ->
         if n_frames > 1:
             notes.append(f"frame {frame} of {n_frames} (middle)")
     elif not 0 <= frame < n_frames:
-        raise DataError(f"{path}: frame {frame} out of range (file has {n_frames} frame(s))")
+        raise DataError(f"{path}: frame {frame} out of range: frames count from 0 and the file has {n_frames}, "
+                        f"so --frame takes 0 to {n_frames - 1}")
     arr = _dicom_frame(ds, path, frame)
     pi = str(ds.get("PhotometricInterpretation", "")).upper()
     samples = int(ds.get("SamplesPerPixel") or 1)

@@ -67,7 +67,8 @@ def _decode_nifti(path: Path, axis: int, slice_index: Optional[int], volume: int
     n = data.shape[axis]
     k = n // 2 if slice_index is None else slice_index
     if not 0 <= k < n:
-        raise DataError(f"{path}: slice {k} out of range (axis {axis} has {n} slices)")
+        raise DataError(f"{path}: slice {k} out of range: slices count from 0 and axis {axis} has {n}, "
+                        f"so --frame takes 0 to {n - 1}")
     plane = np.take(data, k, axis=axis)
     # RAS data: the first in-plane axis runs left→right, the second posterior→anterior (or
     # inferior→superior); rot90 puts the second axis vertically with anterior/superior up.
@@ -119,7 +120,8 @@ def _decode_raster(path: Path, frame: Optional[int], window) -> DecodedImage:
         warns: list = []
         if frame is not None:
             if not 0 <= frame < n:
-                raise DataError(f"{path}: frame {frame} out of range (file has {n} frame(s))")
+                raise DataError(f"{path}: frame {frame} out of range: frames (pages) count from 0 and the file "
+                                f"has {n}, so --frame takes 0 to {n - 1}")
             img.seek(frame)
         elif n > 1:
             warns.append(f"page 1 of {n} used (a multi-page file; --frame N picks another, counting from 0)")

@@ -149,3 +149,16 @@ def test_ask_accepts_latest_and_names_the_version(rt_export, image, tmp_path, ca
     m = json.loads(cap.out)["model"]
     assert (m["folder"], m["version"], m["status"]) == (str(art), "1.0+abc1234", "passed")
     assert m["hash_check"].startswith("checked (") and "NOT HASH-CHECKED" not in cap.err
+
+
+def test_frame_out_of_range_and_the_frame_used_is_named(rt_export, capsys):
+    from pydicom.data import get_testdata_file
+
+    dcm = get_testdata_file("emri_small.dcm")            # a 10-frame MR
+    assert main(["ask", str(rt_export), "--image", dcm, Q1, "--frame", "10"]) == 2
+    err = capsys.readouterr().err
+    last = err.splitlines()[-1]                          # after the export's NOT HASH-CHECKED warning
+    assert last.startswith("error: ") and "frames count from 0" in last and "--frame takes 0 to 9" in last
+    assert main(["ask", str(rt_export), "--image", dcm, Q1, "--max-new-tokens", "2"]) == 0
+    line = capsys.readouterr().err.splitlines()[-1]
+    assert line.startswith(f"image: {dcm} · frame 5 of 10 (counting from 0) · window ")   # the middle one
