@@ -27,6 +27,8 @@ HANDLERS = {
     "verify": "medlite.build.commands:cmd_verify",
     "recipes ls": "medlite.build.commands:cmd_recipes_ls",
     "recipes cp": "medlite.build.commands:cmd_recipes_cp",
+    "cache ls": "medlite.build.cache_commands:cmd_cache_ls",
+    "cache clear": "medlite.build.cache_commands:cmd_cache_clear",
     "serve": "medlite.serve.commands:cmd_serve",
     "bench": "medlite.bench.commands:cmd_bench",
     "sweep": "medlite.sweep.commands:cmd_sweep",
@@ -203,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
                               "(needs medlite[probe])")
     add_probe_args(p)
 
+    cache = command(sub, "cache", "the stage-output cache: list (default) or clear")
+    csub = cache.add_subparsers(dest="cache_command", metavar="WHAT")
+    command(csub, "ls", "list cached stage outputs with their sizes (most recently used first)")
+    command(csub, "clear", "remove every cached stage output")
+
     rec = command(sub, "recipes", "list (default) or copy shipped recipes")
     rsub = rec.add_subparsers(dest="recipes_command", metavar="WHAT")
     command(rsub, "ls", "list shipped recipes")
@@ -242,6 +249,10 @@ def _cmd_ask(args, ctx) -> int:
 
         path = str(resolve_artifact_path(Path(path)))
     args.model, args.questions, args.question = path, questions, questions[0]
+    if path and Path(path).is_dir() and not _is_artifact(Path(path)) and not any(
+            (Path(path) / f).is_file() for f in ("config.json", "adapter_config.json")):
+        raise DataError(f"{path}: not a model folder: no medlite_runtime.json or manifest.json (an ONNX export or "
+                        "artifact) and no config.json (a checkpoint)")
     if path and _is_artifact(Path(path)):
         from medlite.runtime.commands import cmd_ask_onnx
 
@@ -281,6 +292,8 @@ def _handler_key(args) -> str | None:
         return f"demo {args.demo_command}" if args.demo_command else None
     if args.command == "recipes":
         return f"recipes {args.recipes_command or 'ls'}"      # `medlite recipes` alone lists them
+    if args.command == "cache":
+        return f"cache {args.cache_command or 'ls'}"
     return args.command
 
 

@@ -45,7 +45,9 @@ def _argv(tmp_path, img) -> list[tuple[str, list[str]]]:
         ("serve", ["serve", MISSING]),
         ("serve", ["serve", "--model", MISSING]),
         ("bench", ["bench", "--model", MISSING]),
+        ("sweep", ["sweep", "recipes/sweeps/demo-precision.yaml", "--model", MISSING, "--out", out]),
         ("bundle", ["bundle", "--model", MISSING, "--out", str(tmp_path / "b.tar.gz")]),
+        ("sweep", ["sweep", "recipes/sweeps/demo-precision.yaml", "--model", MISSING, "--out", out]),
         ("bundle", ["bundle", "--model", MISSING, "--out", str(tmp_path / "b.tar.gz")]),
         ("embed", ["embed", "--model", MISSING, "--images", img, "--out", str(tmp_path / "e.npz")]),
     ]
@@ -107,3 +109,15 @@ def test_question_without_a_path_still_uses_the_default_model_choice():
     assert not looks_like_path("Is the T1/T2 ratio high?")       # a question with a slash and spaces
     for word in ("copies/goood", "./art", "~/models/x", "model.onnx", "ckpt.safetensors", "a.tar.gz"):
         assert looks_like_path(word), word
+
+
+def test_ask_refuses_a_folder_that_holds_no_model_and_two_models(tmp_path, img, monkeypatch, capsys):
+    monkeypatch.setenv("MEDLITE_CACHE", str(tmp_path / "cache"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["ask", str(empty), "--image", img, "Is there a lesion?"]) == 2
+    assert capsys.readouterr().err == (f"error: {empty}: not a model folder: no medlite_runtime.json or "
+                                       "manifest.json (an ONNX export or artifact) and no config.json (a checkpoint)\n")
+    assert main(["ask", "--model", str(empty), "copies/goood", "--image", img, "Is there a lesion?"]) == 2
+    assert "two models given" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()
