@@ -34,3 +34,21 @@ def test_file_given_as_model_is_not_called_a_missing_folder(tmp_path, capsys):
         assert main(["--cache-dir", str(tmp_path / "cache"), *argv]) == 2
         err = capsys.readouterr().err
         assert f"{notes}: is a file, not a" in err and "not found" not in err, (argv, err)
+
+
+def test_the_demo_model_is_named_as_such(tmp_path):
+    """Without a model, the answer says it comes from the built-in demo model (and where it is cached)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from medlite.checkpoints.commands import _checkpoint_facts
+    from medlite.model_choice import ModelChoice
+
+    loaded = SimpleNamespace(model=torch.nn.Linear(2, 2), name="demo",
+                             source=SimpleNamespace(format="hf", name="demo"))
+    facts = _checkpoint_facts(ModelChoice(), loaded, tmp_path)
+    assert facts["folder"] == f"built-in demo model ({tmp_path})" and facts["precision"] == {"model": "fp32"}
+    from medlite.runtime.commands import model_line
+
+    assert model_line({**facts, "runtime": "PyTorch (CPU)"}).startswith(f"model: built-in demo model ({tmp_path}) · ")
