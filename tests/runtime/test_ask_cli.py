@@ -162,3 +162,16 @@ def test_frame_out_of_range_and_the_frame_used_is_named(rt_export, capsys):
     assert main(["ask", str(rt_export), "--image", dcm, Q1, "--max-new-tokens", "2"]) == 0
     line = capsys.readouterr().err.splitlines()[-1]
     assert line.startswith(f"image: {dcm} · frame 5 of 10 (counting from 0) · window ")   # the middle one
+
+
+def test_ask_reports_the_quantization_that_runs(rt_export, image, tmp_path, capsys):
+    """The precision shown is read from medlite_runtime.json's quantization records, not the traced dtype."""
+    exp = tmp_path / "exp"
+    shutil.copytree(rt_export, exp)
+    cfg = json.loads((exp / "medlite_runtime.json").read_text())
+    cfg["graphs"]["vision"]["quantization"] = {"scheme": "int8-static-qdq", "precision": "int8"}
+    cfg["graphs"]["decoder"]["quantization"] = {"method": "w4a16", "algorithm": "awq", "group_size": 64, "bits": [4]}
+    (exp / "medlite_runtime.json").write_text(json.dumps(cfg))
+    assert main(["ask", str(exp), "--image", str(image), Q1, "--max-new-tokens", "2"]) == 0
+    model = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("model: "))
+    assert model.endswith(" · vision int8 Q/DQ, embed fp32, decoder w4a16 int4 g64 awq")
