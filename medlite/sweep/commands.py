@@ -37,6 +37,9 @@ def add_sweep_args(p) -> None:
                    help="threads per variant (default: cores / --jobs locally, 2 per Ray task)")
     p.add_argument("--address", default=None, metavar="ADDR",
                    help="ray: the cluster to use (auto, ray://head:10001); default: a local Ray instance")
+    p.add_argument("--return-artifacts", action="store_true",
+                   help="ray: workers always send their artifacts back to the driver, which writes them under "
+                        "--out (default: only workers that cannot see --out do)")
     p.add_argument("--task-memory-gb", type=float, default=None, metavar="GB",
                    help="ray: memory each task declares (default: 6 x the checkpoint's size + 1 GB)")
     p.add_argument("--bench", action="store_true",
@@ -156,7 +159,8 @@ def run_variants(args, sweep, todo: list, choice, out: Path, targets: list[str],
     marker = None
     if args.executor == "ray":
         marker = out / f".shared-fs-{uuid.uuid4().hex[:12]}"
-        marker.write_text("a Ray worker that sees this file shares the driver's file system\n")
+        if not getattr(args, "return_artifacts", False):   # else never written: no worker sees it
+            marker.write_text("a Ray worker that sees this file shares the driver's file system\n")
     by_name = {v.name: v for v in todo}
     keys = {v.name: v.key(choice.label) for v in todo}
 
@@ -253,13 +257,14 @@ def summarize(sweep, rows: dict, targets: list[str], out: Path, choice, ctx) -> 
               "accuracy_from": (f"{sweep.spec.dataset.dataset} [{sweep.spec.dataset.split}] on ONNX Runtime"
                                 if sweep.spec.dataset else "the check stage's held-out split (report.json)"),
               "rows": ordered, "recommendations": recs, "complete": len(ordered) == len(sweep.variants)}
-    paths = write_results(out, result)
+    files = {k: str(out / f"results.{k}") for k in ("csv", "json", "md")}
     try:
         result["plot_points"] = write_plot(result, out / "plot.png")
-        paths["plot"] = out / "plot.png"
+        files["plot"] = str(out / "plot.png")
     except MedliteError as e:
         ctx.warn(str(e))
-    result["files"] = {k: str(v) for k, v in paths.items()}
+    result["files"] = files
+    write_results(out, result)
     return result
 
 
@@ -273,7 +278,8 @@ def cmd_sweep(args, ctx) -> int:
     if args.executor == "local" and args.address:
         raise MedliteError("--address names a Ray cluster: use it with --executor ray")
     sweep = load_sweep(args.sweep)
-    out = ensure_writable_dir(args.out, "--out")
+    out = Path(ensure_writable_dir(args.out, "--out"))
+    out.mkdir(parents=True, exist_ok=True)
     choice = _choice(args, sweep)
     valid = [v for v in sweep.variants if v.valid]
     targets = list(sweep.spec.targets) or ([valid[0].resolved.recipe.target] if valid else [])

@@ -117,7 +117,11 @@ def run_variant(task: VariantTask, events=None) -> dict:
         except Exception as e:   # noqa: BLE001 — a failing variant is a row with its error, not a stopped sweep
             from medlite.errors import MedliteError
 
-            out["error"] = str(e).strip() if isinstance(e, MedliteError) else f"{type(e).__name__}: {e}"
+            if isinstance(e, MedliteError):    # one line: a RecipeError's problems joined
+                errors = getattr(e, "errors", None)
+                out["error"] = "; ".join(errors) if errors else " ".join(str(e).split())
+            else:
+                out["error"] = f"{type(e).__name__}: {e}"
             traceback.print_exc(file=log)
     out["seconds"] = round(time.perf_counter() - t0, 3)
     return out
