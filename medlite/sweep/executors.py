@@ -115,11 +115,22 @@ def _drain(events, display: Display, stop: threading.Event) -> None:
         display.stage(name, stage)
 
 
-def _worker_init(threads: int) -> None:
+_EVENTS = None    # in a local worker: the queue its stage events go to (set by _worker_init)
+
+
+def _worker_init(threads: int, events) -> None:
     # before torch / onnxruntime are imported in the worker: their pools start with this budget
     from medlite.sweep.variant import set_threads
 
+    global _EVENTS
+    _EVENTS = events
     set_threads(threads)
+
+
+def _local_task(task) -> dict:
+    from medlite.sweep.variant import run_variant
+
+    return run_variant(task, _EVENTS)
 
 
 def run_local(tasks: list, jobs: int, display: Display, on_done: Callable[[dict], None]) -> None:
@@ -127,26 +138,23 @@ def run_local(tasks: list, jobs: int, display: Display, on_done: Callable[[dict]
     import multiprocessing as mp
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    from medlite.sweep.variant import run_variant
-
     if not tasks:
         return
     spawn = mp.get_context("spawn")
-    manager = spawn.Manager()
-    events = manager.Queue()
+    events = spawn.Queue()     # handed to each worker when it starts (no manager process to lose on Ctrl-C)
     stop = threading.Event()
     pump = threading.Thread(target=_drain, args=(events, display, stop), daemon=True)
     pump.start()
     pool = ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=spawn, initializer=_worker_init,
-                               initargs=(tasks[0].threads,))
+                               initargs=(tasks[0].threads, events))
     gate = Waits(tasks)
     try:
-        pending = {pool.submit(run_variant, t, events): t for t in gate.ready()}
+        pending = {pool.submit(_local_task, t): t for t in gate.ready()}
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:
                 task = pending.pop(fut)
-                pending.update({pool.submit(run_variant, t, events): t for t in gate.done(task.name)})
+                pending.update({pool.submit(_local_task, t): t for t in gate.done(task.name)})
                 try:
                     result = fut.result()
                 except Exception as e:   # noqa: BLE001 — a worker that died (killed, out of memory) is a row too
@@ -160,14 +168,15 @@ def run_local(tasks: list, jobs: int, display: Display, on_done: Callable[[dict]
         pool.shutdown(wait=True, cancel_futures=True)
         stop.set()
         pump.join(timeout=2)
-        manager.shutdown()
+        events.close()
 
 
 def _stop_pool(pool) -> None:
     """Ctrl-C: cancel what has not started and end the workers (their staging folders are removed by
     their own Ctrl-C; a killed one leaves a stale folder the next build cleans)."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())   # shutdown() forgets them
     pool.shutdown(wait=False, cancel_futures=True)
-    for proc in list(getattr(pool, "_processes", {}).values()):
+    for proc in procs:
         if proc.is_alive():
             proc.terminate()
 
