@@ -80,7 +80,9 @@ class StageResult:
     """What one stage did: the printed line, what changed, bytes, and what goes into manifest and report.
 
     ``manifest`` must hold deterministic, JSON-able facts only (no timings, no temporary paths): it
-    is hashed into the artifact. ``report`` is markdown for report.md. ``ok=False`` marks a stage
+    is hashed into the artifact, and so is ``summary`` (the manifest's and report's stage line): figures
+    that differ between two builds of the same inputs (samples/s) go in ``note`` instead, which is
+    printed and kept in ``build-info.json`` only. ``report`` is markdown for report.md. ``ok=False`` marks a stage
     that ran but failed one of its own checks (printed with ✗; the build fails).
     """
 
@@ -91,6 +93,7 @@ class StageResult:
     manifest: dict = field(default_factory=dict)
     report: list = field(default_factory=list)
     ok: bool = True
+    note: str = ""     # volatile (a speed): printed on the stage line and kept in build-info.json, never hashed
 
     def section(self) -> dict:
         """The manifest section of this stage."""
@@ -124,6 +127,8 @@ class BuildState:
     gates: list = field(default_factory=list)      # medlite.checks.Gate
     rows: list = field(default_factory=list)       # per-question check rows
     timings: dict = field(default_factory=dict)    # phase -> seconds (report only, not hashed)
+    device: Any = None                # torch.device the stages compute on (None or cpu: the host, as before)
+    gpu_peaks: dict = field(default_factory=dict)  # "stage/phase" -> peak CUDA bytes (empty on the CPU)
 
     def forward_loop(self, *, samples=None, batch_size: int = 8, description: str = "calibration forward",
                      equal_length: bool = False):

@@ -92,12 +92,16 @@ def load_evaluation(recipe, calibration, ctx) -> list:
 
 
 # -- build ----------------------------------------------------------------------------------------
-def _version(recipe, source, cal_hash: Optional[str]) -> str:
+def _version(recipe, source, cal_hash: Optional[str], device=None) -> str:
     import medlite
+    from medlite.devices import is_cpu
     from medlite.recipes.registry import numerics_packages
 
     pk = af.package_versions(tuple(numerics_packages(e.name for e in recipe.stages)))
-    return af.compute_version(recipe.version, source=source.identity, recipe=recipe.hashed_dict(),
+    hashed = recipe.hashed_dict()
+    if not is_cpu(device):    # GPU kernels give other numbers: its own version (CPU: hashed as before)
+        hashed["device"] = device.type
+    return af.compute_version(recipe.version, source=source.identity, recipe=hashed,
                               calibration_sha256=cal_hash, medlite_version=medlite.__version__, packages=pk)
 
 
@@ -158,9 +162,12 @@ def _run_stages(state, resume=None, cache=None) -> list[dict]:
         run = _runner(STAGES[entry.name])
         with state.ctx.stage(entry.name) as info:
             result = run(state, i, entry.options)
-            info["detail"], info["ok"] = result.summary, result.ok
+            info["detail"] = result.summary + (f" · {result.note}" if result.note else "")
+            info["ok"] = result.ok
         rec = state.ctx.stages[-1]
-        records.append(_record(state, i, entry.name, result, detail=rec.detail, seconds=rec.seconds, ok=rec.ok))
+        records.append(_record(state, i, entry.name, result, detail=result.summary, seconds=rec.seconds, ok=rec.ok))
+        if result.note:
+            records[-1]["note"] = result.note
         if not result.ok and not STAGES[entry.name].caps.gate:   # a failed gate marks the artifact failed
             raise StageFailed(f"stages[{i}].{entry.name}: {result.summary}")
         if cache is not None:
@@ -168,8 +175,11 @@ def _run_stages(state, resume=None, cache=None) -> list[dict]:
     return records
 
 
-def build(resolved, choice: ModelChoice, out_root: Path, ctx, *, force: bool = False) -> BuildResult:
-    """Run ``resolved`` (a :class:`medlite.recipes.ResolvedRecipe`) and write or reuse its artifact."""
+def build(resolved, choice: ModelChoice, out_root: Path, ctx, *, force: bool = False, device=None) -> BuildResult:
+    """Run ``resolved`` (a :class:`medlite.recipes.ResolvedRecipe`) and write or reuse its artifact.
+
+    ``device``: a ``--device`` spelling or ``torch.device`` (None: the recipe's ``device``, else auto)."""
+    from medlite.devices import describe, describe_line, resolve_device
     from medlite.build.contract import BuildState
     from medlite.build.source import Source
     from medlite.engines.targets import TARGETS
@@ -177,13 +187,15 @@ def build(resolved, choice: ModelChoice, out_root: Path, ctx, *, force: bool = F
 
     recipe = resolved.recipe
     target = TARGETS[recipe.target]
+    dev = device if hasattr(device, "type") else resolve_device(
+        device or recipe.device, where="--device" if device else f"{resolved.source}: device")
     for w in resolved.warnings:
         ctx.warn(w)
     t_start = time.perf_counter()
     with ctx.stage("model") as info:
         loaded, source_label = load_source(choice, ctx)
-        info["detail"] = model_summary(loaded)
-    source = Source(choice, loaded, source_label, ctx)
+        info["detail"] = f"{model_summary(loaded)} · on {describe_line(describe(dev))}"
+    source = Source(choice, loaded, source_label, ctx, device=dev)
     del loaded
     calibration, cal_hash = None, None
     if recipe.calibration is not None:
@@ -191,7 +203,7 @@ def build(resolved, choice: ModelChoice, out_root: Path, ctx, *, force: bool = F
             calibration, cal_hash, info["detail"] = load_calibration(recipe, ctx)
     eval_samples = (load_evaluation(recipe, calibration, ctx)
                     if recipe.stage_with("needs_references") is not None else [])
-    version = _version(recipe, source, cal_hash)
+    version = _version(recipe, source, cal_hash, dev)
     parent = af.recipe_dir(out_root, source.name, recipe.name)
     final = parent / version
     if final.exists() and not force:
@@ -200,7 +212,7 @@ def build(resolved, choice: ModelChoice, out_root: Path, ctx, *, force: bool = F
             return reused
     with af.Staging(parent, version) as staging:
         state = BuildState(ctx=ctx, recipe=recipe, target=target, work=staging.path, source=source,
-                           eval_samples=eval_samples, calibration=calibration)
+                           eval_samples=eval_samples, calibration=calibration, device=dev)
         state.check_samples = check_samples(recipe, eval_samples)
         from medlite.build.resume import ResumeCache
 

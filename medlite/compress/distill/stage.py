@@ -146,8 +146,7 @@ def run(state, index: int, opts: DistillOptions) -> StageResult:
     nbytes = student.param_breakdown()["total"]["bytes"]
     summary = (f"{res.steps_run} steps on {len(examples)} pairs · held-out KL "
                + (f"{res.evals[0][1]:.3g} → {res.best_eval:.3g}" if res.evals else "n/a")
-               + (f" · agreement {before['agreement']:.3f} → {after['agreement']:.3f}" if before else "")
-               + f" · {res.samples_per_s:.1f} samples/s")
+               + (f" · agreement {before['agreement']:.3f} → {after['agreement']:.3f}" if before else ""))
     manifest = {"options": opts.model_dump(), "hidden_mse_layers": objective.s_layers,   # "all" resolved
                 "trained": parts, "train_pairs": len(examples), "heldout_pairs": len(held),
                 "data_sha256": D.data_key(examples), "steps_run": res.steps_run, "best_step": res.best_step,
@@ -156,7 +155,8 @@ def run(state, index: int, opts: DistillOptions) -> StageResult:
                 "heldout_before": before, "heldout_after": after, "heldout_teacher": teacher_m,
                 "self_distillation": pruned is None}
     return StageResult(summary=summary, changed=["weights"], bytes_before=nbytes, bytes_after=nbytes,
-                       manifest=manifest, report=_report(opts, res, before, after, teacher_m, len(examples), len(held)))
+                       note=f"{res.samples_per_s:.1f} samples/s", manifest=manifest,
+                       report=_report(opts, res, before, after, teacher_m, len(examples), len(held)))
 
 
 __all__ = ["run", "select_trainable", "prune_facts", "heldout_metrics"]
