@@ -14,18 +14,26 @@ pytestmark = pytest.mark.slow
 RECIPES = ("xavier-agx-fp16", "xavier-agx-int8", "xavier-nx-int4")
 
 
-@pytest.fixture(scope="session")
-def demo_bundles(tmp_path_factory):
-    """recipe -> (artifact folder, extracted bundle folder); each artifact built and bundled once."""
-    root = tmp_path_factory.mktemp("demo-bundles")
-    out = {}
-    for name in RECIPES:
+class _Bundles(dict):
+    """recipe -> (artifact folder, extracted bundle folder), each built and bundled once, when first asked."""
+
+    def __init__(self, root):
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, name):
+        root = self.root
         assert main(["build", name, "--out", str(root / "artifacts"), "--quiet"]) == 0, name
         (art,) = [p for p in (root / "artifacts").glob(f"*/{name}/*") if p.is_dir()]
         tar = root / f"{name}.tar.gz"
         assert main(["bundle", "--model", str(art), "--out", str(tar)]) == 0
-        out[name] = (art, extract(tar, root / f"x-{name}"))
-    return out
+        self[name] = (art, extract(tar, root / f"x-{name}"))
+        return self[name]
+
+
+@pytest.fixture(scope="session")
+def demo_bundles(tmp_path_factory):
+    return _Bundles(tmp_path_factory.mktemp("demo-bundles"))
 
 
 PROBE = """
