@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -188,7 +187,3 @@ def write_returned(root: Path, rel: str, files: dict[str, bytes], latest: Option
     if latest:
         write_text_atomic(final.parent / "latest", latest)
     return final
-
-
-def dumps(obj) -> str:
-    return json.dumps(obj, indent=2, default=str)

@@ -7,7 +7,6 @@ metrics must equal :func:`medlite.evaluation.scoring.score` on answers made inde
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
