@@ -8,7 +8,6 @@ check the worker runs before any weight loads) and one invalid variant (``opset1
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -25,7 +24,6 @@ variants:
   - {name: opset18, overrides: [export.opset=18]}
 targets: [jetson-xavier-agx-32gb, cpu-x86_64]
 """
-BUILT = ["precision-fp32", "precision-fp16", "strict"]
 
 
 @pytest.fixture(scope="session")
@@ -53,16 +51,3 @@ def local_result(tiny_sweep):
     out = tiny_sweep["root"] / "local"
     rc = main(tiny_sweep["args"] + ["--out", str(out), "--jobs", "2"])
     return rc, json.loads((out / "results.json").read_text()), out
-
-
-def comparable(row: dict) -> dict:
-    """A row without what differs between two runs of the same variant (paths, timings, resume flag)."""
-    return {k: v for k, v in row.items() if k not in ("artifact", "build_seconds", "reused")}
-
-
-def rows_by_name(result: dict) -> dict:
-    return {r["variant"]: r for r in result["rows"]}
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text())

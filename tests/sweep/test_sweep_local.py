@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BUILT, read_json, rows_by_name
+from sweep_helpers import BUILT, read_json, rows_by_name
 
 pytestmark = pytest.mark.slow    # ~1 min on 2 cores: three tiny builds
 

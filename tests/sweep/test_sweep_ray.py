@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import comparable, rows_by_name
+from sweep_helpers import comparable, rows_by_name
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]   # ~1-2 min: Ray start-up + three tiny builds
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import comparable, rows_by_name
+from sweep_helpers import comparable, rows_by_name
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]   # ~1-2 min: an interrupted and a resumed sweep
 
