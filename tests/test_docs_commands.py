@@ -13,12 +13,13 @@ scan" are replaced by the demo's own (PLACEHOLDERS); any other placeholder fails
 """
 from __future__ import annotations
 
+import queue
 import re
-import select
 import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,16 +163,26 @@ def _argv(cmd: DocCommand, walk: dict) -> list[str]:
 def _serve_until_url(argv: list[str], cwd: Path) -> tuple[bool, str]:
     """Start `medlite serve`, read its output until the URL line (True) or its exit (False), stop it."""
     proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue = queue.Queue()
+
+    def read():  # in a thread: readline blocks, and a server that is up prints nothing more
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
     out, deadline = [], time.monotonic() + TIMEOUT_S
     try:
         while time.monotonic() < deadline:
-            ready, _, _ = select.select([proc.stdout], [], [], 1.0)
-            line = proc.stdout.readline() if ready else ""
+            try:
+                line = lines.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            if line is None:
+                return False, "".join(out) + f"\n(exited {proc.wait()} before serving)"
             out.append(line)
             if "http://127.0.0.1:" in line:
                 return True, "".join(out)
-            if not line and proc.poll() is not None:
-                return False, "".join(out) + proc.stdout.read()
         return False, "".join(out) + "\n(no URL line in time)"
     finally:
         proc.terminate()
