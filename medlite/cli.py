@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "recipes and versioned artifacts with accuracy gates.",
         parents=[_global_flags(top=True)])
     from medlite import __version__
+    from medlite.devices import add_device_arg  # argparse only; torch loads when a device resolves
 
     ap.add_argument("--version", action="version", version=f"medlite {__version__}")
     flags = _global_flags(top=False)
@@ -124,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frame", type=int, default=None, metavar="N",
                    help="frame of a multi-frame DICOM / slice of a NIfTI volume (default: the middle one)")
     _add_model_args(p)
+    add_device_arg(p, what="a checkpoint's PyTorch generation (ONNX artifacts run in ONNX Runtime)")
 
     demo = command(sub, "demo", "built-in demo model and random-weight scale fixtures")
     dsub = demo.add_subparsers(dest="demo_command", metavar="WHAT")
@@ -139,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(sub, "eval", "closed/open VQA accuracy of a model on a dataset")
     _add_model_args(p)
+    add_device_arg(p, what="a checkpoint's PyTorch generation")
     p.add_argument("--dataset", default="builtin:micro-med-vqa",
                    help="builtin:micro-med-vqa, or a VQA-RAD / SLAKE / LLaVA-Med json")
     p.add_argument("--images", default=None, metavar="DIR", help="image folder for file datasets")
@@ -148,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(sub, "export", "export vision / embed / decoder ONNX graphs and the runtime config")
     _add_model_args(p)
+    add_device_arg(p, what="checking the choice only: the ONNX trace always runs on the CPU")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder for the ONNX graphs")
     p.add_argument("--precision", choices=["fp32", "fp16"], default=DEFAULT_PRECISION,
                    help=f"graph precision (default {DEFAULT_PRECISION}, as the shipped recipes); int8 and "
@@ -166,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", default="artifacts", metavar="DIR",
                            help="artifact root folder (default ./artifacts)")
             p.add_argument("--force", action="store_true", help="rebuild even if an identical artifact exists")
+            add_device_arg(p, what="the build's PyTorch stages (ONNX export stays on the CPU)")
         return p
 
     recipe_cmd("validate", "validate a recipe (every error at once, with YAML paths)")

@@ -39,6 +39,13 @@ def parse_device(spec: Optional[str], *, where: str = "--device") -> str:
     return s
 
 
+def add_device_arg(p, *, what: str = "PyTorch work") -> None:
+    """``--device`` for a command's argparse parser (argparse only: the CLI imports no torch)."""
+    p.add_argument("--device", default=None, metavar="DEVICE",
+                   help=f"torch device for {what}: {CHOICES} (default: the recipe's device, else auto = CUDA "
+                        "when torch sees it, else the CPU)")
+
+
 def resolve_device(spec: Optional[str], *, where: str = "--device"):
     """``torch.device`` for ``spec``: ``auto`` picks ``cuda`` when CUDA is available, else ``cpu``."""
     import torch
@@ -159,6 +166,45 @@ class PeakMemory:
         return " · peak GPU " + ", ".join(f"{human_bytes(v)} ({k})" for k, v in self.peaks.items())
 
 
+def to_host(obj, _depth: int = 0):
+    """Every torch tensor inside ``obj`` (dicts, lists, tuples, attributes of plain objects) moved to the
+    CPU in place, after a GPU phase, so later CPU-side work (ONNX feeds, numpy) never mixes devices."""
+    import torch
+
+    if _depth > 4 or obj is None:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, torch.nn.Module):
+        return obj                    # modules go back with placed()
+    if isinstance(obj, dict):
+        for k in list(obj):
+            obj[k] = to_host(obj[k], _depth + 1)
+        return obj
+    if isinstance(obj, list):
+        obj[:] = [to_host(v, _depth + 1) for v in obj]
+        return obj
+    if isinstance(obj, tuple):
+        return type(obj)(*[to_host(v, _depth + 1) for v in obj]) if hasattr(obj, "_fields") else \
+            tuple(to_host(v, _depth + 1) for v in obj)
+    if hasattr(obj, "__dict__") and not isinstance(obj, type):
+        for k, v in list(vars(obj).items()):
+            try:
+                setattr(obj, k, to_host(v, _depth + 1))
+            except AttributeError:          # a read-only property
+                pass
+    return obj
+
+
+def record_peaks(state, peaks: "PeakMemory", prefix: str = "") -> str:
+    """Keep a stage's GPU peaks in the build: ``state.gpu_peaks`` and ``build-info.json``'s timings (peaks vary
+    a little between identical builds, so never in the hashed manifest/report). Returns the stage-line note."""
+    for k, v in peaks.peaks.items():
+        state.gpu_peaks[f"{prefix}{k}"] = v
+        state.timings[f"{prefix}{k} peak_gpu_bytes"] = v
+    return peaks.line().lstrip(" ·")
+
+
 def peak_memory(device) -> Optional[int]:
     """``torch.cuda.max_memory_allocated`` on ``device`` since its last reset; None on the CPU."""
     if is_cpu(device):
@@ -189,6 +235,6 @@ def module_bytes(module) -> int:
                + sum(t.numel() * t.element_size() for t in module.buffers()))
 
 
-__all__ = ["CHOICES", "DeviceError", "PeakMemory", "check_fits", "describe", "describe_line", "is_cpu",
-           "model_device", "module_bytes", "parse_device", "peak_memory", "placed", "resolve_device",
-           "to_device", "total_memory"]
+__all__ = ["CHOICES", "DeviceError", "add_device_arg", "PeakMemory", "check_fits", "describe", "describe_line", "is_cpu",
+           "model_device", "module_bytes", "parse_device", "peak_memory", "placed", "record_peaks", "resolve_device",
+           "to_device", "to_host", "total_memory"]

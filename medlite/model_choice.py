@@ -129,9 +129,19 @@ def load_source(choice: ModelChoice, ctx, *, dtype=None) -> tuple[Any, str]:
     return choice.load(ctx, dtype=dtype), choice.label
 
 
-def load_from_args(args, ctx, *, dtype=None):
-    """The model a command's ``--model`` (+ loader options) names, or the demo model without one."""
-    return ModelChoice.from_args(args).load(ctx, dtype=dtype)
+def load_from_args(args, ctx, *, dtype=None, on_device: bool = True):
+    """The model a command's ``--model`` (+ loader options) names, or the demo model without one.
+
+    With ``--device`` resolving to a GPU (and ``on_device``), the model is moved there; on the CPU it
+    stays exactly as loaded. The device is resolved before loading, so a wrong one fails first.
+    """
+    from medlite.devices import is_cpu, resolve_device
+
+    device = resolve_device(getattr(args, "device", None)) if hasattr(args, "device") else None
+    loaded = ModelChoice.from_args(args).load(ctx, dtype=dtype)
+    if on_device and not is_cpu(device):
+        loaded.model.to(device)
+    return loaded
 
 
 # -- model paths on the command line ----------------------------------------------------------------

@@ -54,6 +54,16 @@ def _stage_details(m: dict, stage_reports: dict) -> list[str]:
     return out
 
 
+def _device_text(d: dict | None) -> str:
+    """``cpu`` or ``cuda:0 (NVIDIA H100 80GB HBM3, 85.05 GB)``; the peak GPU memory of each phase varies between
+    identical builds, so it is on the stage lines and in ``build-info.json``, not in this hashed report."""
+    from medlite.devices import describe_line
+
+    if not d or d.get("type", "cpu") == "cpu":
+        return "cpu"
+    return describe_line(d) + " (peak GPU memory per phase: the stage lines and `build-info.json`)"
+
+
 def report_md(manifest: dict, rows: list[dict], files: dict[str, int], stage_reports: dict | None = None,
               memory: dict | None = None) -> str:
     """The human-readable report (Markdown); ``memory``: the device-memory estimate (:func:`device_memory`)."""
@@ -67,6 +77,7 @@ def report_md(manifest: dict, rows: list[dict], files: dict[str, int], stage_rep
             f"{t['bandwidth_gbs']} GB/s)",
             f"- source: {m['source'].get('format')} checkpoint `{m['source'].get('path')}` "
             f"({len(m['source'].get('files', {}))} files hashed)",
+            f"- built on: {_device_text(m.get('device'))}",
             f"- medlite {m['medlite_version']}; recipe sha256 `{m['recipe']['sha256'][:12]}`"
             + (f"; overrides: {', '.join(m['recipe']['overrides'])}" if m['recipe'].get('overrides') else ""),
             ""]

@@ -31,6 +31,9 @@ def add_bench_args(p) -> None:
     p.add_argument("--ignore-eos", action="store_true",
                    help="the answer and its token count include every generated token, past its end")
     p.add_argument("--no-write", action="store_true", help="do not write bench.json next to the artifact")
+    from medlite.devices import add_device_arg
+
+    add_device_arg(p, what="a checkpoint's PyTorch runs (ONNX artifacts run in ONNX Runtime)")
 
 
 def _prompt(args, ctx):

@@ -176,6 +176,12 @@ def cmd_build(args, ctx) -> int:
 
     resolved = _load(args, ctx)
     ensure_writable_dir(getattr(args, "out", None) or "artifacts", "--out")   # before any model loads
+    from medlite.devices import resolve_device
+
+    # --device > the recipe's device > auto; a device this machine lacks is one line before any work
+    spec = getattr(args, "device", None)
+    device = resolve_device(spec or resolved.recipe.device,
+                            where="--device" if spec else f"{resolved.source}: device")
     if not ctx.json_mode:
         _say(ctx, f"[dim]# resolved recipe ({resolved.source})\n{resolved.to_yaml().rstrip()}[/]")
     choice = ModelChoice.from_args(args, resolved.recipe, resolved.source)
@@ -188,7 +194,7 @@ def cmd_build(args, ctx) -> int:
 
     map_large_allocations()   # this process: freed activations go straight back to the OS (see offload.py)
     result = build(resolved, choice, Path(getattr(args, "out", None) or "artifacts"), ctx,
-                   force=bool(getattr(args, "force", False)))
+                   force=bool(getattr(args, "force", False)), device=device)
     lines = result.failed_gate_lines
     if ctx.json_mode:
         out = result.to_json()

@@ -40,6 +40,14 @@ def _graph_runtimes(state) -> dict:
             for name, g in sorted(cfg.get("graphs", {}).items())}
 
 
+def _device_field(state) -> dict:
+    from medlite.devices import describe, is_cpu
+
+    if is_cpu(state.device):
+        return {"type": "cpu"}
+    return describe(state.device)
+
+
 def build_manifest(state, resolved, cal_hash: Optional[str], version: str, records: list) -> dict:
     """The manifest of a finished build (before file hashes are added by ``write_manifest``)."""
     import medlite
@@ -73,6 +81,9 @@ def build_manifest(state, resolved, cal_hash: Optional[str], version: str, recor
         "packages": af.package_versions(),
         "numerics_packages": af.package_versions(tuple(numerics_packages(e.name for e in recipe.stages))),
         "target": state.target.to_dict(),
+        # Where the stages computed (not part of the version hash; docs/gpu-builds.md). CPU: only the type,
+        # so manifests stay machine-independent; CUDA: card name and memory (peaks: build-info.json).
+        "device": _device_field(state),
         "graphs": _graph_runtimes(state),
         "stages": [{"name": r["name"], "detail": _scrub(r["detail"], state.work), "ok": r.get("ok", True)}
                    for r in records],

@@ -91,14 +91,18 @@ class References:
         return int(self.embeddings.shape[0])
 
 
-def references_key(identity: dict, samples: list, max_new_tokens: int) -> str:
-    """Cache key: source identity + questions + images + generation length + library versions."""
+def references_key(identity: dict, samples: list, max_new_tokens: int, device=None) -> str:
+    """Cache key: source identity + questions + images + generation length + library versions
+    (+ the device type when it is not the CPU: GPU kernels give other numbers; CPU keys are unchanged)."""
     from medlite.artifacts import package_versions, sha256_json
 
     qs = [[str(s.qid), s.question, s.image_id, str(s.image_path or ""), s.modality] for s in samples]
     pk = package_versions(("medlite", "torch", "transformers", "tokenizers"))
-    return sha256_json({"format": FORMAT, "source": identity, "questions": qs, "max_new_tokens": max_new_tokens,
-                        "packages": pk})[:24]
+    payload = {"format": FORMAT, "source": identity, "questions": qs, "max_new_tokens": max_new_tokens,
+               "packages": pk}
+    if device is not None and device.type != "cpu":
+        payload["device"] = device.type
+    return sha256_json(payload)[:24]
 
 
 def row_batches(samples: list, batch_size: int) -> Iterator[list]:
@@ -138,8 +142,18 @@ class _TorchRows:
         return evaluate_rows(self.loaded, images, image_index, questions, max_new_tokens=max_new_tokens)
 
 
-def compute_references(loaded, samples: list, *, max_new_tokens: int, batch_size: int, ctx) -> References:
-    """Run the source on every sample (each image encoded once, questions batched), with progress."""
+def compute_references(loaded, samples: list, *, max_new_tokens: int, batch_size: int, ctx,
+                       device=None) -> References:
+    """Run the source on every sample (each image encoded once, questions batched), with progress.
+
+    ``device`` (a GPU): the source model is moved there for the run and back to the host afterwards."""
+    from medlite.devices import placed
+
+    with placed(loaded.model, device):
+        return _compute_references(loaded, samples, max_new_tokens=max_new_tokens, batch_size=batch_size, ctx=ctx)
+
+
+def _compute_references(loaded, samples: list, *, max_new_tokens: int, batch_size: int, ctx) -> References:
     answers: dict[str, str] = {}
     logits: dict[str, np.ndarray] = {}
     image_of: dict[str, int] = {}
@@ -188,14 +202,14 @@ def load_references(path: Path, samples: list) -> Optional[References]:
 
 
 def references_for(loaded_fn, identity: dict, samples: list, *, max_new_tokens: int, batch_size: int,
-                   ctx) -> References:
-    """Cached references, or computed with ``loaded_fn()`` (the source model) and cached."""
-    key = references_key(identity, samples, max_new_tokens)
+                   ctx, device=None) -> References:
+    """Cached references, or computed with ``loaded_fn()`` (the source model, on ``device``) and cached."""
+    key = references_key(identity, samples, max_new_tokens, device)
     path = _cache_file(ctx, key)
     refs = load_references(path, samples)
     if refs is None:
         refs = compute_references(loaded_fn(), samples, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                  ctx=ctx)
+                                  ctx=ctx, device=device)
         try:
             save_references(refs, path)
         except OSError as e:   # a read-only cache only costs the recomputation next time

@@ -54,6 +54,10 @@ class ResumeCache:
         while self.prefix < len(names) and STAGES[names[self.prefix]].caps.caches_output:
             self.prefix += 1
         data = recipe.to_dict()
+        from medlite.devices import is_cpu
+
+        if not is_cpu(getattr(state, "device", None)):   # GPU numbers differ: never resume a CPU entry
+            data["device"] = state.device.type
         runners = tuple(_runner_name(STAGES[n].runner) for n in names)
         self.keys = [stage_key(source_identity=source.identity, recipe=data, index=i, calibration_sha256=cal_hash,
                                seed=state.ctx.seed, medlite_version=medlite.__version__, runners=runners,

@@ -17,8 +17,9 @@ from medlite import artifacts as af
 class Source:
     """The source checkpoint of a build (see the module docstring)."""
 
-    def __init__(self, choice, loaded, label: str, ctx):
+    def __init__(self, choice, loaded, label: str, ctx, device=None):
         self.choice, self.label, self.ctx = choice, label, ctx
+        self.device = device          # where the references are computed (None/cpu: the host, as before)
         self._loaded: Optional[Any] = loaded
         self.identity = af.source_identity(loaded.source.to_dict(), getattr(loaded.template, "name", None))
         self.name = loaded.name
@@ -49,4 +50,4 @@ class Source:
         from medlite.build.references import references_for
 
         return references_for(self.model, self.identity, samples, max_new_tokens=max_new_tokens,
-                              batch_size=batch_size, ctx=self.ctx)
+                              batch_size=batch_size, ctx=self.ctx, device=self.device)

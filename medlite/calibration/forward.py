@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from medlite.checkpoints.generate import image_features, prompt_ids, splice_image_embeds
+from medlite.devices import model_device, to_device
 
 
 @dataclass
@@ -111,6 +112,8 @@ class ForwardLoop:
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         pixels = torch.from_numpy(preprocess([self._image(s) for s in chunk], self.loaded.image_spec)).to(dtype)
+        # A model placed on a GPU (--device) gets its inputs there; on the CPU these are the same tensors.
+        ids, mask, pos, pixels = to_device(model_device(model), ids, mask, pos, pixels)
         with torch.no_grad():
             img = image_features(model, pixels)
             embeds, where = splice_image_embeds(model, ids, img, self.loaded.image_token_id)
@@ -153,6 +156,7 @@ class ForwardLoop:
             for i in range(0, len(imgs), self.batch_size):
                 chunk = imgs[i:i + self.batch_size]
                 pixels = torch.from_numpy(preprocess([self._image(s) for s in chunk], self.loaded.image_spec)).to(dtype)
+                pixels = to_device(model_device(model), pixels)
                 with torch.no_grad():
                     image_features(model, pixels)
                 advance(len(chunk))

@@ -43,9 +43,17 @@ def pixel_values(loaded, images):
     return torch.from_numpy(preprocess(images, loaded.image_spec)).to(dtype)
 
 
+def _on_model(model, *tensors):
+    """``tensors`` on the model's device when that is a GPU (``--device``); on the CPU the same objects."""
+    from medlite.devices import model_device, to_device
+
+    return to_device(model_device(model), *tensors)
+
+
 def _forward(loaded, ids, pixels, *, mask=None, positions=None, past=None):
     import torch
 
+    ids, pixels, mask, positions = _on_model(loaded.model, ids, pixels, mask, positions)
     with torch.inference_mode():
         return loaded.model(input_ids=ids, pixel_values=pixels, attention_mask=mask, position_ids=positions,
                             past_key_values=past, use_cache=True, return_dict=True)
@@ -85,7 +93,7 @@ def first_token_logits(loaded, image, question: str) -> np.ndarray:
     row = prompt_ids(loaded, question)
     check_context(loaded, [len(row)], 0)
     out = _forward(loaded, torch.tensor([row]), pixel_values(loaded, image))
-    return out.logits[0, -1].float().numpy()
+    return out.logits[0, -1].float().cpu().numpy()
 
 
 def image_embeddings(loaded, image) -> np.ndarray:
@@ -94,12 +102,12 @@ def image_embeddings(loaded, image) -> np.ndarray:
 
     m = loaded.model
     with torch.inference_mode():
-        feats = m.model.get_image_features(pixel_values=pixel_values(loaded, image),
+        feats = m.model.get_image_features(pixel_values=_on_model(m, pixel_values(loaded, image)),
                                            vision_feature_layer=m.config.vision_feature_layer,
                                            vision_feature_select_strategy=m.config.vision_feature_select_strategy)
     feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats
     out = feats[0] if isinstance(feats, (list, tuple)) else feats[0]
-    return out.float().numpy()
+    return out.float().cpu().numpy()
 
 
 def _pick(logits, image_token_id: int):
@@ -203,11 +211,14 @@ def evaluate_rows(loaded, images: Sequence, image_index: Sequence[int], question
 
     model = loaded.model
     ids, mask, pos = _left_padded(loaded, questions, max_new_tokens)
+    index = torch.as_tensor(list(image_index), dtype=torch.long)
+    # On a GPU (--device) the prefill inputs move there; mask/pos stay on the host for decoding.
+    d_ids, d_mask, d_pos, d_index = _on_model(model, ids, mask, pos, index)
     with torch.inference_mode():
-        img = image_features(model, pixel_values(loaded, list(images)))
-        rows = img[torch.as_tensor(list(image_index), dtype=torch.long)]
-        embeds, _ = splice_image_embeds(model, ids, rows, loaded.image_token_id)
-        out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True, return_dict=True)
-    first = out.logits[:, -1].float().numpy().copy()
+        img = image_features(model, _on_model(model, pixel_values(loaded, list(images))))
+        rows = img[d_index]
+        embeds, _ = splice_image_embeds(model, d_ids, rows, loaded.image_token_id)
+        out = model(inputs_embeds=embeds, attention_mask=d_mask, position_ids=d_pos, use_cache=True, return_dict=True)
+    first = out.logits[:, -1].float().cpu().numpy().copy()
     answers = _greedy_rows(loaded, out, mask, pos[:, -1], max_new_tokens=max_new_tokens)
-    return answers, first, img.float().numpy()
+    return answers, first, img.float().cpu().numpy()

@@ -25,6 +25,10 @@ def cmd_eval(args, ctx) -> int:
     out = getattr(args, "out", None)
     if out:
         ensure_writable_file(out, "--out")     # before the model loads, not after the evaluation
+    if getattr(args, "device", None):          # a device this machine lacks: one line before any work
+        from medlite.devices import resolve_device
+
+        resolve_device(args.device)
     dataset = getattr(args, "dataset", None) or "builtin:micro-med-vqa"
     split = getattr(args, "split", None) or "test"
     with ctx.stage("dataset") as info:

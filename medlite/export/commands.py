@@ -52,7 +52,9 @@ def cmd_export(args, ctx) -> int:
     out = ensure_writable_dir(args.out, "--out")      # before the model loads
     replaced = export_target(out)
     precision = getattr(args, "precision", None) or "fp16"
-    loaded = load_from_args(args, ctx, dtype="float16" if precision == "fp16" else "float32")
+    # --device is checked (a wrong one is one line) but the trace stays on the CPU: the graphs do not
+    # depend on where PyTorch ran, and the CPU trace is the tested one (docs/gpu-builds.md).
+    loaded = load_from_args(args, ctx, dtype="float16" if precision == "fp16" else "float32", on_device=False)
     # Written into a temporary sibling and renamed into place: a failed export leaves --out as it was.
     with staged_folder(out) as tmp:
         res = export_onnx(loaded, tmp, ctx=ctx, precision=precision, opset=int(getattr(args, "opset", 17) or 17))

@@ -109,6 +109,8 @@ class Recipe(Closed):
     description: str = ""
     target: str
     model: Optional[str] = Field(None, description="default checkpoint; --model overrides; none → demo model")
+    device: Optional[str] = Field(None, description="default torch device (auto, cpu, cuda, cuda:N); --device "
+                                                    "overrides; unset: auto. Written out only when set")
     calibration: Optional[CalibrationSpec] = None
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     stages: list[StageEntry] = Field(min_length=1)
@@ -128,6 +130,18 @@ class Recipe(Closed):
         if not isinstance(v, str) or not _SEMVER.match(v):
             raise ValueError(f"must be a semantic version string like 1.0.0, got {v!r}")
         return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: Optional[str]) -> Optional[str]:
+        from medlite.devices import DeviceError, parse_device
+
+        if v is None:
+            return v
+        try:
+            return parse_device(v, where="device")
+        except DeviceError as e:
+            raise ValueError(str(e).split(": ", 1)[1]) from None
 
     @field_validator("target")
     @classmethod
@@ -149,7 +163,9 @@ class Recipe(Closed):
 
     def to_dict(self) -> dict:
         """The resolved recipe as plain data: every default filled in, stages as one-key mappings."""
-        d = self.model_dump(mode="json", exclude={"stages"})
+        # ``device`` appears only when the recipe sets it: recipes without it resolve (recipe.yaml) and
+        # hash exactly as before the field existed (docs/gpu-builds.md).
+        d = self.model_dump(mode="json", exclude={"stages"} | ({"device"} if self.device is None else set()))
         d["stages"] = [{s.name: s.options.model_dump(mode="json")} for s in self.stages]
         return d
 
@@ -161,6 +177,9 @@ class Recipe(Closed):
         """
         d = self.to_dict()
         d.pop("model", None)
+        # The device spelling is a preference (``auto`` differs per machine): the build hashes the
+        # device it resolved to instead, and only when that is not the CPU (medlite.build.pipeline).
+        d.pop("device", None)
         return d
 
 

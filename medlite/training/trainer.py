@@ -98,7 +98,7 @@ class Trainer:
 
     def __init__(self, params: dict, loss_fn: Callable, n_examples: int, config: TrainConfig, *, ctx,
                  eval_fn: Optional[Callable[[], float]] = None, checkpoint_dir: Optional[Path] = None,
-                 run_key: str = "", description: str = "train"):
+                 run_key: str = "", description: str = "train", scaler=None):
         if n_examples < 1:
             raise ValueError("nothing to train on: no examples")
         if not params:
@@ -107,6 +107,7 @@ class Trainer:
         self.config, self.ctx, self.eval_fn = config, ctx, eval_fn
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.run_key, self.description = run_key, description
+        self.scaler = scaler          # torch.amp.GradScaler for fp16 autocast on a GPU; None: plain steps
 
     # -- state ----------------------------------------------------------------------------
     def _snapshot(self) -> dict:
@@ -168,6 +169,14 @@ class Trainer:
             g["lr"] = cfg.lr_at(step)
         loss = self.loss_fn(batch_indices(step, self.n, cfg.batch_size, cfg.seed), step)
         opt.zero_grad(set_to_none=True)
+        if self.scaler is not None:   # fp16: scaled backward, unscaled before clipping, skipped on inf
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(opt)
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.grad_clip)
+            self.scaler.step(opt)
+            self.scaler.update()
+            return float(loss.detach())
         loss.backward()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.grad_clip)

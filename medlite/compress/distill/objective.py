@@ -17,17 +17,42 @@ from medlite.compress.distill.options import DistillOptions, hidden_layers
 from medlite.errors import MedliteError
 
 
-def _teacher_logits(teacher, batches: D.Batches, *, ctx, batch_size: int, description: str) -> list:
+def on_device(b: dict, device) -> dict:
+    """A batch's tensors on ``device`` when that is a GPU (``--device``); on the CPU the same dict."""
+    from medlite.devices import is_cpu
+
+    if is_cpu(device):
+        return b
+    return {k: v.to(device) if hasattr(v, "to") else v for k, v in b.items()}
+
+
+def autocast(opts, device):
+    """``torch.autocast`` for ``opts.mixed_precision`` bf16/fp16 on a GPU; a null context for fp32."""
+    import contextlib
+
+    import torch
+
+    if getattr(opts, "mixed_precision", "fp32") == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[
+        opts.mixed_precision])
+
+
+def _teacher_logits(teacher, batches: D.Batches, *, ctx, batch_size: int, description: str, opts=None) -> list:
     """The teacher's answer-position logits per example (float32 ``[A_i, V]``)."""
     import torch
 
+    from medlite.devices import model_device
+
     out = []
     dtype = next(teacher.model.parameters()).dtype
+    device = model_device(teacher.model)
     with ctx.progress(description, total=len(batches)) as advance, torch.no_grad():
         for i in range(0, len(batches), batch_size):
             idx = list(range(i, min(i + batch_size, len(batches))))
-            b = batches.batch(idx, dtype)
-            logits, _ = forward_answers(teacher.model, b)
+            b = on_device(batches.batch(idx, dtype), device)
+            with autocast(opts, device):
+                logits, _ = forward_answers(teacher.model, b)
             for r, j in enumerate(idx):
                 out.append(logits[r, : len(batches.examples[j].answer_ids)].float().clone())
             advance(len(idx))
@@ -37,7 +62,7 @@ def _teacher_logits(teacher, batches: D.Batches, *, ctx, batch_size: int, descri
 def _stack(cache: list, idx, width: int, like):
     import torch
 
-    out = torch.zeros((len(idx), width, cache[idx[0]].shape[-1]), dtype=torch.float32)
+    out = torch.zeros((len(idx), width, cache[idx[0]].shape[-1]), dtype=torch.float32, device=like.device)
     for r, i in enumerate(idx):
         out[r, : cache[i].shape[0]] = cache[i]
     return out
@@ -46,7 +71,7 @@ def _stack(cache: list, idx, width: int, like):
 def _digest(tensors) -> str:
     h = hashlib.sha256()
     for t in tensors:
-        h.update(t.detach().float().contiguous().numpy().tobytes())
+        h.update(t.detach().float().contiguous().cpu().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -81,7 +106,16 @@ class Objective:
     def __init__(self, student, teacher, train: D.Batches, held: D.Batches, opts: DistillOptions, *, ctx,
                  pruned: Optional[dict]):
         self.student, self.teacher, self.train, self.held, self.opts = student, teacher, train, held, opts
+        from medlite.devices import is_cpu, model_device
+
         self.dtype = next(student.model.parameters()).dtype
+        self.device = model_device(student.model)        # the build's device (the student is placed there)
+        # fp16 autocast needs loss scaling (the trainer takes the scaler); bf16 and fp32 do not
+        self.scaler = None
+        if getattr(opts, "mixed_precision", "fp32") == "fp16" and not is_cpu(self.device):
+            import torch
+
+            self.scaler = torch.amp.GradScaler(self.device.type)
         n_layers = len(student.model.model.language_model.layers)
         layers = hidden_layers(opts, n_layers)          # "all": every decoder layer of this student
         bad = [i for i in layers if i >= n_layers]
@@ -92,9 +126,9 @@ class Objective:
         # blended images have no cached teacher logits: the teacher then runs alongside every step
         self.online = self.hidden or opts.mixup > 0
         bs = opts.batch_size
-        self.t_train = None if self.online else _teacher_logits(teacher, train, ctx=ctx, batch_size=bs,
+        self.t_train = None if self.online else _teacher_logits(teacher, train, ctx=ctx, batch_size=bs, opts=opts,
                                                                  description="distill: teacher logits")
-        self.t_held = _teacher_logits(teacher, held, ctx=ctx, batch_size=bs,
+        self.t_held = _teacher_logits(teacher, held, ctx=ctx, batch_size=bs, opts=opts,
                                       description="distill: teacher logits (held-out)") if len(held) else []
         self.projections = self._projections()
 
@@ -106,7 +140,10 @@ class Objective:
         if not self.hidden or hs == ht:
             return []
         torch.manual_seed(self.opts.seed)
-        return [torch.nn.Linear(hs, ht, bias=False) for _ in self.s_layers]
+        out = [torch.nn.Linear(hs, ht, bias=False) for _ in self.s_layers]
+        if self.device.type != "cpu":       # initialised on the host (same numbers), trained on the device
+            out = [m.to(self.device) for m in out]
+        return out
 
     def extra_params(self) -> dict:
         return {f"projection.{k}.{n}": p for k, m in enumerate(self.projections) for n, p in m.named_parameters()}
@@ -115,14 +152,17 @@ class Objective:
         import torch
 
         b = self.train.batch(idx, self.dtype)
-        if self.opts.mixup > 0:
+        if self.opts.mixup > 0:     # blended on the host (the same draws on every device)
             b["pixel_values"] = mix_images(b["pixel_values"], self.opts.mixup, seed=self.opts.seed, step=_step)
-        s_logits, s_hidden = forward_answers(self.student.model, b, hidden_layers=self.s_layers if self.hidden else ())
-        if self.online:
-            with torch.no_grad():
-                t_logits, t_hidden = forward_answers(self.teacher.model, b,
-                                                    hidden_layers=self.t_layers if self.hidden else ())
-        else:
+        b = on_device(b, self.device)
+        with autocast(self.opts, self.device):
+            s_logits, s_hidden = forward_answers(self.student.model, b,
+                                                 hidden_layers=self.s_layers if self.hidden else ())
+            if self.online:
+                with torch.no_grad():
+                    t_logits, t_hidden = forward_answers(self.teacher.model, b,
+                                                        hidden_layers=self.t_layers if self.hidden else ())
+        if not self.online:
             t_logits, t_hidden = _stack(self.t_train, idx, s_logits.shape[1], s_logits), []
         loss = kd_kl(s_logits, t_logits, b["targets"], self.opts.temperature)
         if self.hidden:
@@ -135,8 +175,9 @@ class Objective:
         total, n, bs = 0.0, len(self.held), self.opts.batch_size
         for i in range(0, n, bs):
             idx = list(range(i, min(i + bs, n)))
-            b = self.held.batch(idx, self.dtype)
-            s_logits, _ = forward_answers(self.student.model, b)
+            b = on_device(self.held.batch(idx, self.dtype), self.device)
+            with autocast(self.opts, self.device):
+                s_logits, _ = forward_answers(self.student.model, b)
             total += float(kd_kl(s_logits, _stack(self.t_held, idx, s_logits.shape[1], s_logits), b["targets"], 1.0)) \
                 * len(idx)
         return total / max(n, 1)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional, Union
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_serializer
 
 from medlite.recipes.base import Closed
 from medlite.recipes.registry import Capabilities, Order, StageSpec, register_stage
@@ -67,6 +67,18 @@ class DistillOptions(Closed):
     weight_decay: float = Field(0.0, ge=0.0)
     trainable: Literal["auto", "llm", "llm+projector", "all"] = "auto"
     max_new_tokens: int = Field(16, ge=1, le=512, description="length cap of the teacher's answers")
+    mixed_precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="autocast of the student/teacher forwards on a GPU (bf16, or fp16 with loss scaling); "
+                            "fp32 (default) everywhere, and the only choice on the CPU")
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        # Left out at its default, so recipes that do not set it resolve, hash and key their caches
+        # exactly as before the option existed (recipe.yaml, the version, distill's run key).
+        d = handler(self)
+        if isinstance(d, dict) and self.mixed_precision == "fp32":
+            d.pop("mixed_precision", None)
+        return d
 
     @field_validator("hidden_mse", mode="before")
     @classmethod

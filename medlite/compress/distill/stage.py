@@ -86,7 +86,8 @@ def _train(state, opts: DistillOptions, objective: Objective, examples: list):
     key = objective.key(examples)
     trainer = Trainer(params, objective.loss, len(examples), cfg, ctx=state.ctx,
                       eval_fn=objective.heldout_kl if len(objective.held) else None,
-                      checkpoint_dir=state.ctx.cache_dir / "distill" / key[:20], run_key=key, description="distill")
+                      checkpoint_dir=state.ctx.cache_dir / "distill" / key[:20], run_key=key, description="distill",
+                      scaler=objective.scaler)
     return trainer.fit(), key
 
 
@@ -113,6 +114,8 @@ def run(state, index: int, opts: DistillOptions) -> StageResult:
     """Distill the source model into the working model in place; see the module doc."""
     import torch
 
+    from medlite.devices import PeakMemory, is_cpu, placed, record_peaks
+
     ctx, student = state.ctx, state.model
     teacher = state.source_model()
     if teacher is None or teacher.model is student.model:
@@ -120,10 +123,60 @@ def run(state, index: int, opts: DistillOptions) -> StageResult:
     if next(student.model.parameters()).dtype != torch.float32:
         raise MedliteError("distill trains in float32; the working model is "
                            f"{next(student.model.parameters()).dtype} (load the checkpoint in float32)")
+    device = getattr(state, "device", None)
+    _check_device(index, opts, teacher, student, device)
     pruned = prune_facts(state)
     if pruned is None:
         ctx.warn("distill: no earlier prune stage — plain self-distillation of an unchanged model")
     train_s, held_s = _samples(state, opts)
+    peaks = PeakMemory(device)
+    # teacher and student on the build's device for the whole stage, back on the host after it (CPU: no-op)
+    with placed(teacher.model, device), placed(student.model, device), peaks.phase("distill"):
+        res, objective, parts, examples, held, before, after, teacher_m, key = _distill(
+            state, opts, teacher, student, pruned, train_s, held_s)
+    note = f"{res.samples_per_s:.1f} samples/s"
+    if not is_cpu(device):
+        note += " · " + record_peaks(state, peaks)
+    nbytes = student.param_breakdown()["total"]["bytes"]
+    summary = (f"{res.steps_run} steps on {len(examples)} pairs · held-out KL "
+               + (f"{res.evals[0][1]:.3g} → {res.best_eval:.3g}" if res.evals else "n/a")
+               + (f" · agreement {before['agreement']:.3f} → {after['agreement']:.3f}" if before else "")
+               + ("" if opts.mixed_precision == "fp32" else f" · {opts.mixed_precision} autocast"))
+    manifest = {"options": opts.model_dump(), "hidden_mse_layers": objective.s_layers,   # "all" resolved
+                "trained": parts, "train_pairs": len(examples), "heldout_pairs": len(held),
+                "data_sha256": D.data_key(examples), "steps_run": res.steps_run, "best_step": res.best_step,
+                "stopped_early": res.stopped_early, "run_key": key,
+                "heldout_kl": [round(v, 6) for _, v in res.evals[:1]] + ([round(res.best_eval, 6)] if res.evals else []),
+                "heldout_before": before, "heldout_after": after, "heldout_teacher": teacher_m,
+                "self_distillation": pruned is None}
+    return StageResult(summary=summary, changed=["weights"], bytes_before=nbytes, bytes_after=nbytes,
+                       note=note, manifest=manifest,
+                       report=_report(opts, res, before, after, teacher_m, len(examples), len(held)))
+
+
+def _check_device(index: int, opts: DistillOptions, teacher, student, device) -> None:
+    """Before any work: mixed precision needs a GPU, and teacher + student + AdamW must fit the card."""
+    from medlite.devices import check_fits, is_cpu, module_bytes
+
+    if is_cpu(device):
+        if opts.mixed_precision != "fp32":
+            raise MedliteError(f"stages[{index}].distill.mixed_precision {opts.mixed_precision}: autocast runs on a "
+                               "GPU only (build with --device cuda); on the CPU distillation trains in fp32")
+        return
+    tc = student.model.config.text_config
+    trainable_bytes = module_bytes(student.model.model.language_model)
+    tokens = int(student.num_image_tokens) + 128
+    # activations kept for the backward: ~16 fp32 tensors of [batch, tokens, hidden] per decoder layer
+    acts = opts.batch_size * tokens * int(tc.hidden_size) * int(tc.num_hidden_layers) * 4 * 16
+    check_fits(device, module_bytes(teacher.model) + module_bytes(student.model) + 3 * trainable_bytes + acts,
+               what=f"distill (teacher + student + AdamW state, batch {opts.batch_size})",
+               option=f"set stages[{index}].distill.batch_size lower or mixed_precision: bf16, or build with "
+                      "--device cpu")
+
+
+def _distill(state, opts: DistillOptions, teacher, student, pruned, train_s, held_s):
+    """The work of :func:`run` on whatever device the models are on (teacher answers, training, metrics)."""
+    ctx = state.ctx
     answers = D.teacher_answers(teacher, train_s + held_s, ctx=ctx, max_new_tokens=opts.max_new_tokens)
     t_train, t_held = answers[:len(train_s)], answers[len(train_s):]
     examples = [D.encode(student, s, a) for s, a in zip(train_s, t_train)]
@@ -143,20 +196,7 @@ def run(state, index: int, opts: DistillOptions) -> StageResult:
             p.requires_grad_(grads.get(n, True))
     state.timings["distill_train_s"] = round(time.perf_counter() - t0, 2)
     after = metric(student)
-    nbytes = student.param_breakdown()["total"]["bytes"]
-    summary = (f"{res.steps_run} steps on {len(examples)} pairs · held-out KL "
-               + (f"{res.evals[0][1]:.3g} → {res.best_eval:.3g}" if res.evals else "n/a")
-               + (f" · agreement {before['agreement']:.3f} → {after['agreement']:.3f}" if before else ""))
-    manifest = {"options": opts.model_dump(), "hidden_mse_layers": objective.s_layers,   # "all" resolved
-                "trained": parts, "train_pairs": len(examples), "heldout_pairs": len(held),
-                "data_sha256": D.data_key(examples), "steps_run": res.steps_run, "best_step": res.best_step,
-                "stopped_early": res.stopped_early, "run_key": key,
-                "heldout_kl": [round(v, 6) for _, v in res.evals[:1]] + ([round(res.best_eval, 6)] if res.evals else []),
-                "heldout_before": before, "heldout_after": after, "heldout_teacher": teacher_m,
-                "self_distillation": pruned is None}
-    return StageResult(summary=summary, changed=["weights"], bytes_before=nbytes, bytes_after=nbytes,
-                       note=f"{res.samples_per_s:.1f} samples/s", manifest=manifest,
-                       report=_report(opts, res, before, after, teacher_m, len(examples), len(held)))
+    return res, objective, parts, examples, held, before, after, teacher_m, key
 
 
 __all__ = ["run", "select_trainable", "prune_facts", "heldout_metrics"]

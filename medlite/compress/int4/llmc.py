@@ -213,15 +213,48 @@ def _hidden(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _run_sequential(model, cached: list, lm_head: bool, ctx, state=None, on_layer=None) -> None:
+@contextlib.contextmanager
+def _onloaded(modules: list, device):
+    """llm-compressor's sequential onloading on a GPU: ``modules`` on ``device`` for the block, back on the
+    host after it (one decoder layer at a time: a 1.5B build fits an 8 GB card). CPU: nothing moves."""
+    from medlite.devices import placed
+
+    with contextlib.ExitStack() as stack:
+        for m in modules:
+            stack.enter_context(placed(m, device))
+        yield
+
+
+def _capture_modules(model) -> list:
+    """What runs before decoder layer 0's inputs are captured: the vision tower moved whole, the
+    projector, the token embeddings and the rotary table (the decoder layers stay on the host)."""
+    lm = model.model.language_model
+    mods = [model.model.vision_tower, model.model.multi_modal_projector, lm.get_input_embeddings()]
+    return mods + ([lm.rotary_emb] if getattr(lm, "rotary_emb", None) is not None else [])
+
+
+def gpu_estimate(model, n_samples: int, tokens: int) -> int:
+    """Bytes a GPU holds at most during the layer loop: the captured hidden states (input + output of one
+    layer for every calibration sample), the largest decoder layer with one GPTQ Hessian per Linear
+    (in_features² fp32), and the vision tower + embeddings of the capture (whichever phase is larger)."""
+    from medlite.devices import module_bytes
+
+    hidden = int(model.config.text_config.hidden_size)
+    states = 2 * n_samples * tokens * hidden * 4
+    layers = model.model.language_model.layers
+    layer = max((module_bytes(m) + sum(4 * lin.in_features ** 2 for lin in m.modules()
+                                       if isinstance(lin, torch.nn.Linear)) for m in layers), default=0)
+    capture = sum(module_bytes(m) for m in _capture_modules(model)) + states // 2
+    return max(states + layer, capture)
+
+
+def _run_sequential(model, cached: list, lm_head: bool, ctx, state=None, on_layer=None, device=None) -> None:
     """Per decoder layer: calibrate (hooks on), quantize, propagate (hooks off). ``cached`` (from
     :func:`_layer_inputs`) is consumed: its entries become each layer's outputs. ``state`` (the session's)
     gets the batch index, which is how AWQ finds that batch's ``state.loss_masks`` entry.
     ``on_layer(layer, run)``, when given, runs after a layer is quantized and before it propagates;
-    ``run()`` runs that layer over the batches with llm-compressor's hooks off (AWQ's clip search)."""
-    from llmcompressor.core import LifecycleCallbacks
-    from llmcompressor.modifiers.utils.hooks import HooksMixin
-
+    ``run()`` runs that layer over the batches with llm-compressor's hooks off (AWQ's clip search).
+    ``device`` (a GPU): each step's modules are onloaded there for that step only."""
     layers = model.model.language_model.layers
     states = cached     # owned: each batch's hidden states are replaced in place as a layer propagates
     steps = list(layers) + ([None] if lm_head else [])
@@ -229,24 +262,34 @@ def _run_sequential(model, cached: list, lm_head: bool, ctx, state=None, on_laye
     progress = ctx.progress("quantize language model", total=len(steps)) if ctx else contextlib.nullcontext()
     with progress as advance, torch.no_grad():
         for layer in steps:
-            if layer is None:   # final norm + lm_head
-                for i, (args, kw) in enumerate(states):
-                    state.current_batch_idx = i
-                    model.lm_head(model.model.language_model.norm(args[0]))
-                LifecycleCallbacks.sequential_epoch_end([model.lm_head, *model.lm_head.modules()])
-            else:
-                _replay(layer, states, state)
-                LifecycleCallbacks.sequential_epoch_end(list(layer.modules()))
-                if on_layer is not None:
-                    on_layer(layer, lambda layer=layer: _replay(layer, states, state, hooks=False))
-                with HooksMixin.disable_hooks():
-                    # in place, and the first layer's inputs are not kept: one set of hidden states
-                    # lives, not three (inputs of layer 0, of this layer, outputs: 3 x 0.9 GB at 128
-                    # full-size pairs of 839 tokens)
-                    for i, (args, kw) in enumerate(states):
-                        states[i] = ((_hidden(layer(*args, **kw)), *args[1:]), kw)
+            with _onloaded([model.lm_head, model.model.language_model.norm] if layer is None else [layer], device):
+                _step(model, layer, states, state, on_layer)
             if advance:
                 advance(1)
+
+
+def _step(model, layer, states: list, state, on_layer) -> None:
+    """One step of :func:`_run_sequential`: a decoder layer (calibrate, quantize, propagate) or, for
+    ``layer`` None, the final norm + lm_head."""
+    from llmcompressor.core import LifecycleCallbacks
+    from llmcompressor.modifiers.utils.hooks import HooksMixin
+
+    if layer is None:   # final norm + lm_head
+        for i, (args, kw) in enumerate(states):
+            state.current_batch_idx = i
+            model.lm_head(model.model.language_model.norm(args[0]))
+        LifecycleCallbacks.sequential_epoch_end([model.lm_head, *model.lm_head.modules()])
+    else:
+        _replay(layer, states, state)
+        LifecycleCallbacks.sequential_epoch_end(list(layer.modules()))
+        if on_layer is not None:
+            on_layer(layer, lambda layer=layer: _replay(layer, states, state, hooks=False))
+        with HooksMixin.disable_hooks():
+            # in place, and the first layer's inputs are not kept: one set of hidden states
+            # lives, not three (inputs of layer 0, of this layer, outputs: 3 x 0.9 GB at 128
+            # full-size pairs of 839 tokens)
+            for i, (args, kw) in enumerate(states):
+                states[i] = ((_hidden(layer(*args, **kw)), *args[1:]), kw)
 
 
 def _replay(layer, states: list, state, hooks: bool = True) -> None:
@@ -282,7 +325,7 @@ def _idle_during_layers(model) -> list:
 
 
 def quantize_language_model(model, loop, opts: LlmcOptions, *, ctx=None, on_quantized=None,
-                            consume: Optional[Callable] = None) -> dict:
+                            consume: Optional[Callable] = None, device=None) -> dict:
     """Quantize the language model of ``model`` (a Llava) in place with llm-compressor; return the results.
 
     ``loop`` is a :class:`~medlite.calibration.forward.ForwardLoop` over the calibration samples.
@@ -297,6 +340,9 @@ def quantize_language_model(model, loop, opts: LlmcOptions, *, ctx=None, on_quan
     (the quantize stage installs the packed MatMulNBits layer there, so the fp32 weight and the
     record's integers are freed layer by layer instead of all records and all weights being held
     together). Layers it consumed are not baked back into plain Linear.
+
+    ``device`` (a GPU): the capture modules, then one decoder layer at a time, run there; the model
+    stays on the host. None or the CPU: everything as before.
     """
     from llmcompressor.core import LifecycleCallbacks, create_session
     from llmcompressor.utils.helpers import DisableQuantization, calibration_forward_context
@@ -313,7 +359,8 @@ def quantize_language_model(model, loop, opts: LlmcOptions, *, ctx=None, on_quan
             wrapped = frozenset(n for n, q in mapping.items() if q != n)
             _warn_unscaled(opts, wrapped, ctx)
             session.initialize(model=model, start=-1, recipe=_modifiers(by_bits, opts, wrapped))
-            cached, masks = _layer_inputs(model, loop)
+            with _onloaded(_capture_modules(model), device):
+                cached, masks = _layer_inputs(model, loop)
             if not cached:
                 raise ValueError("no calibration batches: the calibration set is empty")
             release_memory()    # the vision forward's activations: freed, but glibc keeps them mapped
@@ -324,7 +371,7 @@ def quantize_language_model(model, loop, opts: LlmcOptions, *, ctx=None, on_quan
             with calibration_forward_context(model), DisableQuantization(model), \
                     weights_on_disk(_idle_during_layers(model), keep=[model.lm_head], ctx=ctx):
                 _run_sequential(model, cached, head_bits is not None, ctx, state=session.state,
-                                on_layer=_clip_step(opts, masks, session.state))
+                                on_layer=_clip_step(opts, masks, session.state), device=device)
             del cached
             session.state.loss_masks = None
             LifecycleCallbacks.calibration_end()

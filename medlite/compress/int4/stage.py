@@ -129,7 +129,22 @@ def apply_w4a16(state, index: int, opts):
                  for n in _target_names(model, opts))
     # each layer is packed and installed as a MatMulNBits module as soon as it is read: the working
     # model drops its fp32 language-model weights (the export traces the packed layers directly)
-    packed = quantize_language_model(model, loop, llmc_options(opts), ctx=ctx, consume=packing_installer(model))
+    from medlite.compress.int4.llmc import gpu_estimate
+    from medlite.devices import PeakMemory, check_fits, is_cpu, record_peaks
+
+    if not is_cpu(getattr(state, "device", None)):   # before any work: the layer loop must fit the card
+        from medlite.checkpoints.generate import prompt_ids
+
+        tokens = max(len(prompt_ids(loop.loaded, s.question)) for s in loop.samples)
+        check_fits(state.device, gpu_estimate(model, len(loop), tokens),
+                   what=f"{opts.algorithm.upper()} (one decoder layer at a time, {len(loop)} pairs' hidden states)",
+                   option=f"set stages[{index}].quantize.samples lower (the hidden states of every pair stay on "
+                          "the card), or build with --device cpu")
+    peaks = PeakMemory(getattr(state, "device", None))
+    with peaks.phase(opts.algorithm):
+        packed = quantize_language_model(model, loop, llmc_options(opts), ctx=ctx, consume=packing_installer(model),
+                                         device=peaks.device)
+    note = record_peaks(state, peaks, f"quantize[{index}] ")
     plan = state.export_plan.graph("decoder")
     plan.swaps.append(("matmul_nbits", matmul_nbits_swap(packed)))
     plan.runtime = ONNXRUNTIME
@@ -153,7 +168,7 @@ def apply_w4a16(state, index: int, opts):
               f"- calibrated on {len(loop)} image + question pairs through the whole VLM (real image tokens)",
               f"- decoder.onnx runs on ONNX Runtime only: {INT4_RUNTIME_REASON}"]
     return StageResult(summary=summary, changed=sorted(packed), bytes_before=before, bytes_after=after,
-                       manifest={"w4a16": plan.quantization}, report=report)
+                       manifest={"w4a16": plan.quantization}, report=report, note=note)
 
 
 def _head_algorithm(opts) -> Optional[str]:

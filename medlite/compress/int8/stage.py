@@ -323,7 +323,17 @@ def apply_int8(state, index: int, opts) -> StageResult:
         from medlite.compress.int8.forward_ranges import ForwardRanges
 
         fr = ForwardRanges(state.model.model, graphs, lm_head=opts.lm_head == "int8")
-    smooth, vsmooth, extra = smooth_for_int8(state, opts, graphs, samples, fr)
+    from medlite.devices import PeakMemory, is_cpu, placed, record_peaks, to_host
+
+    peaks = PeakMemory(getattr(state, "device", None))
+    # SmoothQuant statistics (and the forward ranges observed in the same passes) on the build's device;
+    # the weights go back to the host before the ONNX side (traces, ranges, feeds) runs. CPU: no-op.
+    with placed(state.model.model, peaks.device), peaks.phase("smoothquant"):
+        smooth, vsmooth, extra = smooth_for_int8(state, opts, graphs, samples, fr)
+    note = ""
+    if not is_cpu(getattr(state, "device", None)):
+        to_host([fr, smooth, vsmooth, extra])
+        note = record_peaks(state, peaks, f"quantize[{index}] ")
     state.timings[f"quantize[{index}] int8 smoothquant"] = round(time.perf_counter() - t0, 2)
     choices: dict = {}
     tmp = Path(tempfile.mkdtemp(prefix="medlite-int8-", dir=ctx.cache_dir if ctx.cache_dir.is_dir() else None))
@@ -358,7 +368,7 @@ def apply_int8(state, index: int, opts) -> StageResult:
                f"{sum(len(c.nodes()) for c in choices.values())} int8 nodes, {kept} layer(s) kept fp16"
                + ("" if ok else " (held-out gate still fails)"))
     return StageResult(summary=summary, changed=[f"{g}: int8" for g in graphs] + (["llm: smoothquant"] if smooth else []),
-                       bytes_before=before, bytes_after=after, manifest=manifest,
+                       bytes_before=before, bytes_after=after, manifest=manifest, note=note,
                        report=_report(choices, smooth, calib_info, opts))
 
 

@@ -46,12 +46,24 @@ def _check_amounts(opts: PruneOptions, dims: dict) -> None:
 
 def measure(state, opts: PruneOptions) -> tuple[imp.Importance, list]:
     """Importance of the working model on the calibration samples (`samples: N`: the set's one subset rule)."""
+    from medlite.devices import PeakMemory, is_cpu, placed, record_peaks, to_host
+
     samples = state.calibration.subset(opts.samples)      # the rows every stage asking for this many uses
-    loop = state.forward_loop(samples=samples, description="prune: activation importance")
-    scores = imp.activation_importance(loop, state.model.model)
-    if opts.layers:
-        loop = state.forward_loop(samples=samples, description="prune: layer importance (skip one layer)")
-        scores.layers, _ = imp.layer_importance(loop, state.model.model)
+    device = getattr(state, "device", None)
+    peaks = PeakMemory(device)
+    # on the build's device (the whole model: importance needs every layer's activations); the scores
+    # come back to the host with the weights, where pruning itself runs. CPU: nothing moves.
+    with placed(state.model.model, device):
+        loop = state.forward_loop(samples=samples, description="prune: activation importance")
+        with peaks.phase("prune importance"):
+            scores = imp.activation_importance(loop, state.model.model)
+        if opts.layers:
+            loop = state.forward_loop(samples=samples, description="prune: layer importance (skip one layer)")
+            with peaks.phase("prune layer importance"):
+                scores.layers, _ = imp.layer_importance(loop, state.model.model)
+    if not is_cpu(device):
+        to_host(scores)
+        state.prune_note = record_peaks(state, peaks)
     return scores, samples
 
 
@@ -141,7 +153,8 @@ def run(state, index: int, opts: PruneOptions) -> StageResult:
     report = [f"Structured pruning (importance: {len(samples)} calibration samples, {scores.tokens:,} tokens).", ""]
     report += _report(facts, before, after, dims0, dims1)
     return StageResult(summary=summary, changed=changed, bytes_before=before["total"]["bytes"],
-                       bytes_after=after["total"]["bytes"], manifest=manifest, report=report)
+                       bytes_after=after["total"]["bytes"], manifest=manifest, report=report,
+                       note=getattr(state, "prune_note", ""))
 
 
 __all__ = ["run", "measure", "apply"]
