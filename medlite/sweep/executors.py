@@ -216,7 +216,9 @@ def run_ray(tasks: list, display: Display, on_done: Callable[[dict], None], *, a
     started = not ray.is_initialized()
     if started:
         try:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+            # a new local instance: no dashboard, workers' logs stay in theirs (each variant has logs/<name>.log);
+            # an existing cluster or a ray:// client: only the address (the client takes few init options)
+            ray.init(address=address) if address else ray.init(include_dashboard=False, log_to_driver=False)
         except Exception as e:   # noqa: BLE001 — ConnectionError, a wrong address: one line
             raise MedliteError(f"--executor ray: cannot connect to Ray at {address or 'a new local instance'}: "
                                f"{e}") from None
