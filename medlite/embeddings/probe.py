@@ -143,7 +143,7 @@ def run_probe(X: np.ndarray, y: np.ndarray, *, test_size: float, seed: int, c: f
                         "inference_ms_per_image": infer_s * 1e3 / len(y_te),
                         "model_bytes": model_bytes,
                         "converged": bool(np.all(np.asarray(lr.n_iter_) < max_iter))},
-              "baseline": {"model": f"majority class ({base.classes_[np.argmax(base.class_prior_)]!r} in "
+              "baseline": {"model": f"majority class ({str(base.classes_[np.argmax(base.class_prior_)])!r} in "
                                     f"the training split)", **_scores(sk, y_te, base.predict(X_te))},
               "samples": int(len(y)), "train": n_train, "test": n_test, "dim": int(X.shape[1]),
               "classes": dict(sorted(Counter(y.tolist()).items())), "seed": seed, "test_size": test_size}
