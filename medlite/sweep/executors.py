@@ -199,6 +199,24 @@ def _ray_events(ray):
         return None
 
 
+def check_address(address: Optional[str], timeout: float = 5.0) -> None:
+    """A ``host:port`` or ``ray://host:port`` that nothing answers is one line now (Ray itself retries for
+    minutes); ``auto`` / ``local`` are left to Ray."""
+    import socket
+
+    if not address or address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise MedliteError(f"--address {address}: expected HOST:PORT, ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise MedliteError(f"--address {address}: nothing answers at {host}:{port} ({e.strerror or e}); start the "
+                           f"cluster (`ray start --head`) or fix the address") from None
+
+
 def run_ray(tasks: list, display: Display, on_done: Callable[[dict], None], *, address: Optional[str] = None,
             memory_bytes: Optional[int] = None) -> None:
     """One Ray task per variant, declaring ``tasks[i].threads`` CPUs and ``memory_bytes`` of memory.
@@ -215,6 +233,7 @@ def run_ray(tasks: list, display: Display, on_done: Callable[[dict], None], *, a
         return
     started = not ray.is_initialized()
     if started:
+        check_address(address)
         try:
             # a new local instance: no dashboard, workers' logs stay in theirs (each variant has logs/<name>.log);
             # an existing cluster or a ray:// client: only the address (the client takes few init options)

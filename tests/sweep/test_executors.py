@@ -57,3 +57,30 @@ def test_display_one_line_per_running_variant(monkeypatch):
         text = d._render().plain
         assert "1/3 variants done, 1 running" in text and "alpha" not in text
     assert "✓ alpha done" in buf.getvalue()
+
+
+def test_unreachable_ray_address_is_one_line():
+    import socket
+
+    import pytest
+
+    from medlite.errors import MedliteError
+    from medlite.sweep.executors import check_address
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()                                              # nothing listens there now
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        with pytest.raises(MedliteError, match=f"nothing answers at 127.0.0.1:{port}"):
+            check_address(address, timeout=2)
+    with pytest.raises(MedliteError, match="expected HOST:PORT"):
+        check_address("headnode")
+    check_address("auto")                                  # left to Ray
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    try:
+        check_address(f"127.0.0.1:{srv.getsockname()[1]}")
+    finally:
+        srv.close()
