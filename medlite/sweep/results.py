@@ -130,7 +130,7 @@ def to_markdown(result: dict) -> str:
     """The table for people: one line per variant, the Pareto front starred, then the recommendations."""
     rows, targets = result["rows"], result["targets"]
     primary = result["primary_target"]
-    head = ["variant", "status", "overrides", "graphs", f"device memory ({primary})", "accuracy", "drop",
+    head = ["variant", "status", "overrides", "graph bytes", f"device memory ({primary})", "accuracy", "drop",
             "agreement", "mean KL", "build"]
     if any(r.get("bench") for r in rows):
         head += ["tokens/s", "TTFT"]
