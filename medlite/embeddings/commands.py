@@ -39,6 +39,9 @@ def add_probe_args(p) -> None:
                    help="held-out fraction of the stratified split (default 0.25; at least one per class)")
     p.add_argument("--c", type=float, default=1.0, metavar="C", help="inverse L2 strength of the probe (default 1.0)")
     p.add_argument("--max-iter", type=int, default=1000, metavar="N", help="solver iterations (default 1000)")
+    p.add_argument("--threads", type=int, default=1, metavar="N",
+                   help="BLAS/OpenMP threads for the probe (default 1: its matrices are small, extra threads "
+                        "only contend)")
     p.add_argument("--out", default=None, metavar="FILE", help="also write the results as a JSON file")
 
 
@@ -95,7 +98,7 @@ def cmd_probe(args, ctx) -> int:
     if bad:
         raise DataError(f"{args.embeddings}: {len(bad)} embeddings are not finite (NaN/inf), e.g. {', '.join(bad[:3])}")
     res = run_probe(X, y, test_size=args.test_size, seed=args.seed, c=args.c, max_iter=args.max_iter,
-                    labels_path=args.labels)
+                    labels_path=args.labels, threads=args.threads)
     res.update({"embeddings": str(Path(args.embeddings)), "labels": str(Path(args.labels)),
                 "embedding_model": {k: data.metadata.get("model", {}).get(k) for k in ("kind", "path", "version")},
                 "embedding": {k: data.metadata.get(k) for k in ("from", "pool", "dim")}})
@@ -111,7 +114,7 @@ def cmd_probe(args, ctx) -> int:
                      f"stratified split {res['train']} train / {res['test']} test (seed {res['seed']})"),
             ("probe", f"accuracy {p['accuracy']:.3f}, macro-F1 {p['macro_f1']:.3f}"),
             ("baseline", f"accuracy {b['accuracy']:.3f}, macro-F1 {b['macro_f1']:.3f} ({b['model']})"),
-            ("train", f"{p['train_s'] * 1e3:.1f} ms"),
+            ("train", f"{p['train_s'] * 1e3:.1f} ms ({res['threads']} thread{'s' if res['threads'] > 1 else ''})"),
             ("inference", f"{p['inference_s'] * 1e3:.2f} ms ({p['inference_ms_per_image']:.3f} ms/image)"),
             ("memory", f"probe {_bytes(p['model_bytes'])}, peak RSS {_bytes(res['peak_rss_bytes'])}"),
             ("verdict", "beats the majority-class baseline" if res["beats_baseline"]

@@ -115,9 +115,25 @@ def _scores(sk, y_true, y_pred) -> dict:
 
 
 def run_probe(X: np.ndarray, y: np.ndarray, *, test_size: float, seed: int, c: float, max_iter: int,
-              labels_path="labels.csv") -> dict:
+              labels_path="labels.csv", threads: int = 1) -> dict:
     """Train the probe (standardised features → multinomial logistic regression) on a stratified,
-    seeded split; score it and a majority-class baseline on the held-out side."""
+    seeded split; score it and a majority-class baseline on the held-out side.
+
+    ``threads`` caps the BLAS/OpenMP pools (threadpoolctl, a scikit-learn dependency): a probe's
+    matrices are tiny, and on a busy 2-core machine two BLAS threads made one fit 25x slower
+    (0.9 s vs 0.036 s for 9 x 128 features, 47 lbfgs iterations; docs/cpu.md)."""
+    sklearn_modules()                     # the install hint first (threadpoolctl comes with scikit-learn)
+    from threadpoolctl import threadpool_limits
+
+    if threads < 1:
+        raise DataError(f"--threads must be at least 1, got {threads}")
+    with threadpool_limits(limits=threads):
+        res = _fit_and_score(X, y, test_size=test_size, seed=seed, c=c, max_iter=max_iter, labels_path=labels_path)
+    res["threads"] = threads
+    return res
+
+
+def _fit_and_score(X, y, *, test_size: float, seed: int, c: float, max_iter: int, labels_path) -> dict:
     from medlite.bench.measure import peak_rss_bytes
 
     sk = sklearn_modules()

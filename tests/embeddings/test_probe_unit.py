@@ -40,7 +40,9 @@ def test_probe_separates_clusters_and_beats_baseline():
     assert res["probe"]["train_s"] > 0 and res["probe"]["inference_s"] > 0 and res["peak_rss_bytes"] > 0
     # 3x8 weights + 3 intercepts + the scaler's 2x8 statistics, in float32 or float64
     assert (3 * 8 + 3 + 2 * 8) * 4 <= res["probe"]["model_bytes"] <= (3 * 8 + 3 + 2 * 8) * 8
-    assert res["classes"] == {"CT": 10, "MR": 10, "US": 10}
+    assert res["classes"] == {"CT": 10, "MR": 10, "US": 10} and res["threads"] == 1
+    with pytest.raises(DataError, match="--threads must be at least 1"):
+        run_probe(X, y, test_size=0.3, seed=0, c=1.0, max_iter=1000, threads=0)
 
 
 def test_noise_does_not_beat_baseline():
