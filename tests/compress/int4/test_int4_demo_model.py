@@ -1,10 +1,11 @@
 """Acceptance on the demo model's held-out split: GPTQ / AWQ W4A16 as MatMulNBits vs the fp32 source.
 
-Gates (issue 14): GPTQ g32 and AWQ g32 — agreement >= 99.5 %, closed-accuracy drop <= 0.5 points;
-GPTQ g128 — agreement >= 99 %; and each one's mean first-token KL against the source <= that of
-round-to-nearest (onnxruntime's ``MatMulNBitsQuantizer`` on the fp32 decoder export) at the same
-group size and the same symmetry (like with like: asymmetric AWQ against asymmetric RTN, symmetric
-GPTQ against symmetric RTN), measured here. Everything runs on ONNX Runtime CPU; calibration uses
+Gates (issue 14): GPTQ g32 — agreement >= 99.5 %, closed-accuracy drop <= 0.5 points; GPTQ g128 —
+agreement >= 99 %; and each one's mean first-token KL against the source <= that of round-to-nearest
+(RTN: onnxruntime's ``MatMulNBitsQuantizer`` on the fp32 decoder export) at the same group size and the
+same symmetry. AWQ g32 (asymmetric): the floor of issue 28 — agreement >= 99 %, drop <= 1 point, KL <=
+2.5x RTN's (``AWQ_FLOOR`` and the comment above it). Like with like: asymmetric AWQ against asymmetric RTN, symmetric
+GPTQ against symmetric RTN, measured here. Everything runs on ONNX Runtime CPU; calibration uses
 train-split pairs only (held-out questions are never seen by the quantizer). lm_head is INT4 in every variant, as in the
 RTN baseline (its 15 MatMulNBits nodes include lm_head).
 """
@@ -113,30 +114,24 @@ def _rtn(demo, group, symmetric):
 # (99.375 %) while its KL is 0.06x RTN's. On the held-out slice AWQ's KL is 0.6-1.5x RTN's depending on
 # which 128 pairs calibrate it (docs/quantization-int4.md). AWQ's KL advantage over RTN is not robust
 # (0.68-1.9x over three builds): AWQ only rescales input channels, and this model has few salient ones to
-# protect (test_awq_salient.py shows AWQ removing such damage where it exists). So the issue's gate is
-# reported as an expected failure where it is missed (issue 14 stays open), while a floor that every
-# measured build clears with room and a broken AWQ does not (symmetric AWQ, the earlier configuration:
-# KL 4.5x RTN's, agreement 98.1 %) fails the test outright.
+# protect (test_awq_salient.py shows AWQ removing such damage where it exists; that test proves AWQ's
+# benefit). So the AWQ case asserts a floor that every measured build clears with room and a broken AWQ
+# does not (symmetric AWQ, the earlier configuration: KL 4.5x RTN's, agreement 98.1 %); the issue's
+# 99.5 % gate is not asserted for it, and it is never an expected failure: a gate that is only reported
+# cannot fail (issue 28).
 AWQ_FLOOR = {"agreement": 0.99, "drop": 1.0, "kl_vs_rtn": 2.5}
 
 
-@pytest.mark.parametrize("algorithm,group,symmetric,min_agree,max_drop", [
-    ("gptq", 32, True, 0.995, 0.5),
-    ("awq", 32, False, 0.995, 0.5),
-    ("gptq", 128, True, 0.99, None)])
-def test_w4a16_gates_and_no_worse_than_round_to_nearest(demo, algorithm, group, symmetric, min_agree, max_drop):
+@pytest.mark.parametrize("algorithm,group,symmetric,min_agree,max_drop,kl_vs_rtn", [
+    ("gptq", 32, True, 0.995, 0.5, 1.0),
+    ("awq", 32, False, AWQ_FLOOR["agreement"], AWQ_FLOOR["drop"], AWQ_FLOOR["kl_vs_rtn"]),
+    ("gptq", 128, True, 0.99, None, 1.0)])
+def test_w4a16_gates_and_no_worse_than_round_to_nearest(demo, algorithm, group, symmetric, min_agree, max_drop,
+                                                        kl_vs_rtn):
     ours, rtn = _w4a16(demo, algorithm, group, symmetric), _rtn(demo, group, symmetric)
     kind = "sym" if symmetric else "asym"
     print(f"{algorithm} g{group} {kind}: {ours}; RTN g{group} {kind}: {rtn}")
-    if algorithm == "awq":
-        assert ours["agreement"] >= AWQ_FLOOR["agreement"] and ours["drop"] <= AWQ_FLOOR["drop"], ours
-        assert ours["kl"] <= AWQ_FLOOR["kl_vs_rtn"] * rtn["kl"], (ours, rtn)
-        missed = [what for what, bad in (("agreement", ours["agreement"] < min_agree), ("drop", ours["drop"] > max_drop),
-                                         ("KL > RTN's", ours["kl"] > rtn["kl"])) if bad]
-        if missed:
-            pytest.xfail(f"AWQ g32 misses the issue-14 gate on this demo-model build ({', '.join(missed)}: {ours}, "
-                         f"RTN {rtn}); it meets it on some builds only (docs/quantization-int4.md)")
     assert ours["agreement"] >= min_agree, ours
     if max_drop is not None:
         assert ours["drop"] <= max_drop, ours
-    assert ours["kl"] <= rtn["kl"], (ours, rtn)
+    assert ours["kl"] <= kl_vs_rtn * rtn["kl"], (ours, rtn)
