@@ -74,7 +74,7 @@ class CalibrationSet:
 
     def subset(self, n: Optional[int]) -> list[VqaSample]:
         """The calibration pairs every stage that asks for ``n`` of them uses (``samples: N``): the same
-        rows for int8, int4, prune and distill. Rule: :func:`stratified_subset` (``None``: all)."""
+        rows for int8, int4 and prune. Rule: :func:`stratified_subset` (``None``: all)."""
         return stratified_subset(self.samples, n, stratify=self.stratify)
 
     def heldout_subset(self, n: Optional[int]) -> list[VqaSample]:
