@@ -69,7 +69,7 @@ def cmd_embed(args, ctx) -> int:
         print(json.dumps(res.to_dict(), sort_keys=True, default=str))
         return 0
     skipped = f"; {res.skipped} unreadable left out" if res.skipped else ""
-    rows = [("wrote", f"{res.out} ({res.images} images x {res.dim} floats{skipped})"),
+    rows = [("wrote", f"{res.out} ({res.images} image{'s' if res.images != 1 else ''} x {res.dim} floats{skipped})"),
             ("model", f"{res.model['path']} ({_identity(res.model)}; {res.runtime['name']} {res.runtime['version']})"),
             ("vectors", f"{res.pool}-pooled {res.source} output"),
             ("load", f"{res.load_s:.1f} s"),
