@@ -93,7 +93,7 @@ def run_variant(task: VariantTask, events=None) -> dict:
     shared = task.marker is None or Path(task.marker).exists()
     t0 = time.perf_counter()
     out = {"name": task.name, "ok": False, "artifact": None, "error": None, "dataset": None, "files": None}
-    log = open(task.log, "a", encoding="utf-8") if task.log and shared else open(os.devnull, "w")
+    log = open(task.log, "a", encoding="utf-8", buffering=1) if task.log and shared else open(os.devnull, "w")
     with log, contextlib.redirect_stderr(log), tempfile.TemporaryDirectory(prefix="medlite-sweep-") as tmp:
         root = Path(task.out_root) if shared else Path(tmp)
         ctx = RunContext(cache_dir=Path(task.cache_dir))
