@@ -42,8 +42,11 @@ def memory_per_target(folder: Path, manifest: dict, cfg: dict, targets: list[str
     from medlite.recipes.options import EnginesOptions
     from medlite.report import device_memory
 
+    import yaml
+
     own = manifest["target"]["name"]
-    engines = next((s["engines"] for s in manifest["recipe"].get("stages", []) if "engines" in s), None)
+    recipe = yaml.safe_load((folder / "recipe.yaml").read_text(encoding="utf-8"))    # the resolved recipe
+    engines = next((s["engines"] for s in recipe.get("stages", []) if isinstance(s, dict) and "engines" in s), None)
     out = {}
     for name in targets:
         if name == own:

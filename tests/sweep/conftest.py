@@ -22,7 +22,7 @@ variants:
   - {name: strict, overrides: [export.precision=fp16, check.max_mean_kl=1.0e-12]}
   - {name: huge-context, overrides: [engines.max_new_tokens=100000000, engines.max_batch=64]}
   - {name: opset18, overrides: [export.opset=18]}
-targets: [jetson-xavier-agx-32gb, cpu-x86_64]
+targets: [jetson-xavier-agx-32gb, jetson-xavier-nx-8gb, cpu-x86_64]
 """
 
 

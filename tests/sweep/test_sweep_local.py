@@ -28,6 +28,8 @@ def test_table_equals_each_report(local_result):
         assert rep["metrics"] == man["metrics"] and row["version"] == man["version"] == rep["version"]
         # the recipe's own target: exactly the report's device-memory estimate
         assert row["memory_bytes"]["jetson-xavier-agx-32gb"] == rep["device_memory"]["total_bytes"]
+        # another Xavier: the same memory model with the recipe's engines options (only the budget differs)
+        assert row["memory_bytes"]["jetson-xavier-nx-8gb"] == rep["device_memory"]["total_bytes"]
         assert row["memory_bytes"]["cpu-x86_64"] < row["memory_bytes"]["jetson-xavier-agx-32gb"]  # no TRT reserve
         rt = read_json(folder / "medlite_runtime.json")
         assert row["graph_bytes"] == {g: sum(rep["files"][f] for f in [info["file"], *info.get("data_files", [])])
@@ -68,7 +70,7 @@ def test_plot_and_recommendations(local_result):
     assert res["plot_points"] == len(BUILT)
     pareto = [r["variant"] for r in res["rows"] if r["pareto"]]
     assert pareto and set(pareto) <= set(BUILT)
-    for target in ("jetson-xavier-agx-32gb", "cpu-x86_64"):
+    for target in ("jetson-xavier-agx-32gb", "jetson-xavier-nx-8gb", "cpu-x86_64"):
         rec = res["recommendations"][target]
         passing = [r for r in res["rows"] if r["status"] == "passed"]
         best = max(r["closed_acc"] for r in passing)
