@@ -306,16 +306,28 @@ _OVERRIDE = re.compile(r"^[A-Za-z_][\w.\[\]]*=")
 _FLAGS = {"--json", "--force", "--quiet", "--skip-checks", "-h", "--help"}   # options that take no value
 
 
+_GLOBAL_VALUED = {"--cache-dir", "--seed"}      # global options before the command that take a value
+
+
+def _command_index(argv: list[str]):
+    """Where the subcommand stands: global options (``--cache-dir DIR --quiet``) may come before it."""
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):
+        i += 1 if "=" in argv[i] or argv[i] not in _GLOBAL_VALUED else 2
+    return i if i < len(argv) else None
+
+
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     """Pull ``key=value`` recipe overrides out of a validate/plan/build command line.
 
     argparse cannot take positionals after options (``build r.yaml --model m a.b=1``), so overrides
     are collected wherever they stand, unless the token is the value of a preceding option.
     """
-    if not argv or argv[0] not in ("validate", "plan", "build"):
+    start = _command_index(argv)
+    if start is None or argv[start] not in ("validate", "plan", "build"):
         return argv, []
-    rest, overrides = [argv[0]], []
-    for i, tok in enumerate(argv[1:], start=1):
+    rest, overrides = list(argv[:start + 1]), []
+    for i, tok in enumerate(argv[start + 1:], start=start + 1):
         prev = argv[i - 1]
         is_value = prev.startswith("-") and "=" not in prev and prev not in _FLAGS
         if _OVERRIDE.match(tok) and not is_value:
