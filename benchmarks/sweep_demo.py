@@ -13,7 +13,7 @@ references and stage outputs start empty) and a new ``--out``. Also per variant:
 the stage it resumed after (from the stage-output cache). Writes ``benchmarks/results/sweep_demo.json``.
 Usage::
 
-    nice .venv/bin/python benchmarks/sweep_demo.py [--runs jobs1-nocache,jobs1,jobs2,ray]
+    nice .venv/bin/python benchmarks/sweep_demo.py [--runs jobs1-nocache,jobs1,jobs2,ray] [--model CKPT]
 
 CPU heavy (four sweeps of four builds); on a shared machine say how busy it was when quoting it.
 """
@@ -44,11 +44,16 @@ def demo_model_folder() -> Path:
     return Path(out.stdout.strip().splitlines()[-1])
 
 
-def one_run(name: str, demo: Path, work: Path) -> dict:
+def one_run(name: str, demo: Path, work: Path, model: bool = False) -> dict:
+    """One sweep from a cold cache; ``model``: pass ``demo`` as ``--model`` (a checkpoint folder) instead of
+    linking it into the cache as the built-in demo model."""
     extra, env = RUNS[name]
     cache, out = work / f"cache-{name}", work / f"out-{name}"
     (cache / "demo-model").mkdir(parents=True)
-    (cache / "demo-model" / demo.name).symlink_to(demo)       # the demo model, not its references or stages
+    if model:
+        extra = [*extra, "--model", str(demo)]
+    else:
+        (cache / "demo-model" / demo.name).symlink_to(demo)   # the demo model, not its references or stages
     cmd = [sys.executable, "-m", "medlite.cli", "sweep", str(SWEEP), "--out", str(out), "--cache-dir", str(cache),
            "--quiet", *extra]
     t0 = time.perf_counter()
@@ -70,16 +75,19 @@ def one_run(name: str, demo: Path, work: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {', '.join(RUNS)}")
+    ap.add_argument("--model", default=None, metavar="PATH",
+                    help="a checkpoint folder to sweep instead of the built-in demo model (e.g. a cached demo model "
+                         "folder while the current one is being retrained)")
     args = ap.parse_args()
     names = [n for n in args.runs.split(",") if n]
     unknown = [n for n in names if n not in RUNS]
     if unknown:
         sys.exit(f"unknown run(s) {unknown}; choose from {list(RUNS)}")
-    demo = demo_model_folder()
+    demo = Path(args.model).resolve() if args.model else demo_model_folder()
     results = []
     with tempfile.TemporaryDirectory(prefix="medlite-sweep-bench-") as tmp:
         for name in names:
-            r = one_run(name, demo, Path(tmp))
+            r = one_run(name, demo, Path(tmp), model=bool(args.model))
             print(f"{name:<14} {r['wall_seconds']:8.1f} s  exit {r['exit']}", flush=True)
             results.append(r)
     walls = {r["run"]: r["wall_seconds"] for r in results}
