@@ -36,7 +36,7 @@ MAKE_DEMO = ["build", "recipes/xavier-agx-int8.yaml"]  # what `make demo` runs (
 CLI = [sys.executable, "-m", "medlite.cli"]
 TIMEOUT_S = 900
 
-# Commands that are not run, by their text (comment removed, words joined by one space), each with
+# Commands that are not run, by their text (comment removed, words re-quoted by shlex.join), each with
 # the reason. Keep this short: everything else in the docs is run.
 NOT_RUN = {
     ".venv/bin/medlite build recipes/xavier-agx-fp16.yaml --model ./TinyLLaVA-Med "
@@ -63,20 +63,20 @@ class DocCommand:
     """One command line a user can copy from the docs."""
 
     where: str  # "docs/serve.md:10"
-    text: str  # the command as written, without its prompt and comment
+    words: tuple[str, ...]  # as a POSIX shell splits the line: quotes removed, comment dropped
 
     @property
-    def words(self) -> list[str]:
-        """The command's words, as a POSIX shell splits them."""
-        return shlex.split(self.text)
+    def text(self) -> str:
+        """The command, one space between words, quoted where a shell needs it."""
+        return shlex.join(self.words)
 
 
-def _without_comment(line: str) -> str:
-    """`line` up to a shell comment (`#` at the start of a word)."""
+def _shell_words(line: str) -> tuple[str, ...]:
+    """`line`'s words as a POSIX shell splits them, up to a comment (`#` at the start of a word)."""
     lexer = shlex.shlex(line, posix=True, punctuation_chars=False)
     lexer.whitespace_split = True
     lexer.commenters = "#"
-    return " ".join(lexer)
+    return tuple(lexer)
 
 
 def commands_in(path: Path) -> list[DocCommand]:
@@ -98,7 +98,7 @@ def commands_in(path: Path) -> list[DocCommand]:
         while text.endswith("\\") and i < len(lines):
             text, i = text[:-1] + " " + lines[i].strip(), i + 1
         if COMMAND.match(text):
-            found.append(DocCommand(f"{path.relative_to(ROOT)}:{start}", _without_comment(text)))
+            found.append(DocCommand(f"{path.relative_to(ROOT)}:{start}", _shell_words(text)))
     return found
 
 
@@ -114,6 +114,7 @@ def test_collector_reads_shell_blocks_prompts_and_continuations(tmp_path, monkey
         "```\nmake demo\n.venv/bin/medlite verify a/b    # latest\n```\n"
         "```python\nmedlite = 1\n```\n"
         "```console\n$ medlite plan r.yaml \\\n    --model m\nmedlite output line\n```\n"
+        "```sh\nmedlite ask a --image b \"Is it {x}?\"  # the quoted question is one word\n```\n"
         "```bash\nmedlite recipes ls\n```\n"
         "`medlite inline`\n```yaml\nmedlite: x\n```\n",
         encoding="utf-8")
@@ -121,7 +122,9 @@ def test_collector_reads_shell_blocks_prompts_and_continuations(tmp_path, monkey
     got = [(c.where, c.text) for c in commands_in(doc)]
     assert got == [("x.md:3", ".venv/bin/medlite verify a/b"),
                    ("x.md:9", "medlite plan r.yaml --model m"),
-                   ("x.md:14", "medlite recipes ls")]
+                   ("x.md:14", "medlite ask a --image b 'Is it {x}?'"),
+                   ("x.md:17", "medlite recipes ls")]
+    assert commands_in(doc)[2].words[-1] == "Is it {x}?"
 
 
 def test_docs_have_commands_and_every_exclusion_is_still_in_the_docs():
@@ -154,7 +157,7 @@ def walkthrough(tmp_path_factory) -> dict:
 
 def _argv(cmd: DocCommand, walk: dict) -> list[str]:
     """The command's argv: medlite through this interpreter, placeholders filled in."""
-    words = [PLACEHOLDERS.get(w, w).format(**walk) for w in cmd.words[1:]]
+    words = [PLACEHOLDERS[w].format(**walk) if w in PLACEHOLDERS else w for w in cmd.words[1:]]
     if words and words[0] == "serve":
         words += ["--port", "0"]  # 8765 may be taken on a test machine; the URL line says which
     return CLI + words
