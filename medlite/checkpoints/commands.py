@@ -154,8 +154,16 @@ def _checkpoint_facts(choice, loaded, folder: Path) -> dict:
     dtype = str(next(loaded.model.parameters()).dtype).replace("torch.", "")
     prec = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(dtype, dtype)
     return {"folder": label, "name": loaded.name, "version": None, "status": None,
-            "hash_check": "skipped (a checkpoint: no manifest.json)", "runtime": "PyTorch (CPU)",
+            "hash_check": "skipped (a checkpoint: no manifest.json)",
+            "runtime": f"PyTorch ({_device_name(loaded)})",
             "format": loaded.source.format, "precision": {"model": prec}}
+
+
+def _device_name(loaded) -> str:
+    from medlite.devices import describe, describe_line, is_cpu, model_device
+
+    dev = model_device(loaded.model)
+    return "CPU" if is_cpu(dev) else describe_line(describe(dev))
 
 
 def cmd_ask(args, ctx) -> int:
@@ -165,10 +173,15 @@ def cmd_ask(args, ctx) -> int:
     from medlite.model_choice import ModelChoice
     from medlite.runtime.commands import load_ask_image, print_answers
 
+    from medlite.devices import is_cpu, resolve_device
+
+    device = resolve_device(_opt(args, "device"))      # a device this machine lacks: one line, before any load
     image, facts = load_ask_image(args.image, _opt(args, "frame"), ctx)
     choice = ModelChoice.from_args(args)
     folder = choice.folder(ctx)
     loaded = choice.load(ctx)
+    if not is_cpu(device):
+        loaded.model.to(device)
     n = int(_opt(args, "max_new_tokens", 32))
     questions = _opt(args, "questions") or [args.question]
     print_answers(questions, lambda q, on_text: answer(loaded, image, q, max_new_tokens=n, on_text=on_text), ctx,

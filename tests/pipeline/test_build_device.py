@@ -65,10 +65,13 @@ def test_cpu_and_auto_build_byte_identical_artifacts(tmp_path, capsys, tiny_ckpt
     ["build", "xavier-agx-fp16", "--device", "cuda:1"],
     ["eval", "--device", "cuda", "--limit", "1"],
     ["export", "--device", "cuda", "--out", "OUT"],
+    ["ask", "--device", "cuda", "--image", "SCAN", "is there a lesion?"],
     ["build", "xavier-agx-fp16", "device=cuda"],
 ])
 def test_cuda_without_cuda_is_one_line_exit_2(tmp_path, capsys, tiny_ckpt, argv):
-    argv = [a.replace("OUT", str(tmp_path / "exp")) for a in argv]
+    from pydicom.data import get_testdata_file
+
+    argv = [a.replace("OUT", str(tmp_path / "exp")).replace("SCAN", get_testdata_file("CT_small.dcm")) for a in argv]
     rc = main([*argv, "--model", str(tiny_ckpt), "--vision-tower", str(tiny_ckpt / "vision_tower"),
                "--cache-dir", str(tmp_path / "cache")] + (["--out", str(tmp_path / "art")] if argv[0] == "build" else []))
     err = capsys.readouterr().err.strip().splitlines()
