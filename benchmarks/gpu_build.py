@@ -83,7 +83,7 @@ def child_build(a) -> dict:
     with contextlib.redirect_stdout(buf):
         rc = main(argv)
     wall = time.perf_counter() - t
-    res = json.loads(buf.getvalue().strip().splitlines()[-1])
+    res = json.loads(buf.getvalue())       # build --json prints one (indented) JSON object
     info = json.loads((Path(res["artifact"]) / "build-info.json").read_text())
     stages = {s["name"]: s["seconds"] for s in res["stages"]}
     return {"rc": rc, "status": res["status"], "build_s": round(wall, 2), "stage_s": stages,
