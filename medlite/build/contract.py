@@ -19,60 +19,16 @@ into ``medlite_runtime.json`` and the manifest.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Optional
+from typing import Any, Optional
 
-# A module swap: called with the (export-dtype) model, returns a context manager that swaps modules
-# for the duration of one graph's trace and restores them afterwards.
-ModuleSwap = Callable[[Any], ContextManager]
-# A graph pass: ``<output>_from_<input>(proto, ctx: PassContext) -> proto``.
-GraphPass = Callable[[Any, "PassContext"], Any]
+# Re-exported for stages: the export-plan types live in the export layer.
+from medlite.export.plan import (ONNXRUNTIME, TENSORRT, ExportPlan, GraphPass, GraphPlan,  # noqa: F401
+                                 ModuleSwap, PassContext)
 
-TENSORRT, ONNXRUNTIME = "tensorrt", "onnxruntime"
-
-
-@dataclass
-class PassContext:
-    """What a graph pass may use besides the graph: which graph it is, the run context, the working
-    model (for calibration inputs) and the build state (calibration set, forward loop)."""
-
-    graph: str
-    ctx: Any
-    model: Any = None
-    state: Any = None
-    tmp_dir: Optional[Path] = None
-
-
-@dataclass
-class GraphPlan:
-    """How one graph (vision / embed / decoder) is exported."""
-
-    precision: Optional[str] = None          # float precision the graph is traced in (None: the export stage's)
-    swaps: list = field(default_factory=list)     # [(name, ModuleSwap)]
-    passes: list = field(default_factory=list)    # [(name, GraphPass)], after the standard passes
-    runtime: str = TENSORRT                  # TENSORRT | ONNXRUNTIME
-    runtime_reason: str = ""                 # why a graph is ONNX-Runtime only
-    quantization: dict = field(default_factory=dict)   # record for medlite_runtime.json and the manifest
-
-
-@dataclass
-class ExportPlan:
-    """Per-graph export plans, filled by compress stages, consumed by the export stage."""
-
-    graphs: dict = field(default_factory=dict)    # graph name -> GraphPlan
-
-    def graph(self, name: str) -> GraphPlan:
-        """The plan of ``name`` (created empty on first use)."""
-        return self.graphs.setdefault(name, GraphPlan())
-
-    def swaps_for(self, name: str, model) -> ContextManager:
-        """One context manager applying every swap registered for ``name``, in order."""
-        stack = contextlib.ExitStack()
-        for _, swap in self.graph(name).swaps:
-            stack.enter_context(swap(model))
-        return stack
+__all__ = ["BuildState", "ExportPlan", "GraphPass", "GraphPlan", "ModuleSwap", "ONNXRUNTIME", "PassContext",
+           "StageResult", "TENSORRT"]
 
 
 @dataclass

@@ -16,7 +16,7 @@ from medlite.export.graph_passes import op_counts
 from medlite.compress.offload import modules_idle_for, release_memory, weights_on_disk
 from medlite.export.graphs import (decoder_onnx_from_model, embed_onnx_from_model, text_dims,
                                    vision_onnx_from_model)
-from medlite.build.contract import TENSORRT, ExportPlan, PassContext
+from medlite.export.plan import TENSORRT, ExportPlan, PassContext
 from medlite.export.precision import PRECISIONS, check_fp32_islands, model_for_precision
 from medlite.export.runtime_config import graph_spec_from_onnx, runtime_config_from_loaded
 from medlite.export.trt_ops import trt_check_from_onnx
