@@ -89,14 +89,20 @@ def main() -> None:
         for name in names:
             r = one_run(name, demo, Path(tmp), model=bool(args.model))
             print(f"{name:<14} {r['wall_seconds']:8.1f} s  exit {r['exit']}", flush=True)
+            r["load_average_after"] = os.getloadavg()     # a busy machine makes the runs incomparable
             results.append(r)
+            summary = _write(results)                     # after every run: an interrupted benchmark keeps its runs
+    print(json.dumps(summary, indent=2))
+
+
+def _write(results: list[dict]) -> dict:
     walls = {r["run"]: r["wall_seconds"] for r in results}
-    summary = {"cores": os.cpu_count(), "load_average_at_end": os.getloadavg(), "wall_seconds": walls}
+    summary = {"cores": os.cpu_count(), "wall_seconds": walls}
     if "jobs1" in walls and "jobs1-nocache" in walls:
         summary["prefix_cache_saved_seconds"] = round(walls["jobs1-nocache"] - walls["jobs1"], 1)
     RESULT.parent.mkdir(parents=True, exist_ok=True)
     RESULT.write_text(json.dumps({"summary": summary, "runs": results}, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
+    return summary
 
 
 if __name__ == "__main__":
