@@ -52,3 +52,28 @@ def test_plan_predicts_the_built_int8_artifact(tmp_path, capsys):
     assert abs(b["total"] / mem["total_bytes"] - 1) <= 0.01 and b["usable"] == mem["usable_bytes"]
     # ... and on the demo model (its 600 MB reserve dominates) plan shows the very figure the artifact shows
     assert human_bytes(b["total"]) == human_bytes(mem["total_bytes"]) and "0.00 GB" not in sh
+
+
+PRUNE_LEAN = ["calibration.samples=16", "evaluation.max_samples=16", "distill.steps=2", "distill.eval_every=1",
+              "distill.patience=1", "check.min_agreement=null", "check.max_closed_acc_drop=null",
+              "check.min_vision_cosine=null"]
+
+
+def test_plan_chains_through_pruning(tmp_path, capsys):
+    """Issue 28: the plan of a pruned recipe shows the pruned language model and a smaller device-memory
+    estimate than the unpruned fp16 recipe, and its files match the built artifact within 5 %."""
+    assert main(["plan", "xavier-agx-fp16", "--json"]) == 0
+    fp16 = json.loads(capsys.readouterr().out)
+    assert main(["plan", "prune-mlp25", *PRUNE_LEAN, "--json"]) == 0
+    pruned = json.loads(capsys.readouterr().out)
+    assert pruned["params_after"]["llm"] < pruned["params"]["llm"] == fp16["params"]["llm"]
+    assert pruned["files"]["decoder.onnx"] < fp16["files"]["decoder.onnx"]
+    assert pruned["budget"]["parts"]["weights"] < fp16["budget"]["parts"]["weights"]
+    assert pruned["budget"]["total"] < fp16["budget"]["total"]
+    assert main(["build", "prune-mlp25", *PRUNE_LEAN, "--out", str(tmp_path / "artifacts"), "--json"]) == 0
+    art = Path(json.loads(capsys.readouterr().out)["artifact"])
+    graphs = {k: v for k, v in pruned["files"].items() if v and not k.startswith("engines/")}
+    off = {k: round(graphs[k] / (art / k).stat().st_size - 1, 4) for k in graphs}
+    assert "decoder.onnx" in off and all(abs(v) <= 0.05 for v in off.values()), off
+    mem = json.loads((art / "engines" / "engines.json").read_text())["memory"]
+    assert abs(pruned["budget"]["total"] / mem["total_bytes"] - 1) <= 0.01
