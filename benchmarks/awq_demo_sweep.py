@@ -93,7 +93,7 @@ def _weights_sha(path: Path) -> str:
 
 def first_token_logits(folder: Path, samples: list) -> np.ndarray:
     """First-token logits on ONNX Runtime CPU, each image encoded once per batch."""
-    from medlite.build.references import row_batches, run_batch
+    from medlite.pipeline.references import row_batches, run_batch
     from medlite.runtime import OnnxVlm
 
     vlm = OnnxVlm.open(folder, providers=["CPUExecutionProvider"])
@@ -165,7 +165,7 @@ def _only_mapping(smooth: str | None):
 
 def _llmc(ctx, path: Path, calib, out: Path, spec: dict) -> None:
     from medlite.checkpoints import load_model
-    from medlite.build.contract import ExportPlan
+    from medlite.pipeline.contract import ExportPlan
     from medlite.calibration.forward import ForwardLoop
     from medlite.compress.int4.llmc import LlmcOptions, quantize_language_model
     from medlite.compress.int4.stage import pack_records

@@ -53,7 +53,7 @@ def _before(loaded, vlm, samples, max_new_tokens: int) -> float:
 
 
 def _after(loaded, vlm, samples, options, ctx, identity) -> dict:
-    from medlite.build.references import references_for
+    from medlite.pipeline.references import references_for
     from medlite.checks import compare
 
     t0 = time.perf_counter()
@@ -69,7 +69,7 @@ def _after(loaded, vlm, samples, options, ctx, identity) -> dict:
 
 
 def demo(args) -> dict:
-    from medlite.build.references import select_samples
+    from medlite.pipeline.references import select_samples
     from medlite.checkpoints import load_model
     from medlite.context import RunContext
     from medlite.demo.model import ensure_demo_model
@@ -107,7 +107,7 @@ def demo(args) -> dict:
 
 def full_size(args) -> dict:
     from medlite import artifacts as af
-    from medlite.build.references import select_samples
+    from medlite.pipeline.references import select_samples
     from medlite.checkpoints import load_model
     from medlite.context import RunContext
     from medlite.evaluation.vqa import load_dataset

@@ -94,7 +94,7 @@ def child_build(a) -> dict:
 def _state(a):
     import torch
 
-    from medlite.build.contract import BuildState
+    from medlite.pipeline.contract import BuildState
     from medlite.calibration.calibset import build_calibration_set
     from medlite.context import RunContext
     from medlite.devices import resolve_device

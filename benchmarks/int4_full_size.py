@@ -98,9 +98,9 @@ timed(LifecycleCallbacks, "sequential_epoch_end", "sequential_epoch_end_s")
 """
 
 BUILD = CHILD_PRELUDE + r"""
-from medlite.build.contract import BuildState
+from medlite.pipeline.contract import BuildState
 from medlite.compress.int4.stage import apply_w4a16
-from medlite.compress.offload import map_large_allocations
+from medlite.memory import map_large_allocations
 map_large_allocations()   # as `medlite build` does for its process
 from medlite.export import export_onnx
 import medlite.compress.int4.llmc as L, medlite.compress.int4.stage as S, medlite.export.api as A

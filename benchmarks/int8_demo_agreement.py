@@ -100,7 +100,7 @@ def gap_metrics(ref: np.ndarray, cand: np.ndarray) -> dict:
 def _apply_passes(state, out: Path, ctx) -> None:
     import onnx
 
-    from medlite.build.contract import PassContext
+    from medlite.pipeline.contract import PassContext
     from medlite.export.files import write_onnx
 
     for g, plan in state.export_plan.graphs.items():
@@ -114,7 +114,7 @@ def build_artifact(name: str, opts: dict, demo: Path, calib, ctx, work: Path):
     """Quantize a fresh demo model with ``opts`` and export it; returns (OnnxVlm, StageResult, seconds, folder)."""
     import medlite.compress.int8.stage as stage
     import medlite.runtime.vlm as vlm_mod
-    from medlite.build.contract import BuildState
+    from medlite.pipeline.contract import BuildState
     from medlite.checkpoints import load_model
     from medlite.compress.int8.calib_feeds import decoder_feeds
     from medlite.export import export_onnx

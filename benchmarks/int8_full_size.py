@@ -98,11 +98,11 @@ ckpt, samples, sens, work = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", P
 qopts = json.loads(sys.argv[5])
 from medlite.context import RunContext
 from medlite.checkpoints import load_model
-from medlite.compress.offload import map_large_allocations
+from medlite.memory import map_large_allocations
 map_large_allocations()   # as `medlite build` does for its process
 from medlite.calibration.calibset import build_calibration_set
 from medlite.evaluation.vqa import load_dataset
-from medlite.build.contract import BuildState, PassContext
+from medlite.pipeline.contract import BuildState, PassContext
 from medlite.recipes.options import QuantizeOptions
 from medlite.compress.int8.stage import apply_int8
 sys.path.insert(0, "benchmarks")
@@ -182,11 +182,11 @@ from pathlib import Path
 ckpt, rows, work = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
 from medlite.context import RunContext
 from medlite.checkpoints import load_model
-from medlite.compress.offload import map_large_allocations
+from medlite.memory import map_large_allocations
 map_large_allocations()   # as `medlite build` does for its process
 from medlite.calibration.calibset import build_calibration_set
 from medlite.evaluation.vqa import load_dataset
-from medlite.build.contract import BuildState
+from medlite.pipeline.contract import BuildState
 from medlite.compress.int8 import qdq_onnx as Q
 from medlite.compress.int8 import stage as S
 ctx = RunContext(cache_dir=work / "cache", quiet=True)

@@ -53,7 +53,7 @@ def prune_student(student, source, calib, test, ctx, keep: str):
     """A BuildState around the pruned student (importance-chosen groups, or ``keep`` = "g0,g1,...")."""
     import torch
 
-    from medlite.build.contract import BuildState, StageResult
+    from medlite.pipeline.contract import BuildState, StageResult
     from medlite.compress.prune import structured
     from medlite.compress.prune.options import PruneOptions
     from medlite.compress.prune.stage import run as prune

@@ -29,7 +29,7 @@ def closed_accuracy(loaded, samples, ctx) -> float:
 
 
 def one_recipe(name: str, path, calib, test, ctx, base: float) -> dict:
-    from medlite.build.contract import BuildState
+    from medlite.pipeline.contract import BuildState
     from medlite.checkpoints import load_model
     from medlite.compress.distill.stage import run as distill
     from medlite.compress.prune.stage import run as prune

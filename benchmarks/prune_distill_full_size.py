@@ -44,7 +44,7 @@ t0 = T()
 cal = build_calibration_set(load_dataset("builtin:micro-med-vqa", split="train"), a["samples"], ctx=ctx)
 if mode == "prune":
     from types import SimpleNamespace
-    from medlite.build.contract import BuildState
+    from medlite.pipeline.contract import BuildState
     from medlite.compress.prune.options import PruneOptions
     from medlite.compress.prune.stage import run
     t = T(); m = load_model(a["ckpt"], ctx=ctx, dtype=torch.float32); out["load_s"] = round(T() - t, 1)

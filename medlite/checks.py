@@ -187,13 +187,13 @@ class CheckResult:
 def compare(refs, candidate, samples: list, options: Any, ctx) -> CheckResult:
     """Run ``candidate`` (an object with the runtime's ``evaluate_rows(images, image_index, questions,
     max_new_tokens=)``) on ``samples`` and compare with the source's cached references ``refs``
-    (:class:`medlite.build.references.References` for the same samples).
+    (:class:`medlite.pipeline.references.References` for the same samples).
 
     Questions run in batches of ``options.batch_size`` rows; each image is encoded once per batch.
     """
     import time
 
-    from medlite.build.references import row_batches, run_batch
+    from medlite.pipeline.references import row_batches, run_batch
     from medlite.evaluation.scoring import normalize
 
     pos = {q: i for i, q in enumerate(refs.qids)}

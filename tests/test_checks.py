@@ -96,7 +96,7 @@ class _Fake:
 
 
 def test_compare_computes_metrics_against_references():
-    from medlite.build.references import References
+    from medlite.pipeline.references import References
     from medlite.context import RunContext
 
     views = [lambda: None, lambda: None]      # two images: questions 0, 2 ask about one, 1, 3 the other
@@ -128,7 +128,7 @@ def test_compare_computes_metrics_against_references():
 
 
 def test_select_samples_is_stratified_and_deterministic():
-    from medlite.build.references import select_samples
+    from medlite.pipeline.references import select_samples
 
     samples = [VqaSample(f"q{i}", f"q {i}", "yes", "closed" if i % 4 else "open", f"img{i}",
                          modality=("CT", "MR", "US")[i % 3]) for i in range(120)]

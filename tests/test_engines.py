@@ -16,8 +16,8 @@ from medlite.context import RunContext
 from medlite.engines.targets import TARGETS
 from medlite.errors import ExportError
 from medlite.recipes.schema import EnginesOptions
-from medlite.build.contract import BuildState
-from medlite.build.stages import engines as eng
+from medlite.pipeline.contract import BuildState
+from medlite.pipeline.stages import engines as eng
 
 OPTS = EnginesOptions(precision="fp16", max_batch=2, max_prompt_tokens=24, max_new_tokens=8, workspace_mb=512)
 

@@ -285,7 +285,7 @@ def test_verify_leaves_out_the_calibration_images_as_the_build_did(tiny_ckpt, tm
 
     from PIL import Image
 
-    from medlite.build.pipeline import load_calibration
+    from medlite.pipeline.pipeline import load_calibration
     from medlite.context import RunContext
     from medlite.evaluation.vqa import load_dataset
     from medlite.recipes import load_recipe

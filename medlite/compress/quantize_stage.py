@@ -14,7 +14,7 @@ import contextlib
 
 
 def _merge(results: list):
-    from medlite.build.contract import StageResult
+    from medlite.pipeline.contract import StageResult
 
     out = StageResult(summary=" · ".join(r.summary for r in results))
     for r in results:

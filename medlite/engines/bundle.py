@@ -78,7 +78,7 @@ def _open(model: Path):
 
 
 def _held_out(manifest: dict) -> list:
-    from medlite.build.references import select_samples
+    from medlite.pipeline.references import select_samples
     from medlite.evaluation.vqa import load_dataset
 
     from medlite.engines.bundle_refs import N_QUESTIONS

@@ -13,7 +13,7 @@ from medlite.errors import ExportError
 from medlite.export.files import (EMBED_TABLE_FILE, EMBED_TABLE_NAME, check_onnx_file,
                                   tie_lm_head_to_table, write_onnx)
 from medlite.export.graph_passes import op_counts
-from medlite.compress.offload import modules_idle_for, release_memory, weights_on_disk
+from medlite.memory import modules_idle_for, release_memory, weights_on_disk
 from medlite.export.graphs import (decoder_onnx_from_model, embed_onnx_from_model, text_dims,
                                    vision_onnx_from_model)
 from medlite.export.plan import TENSORRT, ExportPlan, PassContext
@@ -176,7 +176,7 @@ def export_onnx(loaded, out_dir, *, ctx, precision: str = "fp32", opset: int = 1
                 plan: Optional[ExportPlan] = None, pass_state=None) -> ExportResult:
     """Export ``loaded`` (a ``LoadedModel``) to ONNX graphs plus ``medlite_runtime.json`` and ``tokenizer.json``.
 
-    Composition (``plan``, filled by compress stages; see :mod:`medlite.build.contract`): each graph
+    Composition (``plan``, filled by compress stages; see :mod:`medlite.pipeline.contract`): each graph
     is traced in its own precision with the plan's module swaps applied, then the standard passes
     (folding never removes Q/DQ or custom-domain nodes), then the plan's graph passes, then written
     and checked. Graphs that go to TensorRT are checked against TensorRT 8.5's operator table (a

@@ -48,7 +48,7 @@ def model_for_precision(loaded, precision: str, *, ctx, graph: Optional[str] = N
         return model
     memo: dict = {}
     if graph is not None:
-        from medlite.compress.offload import modules_idle_for
+        from medlite.memory import modules_idle_for
 
         for m in modules_idle_for(model, graph):
             for prm in m.parameters():

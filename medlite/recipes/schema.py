@@ -178,7 +178,7 @@ class Recipe(Closed):
         d = self.to_dict()
         d.pop("model", None)
         # The device spelling is a preference (``auto`` differs per machine): the build hashes the
-        # device it resolved to instead, and only when that is not the CPU (medlite.build.pipeline).
+        # device it resolved to instead, and only when that is not the CPU (medlite.pipeline.pipeline).
         d.pop("device", None)
         return d
 

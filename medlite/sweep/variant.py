@@ -1,6 +1,6 @@
 """One variant in a worker process, and its row read back from the artifact's own files.
 
-A worker runs the normal build (:func:`medlite.build.pipeline.build`, after the same budget check as
+A worker runs the normal build (:func:`medlite.pipeline.pipeline.build`, after the same budget check as
 ``medlite build``), so artifacts, gates, the reference cache and the stage-output cache are shared
 with every other build. It returns where the artifact is, never the figures: the driver reads every
 figure of the table from the artifact (``manifest.json``, ``report.json``, ``build-info.json``,
@@ -48,9 +48,9 @@ def set_threads(n: int) -> None:
 
 
 def _build(task: VariantTask, root: Path, ctx):
-    from medlite.build.commands import check_budget, plan_steps
-    from medlite.build.pipeline import build
-    from medlite.compress.offload import map_large_allocations
+    from medlite.pipeline.commands import check_budget, plan_steps
+    from medlite.pipeline.pipeline import build
+    from medlite.memory import map_large_allocations
     from medlite.engines.targets import TARGETS
     from medlite.recipes import load_recipe
 

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 def make_state(ctx, loaded, calib, *, source=None, work=None, eval_samples=()):
     """A BuildState whose working model is ``loaded`` and whose source model is ``source``."""
-    from medlite.build.contract import BuildState
+    from medlite.pipeline.contract import BuildState
 
     src = SimpleNamespace(model=lambda: source)
     return BuildState(ctx=ctx, recipe=None, target=None, work=work, source=src, model=loaded,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medlite.compress.offload import idle_decoder_modules, weights_on_disk
+from medlite.memory import idle_decoder_modules, weights_on_disk
 
 
 @pytest.fixture()
@@ -78,7 +78,7 @@ _HEAP_PATTERN = r"""
 import sys
 import numpy as np
 if sys.argv[1] == "map":
-    from medlite.compress.offload import map_large_allocations
+    from medlite.memory import map_large_allocations
     assert map_large_allocations()
 def rss():
     with open("/proc/self/statm") as f:

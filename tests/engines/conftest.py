@@ -3,8 +3,8 @@ once per session, and its device bundle."""
 import pytest
 
 from medlite import artifacts as af
-from medlite.build.contract import BuildState
-from medlite.build.stages import engines as eng
+from medlite.pipeline.contract import BuildState
+from medlite.pipeline.stages import engines as eng
 from medlite.context import RunContext
 from medlite.engines.targets import TARGETS
 from medlite.recipes.schema import EnginesOptions

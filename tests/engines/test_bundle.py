@@ -63,7 +63,7 @@ def test_every_py_file_is_python_38_and_imports_only_stdlib_and_readme_packages(
 
 
 def test_shell_scripts_parse_and_trtexec_flags_are_8_5_2_flags(folder):
-    from medlite.build.stages.engines import trtexec_flags
+    from medlite.pipeline.stages.engines import trtexec_flags
 
     scripts = sorted(folder.rglob("*.sh"))
     assert scripts

@@ -83,7 +83,7 @@ def _export(folder, files: dict, *, precision: str, quantized: dict, kv_dtype: s
     ("cpu-int4", {"decoder": "int4"}, "float32"),
 ])
 def test_plan_budget_engines_and_report_show_one_figure(tmp_path, recipe, quantized, kv_dtype):
-    from medlite.build.stages.engines import memory_estimate
+    from medlite.pipeline.stages.engines import memory_estimate
     from medlite.report import device_memory, report_md
 
     r = load_recipe(recipe, check_files=False).recipe

@@ -105,7 +105,7 @@ def test_recipe_device_field(tmp_path, capsys):
 def test_version_hashes_a_gpu_device_only():
     from types import SimpleNamespace
 
-    from medlite.build.pipeline import _version
+    from medlite.pipeline.pipeline import _version
     from medlite.recipes import load_recipe
 
     recipe = load_recipe("xavier-agx-fp16").recipe

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from medlite.build.contract import StageResult
+from medlite.pipeline.contract import StageResult
 from medlite.cli import main
 
 RECIPE = """\

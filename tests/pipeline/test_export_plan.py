@@ -12,7 +12,7 @@ import onnx
 import pytest
 import torch
 
-from medlite.build.contract import ONNXRUNTIME, ExportPlan, StageResult
+from medlite.pipeline.contract import ONNXRUNTIME, ExportPlan, StageResult
 from medlite.cli import main
 
 Q_LAYER = "model.language_model.layers.0.mlp.up_proj"          # fake-quant → QuantizeLinear/DequantizeLinear

@@ -8,7 +8,7 @@ import json
 import pytest
 from pydantic import Field
 
-from medlite.build.contract import StageResult
+from medlite.pipeline.contract import StageResult
 from medlite.cli import main
 from medlite.recipes.base import Closed
 from medlite.recipes.registry import STAGES, Capabilities, Order, stage, unregister_stage
@@ -37,18 +37,21 @@ def scale_rules(index, opts, view):
     return errors, []
 
 
-@stage("scale_layer", summary="test stage: scale one decoder layer", runner=scale_layer, plan=scale_plan,
-       rules=scale_rules, caps=Capabilities(changes_weights=True),
-       order=Order(phase=25, why="the test stage works on the distilled weights"))
 class ScaleOptions(Closed):
     factor: float = Field(1.0, description="scale of layer 0's output projections")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _registered():
+    # The public decorator, applied while this module's tests run (at import time it would leak the
+    # stage into every other test module collected in the same session).
+    stage("scale_layer", summary="test stage: scale one decoder layer", runner=scale_layer, plan=scale_plan,
+          rules=scale_rules, caps=Capabilities(changes_weights=True),
+          order=Order(phase=25, why="the test stage works on the distilled weights"))(ScaleOptions)
     assert "scale_layer" in STAGES
     yield
     unregister_stage("scale_layer")
+    assert "scale_layer" not in STAGES
 
 
 RECIPE = """\

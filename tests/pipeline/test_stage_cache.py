@@ -50,7 +50,7 @@ def _files(res: dict) -> dict:
 
 
 def test_changed_quantize_option_resumes_after_distill(tmp_path, capsys, tiny_ckpt):
-    from medlite.build.stage_cache import StageCache
+    from medlite.pipeline.stage_cache import StageCache
 
     cache = tmp_path / "cache"
     first = _build(capsys, tiny_ckpt, cache, tmp_path / "a", 0.5)
@@ -83,7 +83,7 @@ def test_changed_quantize_option_resumes_after_distill(tmp_path, capsys, tiny_ck
 
 
 def test_cache_ls_and_clear(tmp_path, capsys):
-    from medlite.build.stage_cache import StageCache
+    from medlite.pipeline.stage_cache import StageCache
 
     cache = StageCache(tmp_path)
     root = tmp_path / "stages"

@@ -67,8 +67,8 @@ def test_engines_profile_bounds_are_refused(rt_export, rt_ctx, guarded, tmp_path
     from PIL import Image
 
     text = len(guarded.prompt_ids("is this normal ?")) - guarded.config.num_image_tokens
-    from medlite.build.contract import BuildState
-    from medlite.build.stages import engines
+    from medlite.pipeline.contract import BuildState
+    from medlite.pipeline.stages import engines
     from medlite.engines.targets import TARGETS
     from medlite.recipes.options import EnginesOptions
 

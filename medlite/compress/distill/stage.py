@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from typing import Optional
 
-from medlite.build.contract import StageResult
+from medlite.pipeline.contract import StageResult
 from medlite.compress.distill import data as D
 from medlite.compress.distill.objective import Objective
 from medlite.compress.distill.options import DistillOptions

@@ -30,7 +30,7 @@ from typing import Callable, Optional
 
 import torch
 
-from medlite.compress.offload import idle_vision_modules, release_memory, weights_on_disk
+from medlite.memory import idle_vision_modules, release_memory, weights_on_disk
 from medlite.compress.int4.records import (PaddedLinear, QuantizedLinear, language_linear_names, padded_layers,
                                            record_from_module, strip_quantization, untie_lm_head)
 

@@ -61,7 +61,7 @@ def packing_installer(model):
     forward dequantizes on the fly with the quantizer's numbers (the same as the fake-quant weights).
     """
     from medlite.compress.int4.swap import install_matmul_nbits
-    from medlite.compress.offload import release_memory
+    from medlite.memory import release_memory
 
     def consume(name: str, rec) -> tuple:
         packed = pack_record(rec)
@@ -112,11 +112,11 @@ def accuracy_level_pass(level: int):
 def apply_w4a16(state, index: int, opts):
     """Quantize ``state.model``'s language model to W4A16 and plan its MatMulNBits export.
 
-    Returns a :class:`~medlite.build.contract.StageResult`. Only the language model's Linear layers
+    Returns a :class:`~medlite.pipeline.contract.StageResult`. Only the language model's Linear layers
     (and ``lm_head`` when ``opts.lm_head`` is int4/int8) change; the vision tower and projector are
     never touched.
     """
-    from medlite.build.contract import ONNXRUNTIME, StageResult
+    from medlite.pipeline.contract import ONNXRUNTIME, StageResult
     from medlite.compress.int4.llmc import quantize_language_model
     from medlite.compress.int4.swap import matmul_nbits_swap
 

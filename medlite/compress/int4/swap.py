@@ -12,7 +12,7 @@ module made the full-size export hold the language model's weights twice (4.4 GB
 
 :func:`install_matmul_nbits` replaces a Linear for good (the quantize stage does it, so the working
 model drops its fp32 weights once they are packed); :func:`matmul_nbits_swap` is a ``ModuleSwap``
-(medlite/build/contract.py): ``swap(model)`` installs the modules for one trace and restores the
+(medlite/pipeline/contract.py): ``swap(model)`` installs the modules for one trace and restores the
 original Linear layers (layers that already are MatMulNBits modules are left as they are).
 """
 from __future__ import annotations

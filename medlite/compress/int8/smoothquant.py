@@ -136,7 +136,7 @@ def _trim(inputs, logits) -> None:
     """After each batch: hand freed heap pages back to the OS. Batches of different prompt lengths leave
     freed activation chunks glibc keeps mapped — the full-size 128-pair SmoothQuant pass sat at
     11.6 GB (heap 6.7 GB, of which ~3.5 GB free) over a 6.1 GB model (benchmarks/int8_full_size.py)."""
-    from medlite.compress.offload import trim_heap
+    from medlite.memory import trim_heap
 
     trim_heap()
 

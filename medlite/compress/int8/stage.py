@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from medlite.build.contract import StageResult
+from medlite.pipeline.contract import StageResult
 from medlite.compress.int8 import qdq_onnx as Q
 from medlite.compress.int8.smooth_pass import smooth_for_int8
 
@@ -76,7 +76,7 @@ def initializer_bytes(proto: onnx.ModelProto, *, as_fp16: bool = False) -> int:
 
 
 def _trace(state, graph: str, tmp: Path) -> onnx.ModelProto:
-    from medlite.compress.offload import modules_idle_for, release_memory, weights_on_disk
+    from medlite.memory import modules_idle_for, release_memory, weights_on_disk
     from medlite.export.graphs import decoder_onnx_from_model, vision_onnx_from_model
 
     release_memory()   # SmoothQuant's / the previous graph's freed peak would stack on the trace's
@@ -223,8 +223,8 @@ def _choose(state, graph: str, opts, samples: list, tmp: Path, n_graphs: int = 1
 
 def _parked(state, folder: Optional[Path]):
     """The working model's decoder blocks (and untied lm_head) parked on disk while ONNX Runtime
-    holds a copy of the traced graph (:mod:`medlite.compress.offload`; full-size peak RSS)."""
-    from medlite.compress.offload import idle_decoder_modules, weights_on_disk
+    holds a copy of the traced graph (:mod:`medlite.memory`; full-size peak RSS)."""
+    from medlite.memory import idle_decoder_modules, weights_on_disk
 
     model = state.model.model
     return weights_on_disk(idle_decoder_modules(model), keep=[model.get_input_embeddings()], folder=folder)

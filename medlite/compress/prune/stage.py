@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from medlite.build.contract import StageResult
+from medlite.pipeline.contract import StageResult
 from medlite.compress.prune import importance as imp
 from medlite.compress.prune import structured
 from medlite.compress.prune.options import PruneOptions, kept_kv_groups, kept_mlp_channels

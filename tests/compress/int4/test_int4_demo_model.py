@@ -46,7 +46,7 @@ def _run(folder, samples):
     """(answers, first-token logits) on ONNX Runtime CPU, each image encoded once."""
     from medlite.runtime import OnnxVlm
 
-    from medlite.build.references import row_batches, run_batch
+    from medlite.pipeline.references import row_batches, run_batch
 
     vlm = OnnxVlm.open(folder, providers=["CPUExecutionProvider"])
     where = {id(s): i for i, s in enumerate(samples)}
@@ -72,7 +72,7 @@ def _metrics(demo, out):
 def _w4a16(demo, algorithm, group, symmetric):
     from types import SimpleNamespace
 
-    from medlite.build.contract import BuildState
+    from medlite.pipeline.contract import BuildState
     from medlite.checkpoints import load_model
     from medlite.compress.int4.stage import apply_w4a16
     from medlite.export import export_onnx

@@ -102,7 +102,7 @@ def _probe_logits(model, probe) -> np.ndarray:
 def test_stage_registers_swap_and_runtime(cctx, tiny_path, calib):
     """apply_w4a16 through the build contract: ORT-only decoder plan with a quantization record; the
     working model holds only the packed layers, and its eager logits equal the fake-quant model's."""
-    from medlite.build.contract import ONNXRUNTIME, BuildState
+    from medlite.pipeline.contract import ONNXRUNTIME, BuildState
     from medlite.calibration.forward import ForwardLoop
     from medlite.checkpoints import load_model
     from medlite.compress.int4.llmc import LlmcOptions, quantize_language_model

@@ -43,7 +43,7 @@ def int8_state(ctx, loaded, calib):
     """A BuildState whose working model is ``loaded`` (no recipe: the stage's default gates)."""
     from types import SimpleNamespace
 
-    from medlite.build.contract import BuildState
+    from medlite.pipeline.contract import BuildState
 
     return BuildState(ctx=ctx, recipe=None, target=None, work=None, source=SimpleNamespace(model=lambda: None),
                       model=loaded, calibration=calib)

@@ -11,7 +11,7 @@ import pytest
 
 
 from int8_fixtures import feeds, int8_state
-from medlite.build.contract import PassContext
+from medlite.pipeline.contract import PassContext
 from medlite.compress.int8.stage import PASS_NAME, apply_int8
 from medlite.export.qdq_rules import qdq_issues
 from medlite.export.trt_ops import trt_check_from_onnx

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 def run(state, index: int, options):
     """Export ``state.model`` into ``state.work`` with the recipe's precision, opset and components."""
-    from medlite.build.contract import TENSORRT, StageResult
+    from medlite.pipeline.contract import TENSORRT, StageResult
     from medlite.errors import ExportError
     from medlite.export import export_onnx
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from medlite import artifacts as af
-from medlite.build.manifest import build_manifest, write_build_info
+from medlite.pipeline.manifest import build_manifest, write_build_info
 from medlite.errors import DataError, MedliteError
 from medlite.model_choice import ModelChoice, load_source
 
@@ -107,7 +107,7 @@ def _version(recipe, source, cal_hash: Optional[str], device=None) -> str:
 
 def check_samples(recipe, eval_samples: list) -> list:
     """The evaluation questions the check stage runs on (stratified when capped)."""
-    from medlite.build.references import select_samples
+    from medlite.pipeline.references import select_samples
 
     opts = recipe.stage_with("needs_references")
     if opts is None:
@@ -151,7 +151,7 @@ def _record(state, i: int, name: str, result, *, detail: str, seconds: float, ok
 
 
 def _run_stages(state, resume=None, cache=None) -> list[dict]:
-    """Run the recipe's stages in order; ``resume`` (:class:`medlite.build.resume.Resume`) replays the
+    """Run the recipe's stages in order; ``resume`` (:class:`medlite.pipeline.resume.Resume`) replays the
     cached ones, ``cache`` stores each cacheable stage's output as it finishes."""
     from medlite.recipes.registry import STAGES
 
@@ -180,8 +180,8 @@ def build(resolved, choice: ModelChoice, out_root: Path, ctx, *, force: bool = F
 
     ``device``: a ``--device`` spelling or ``torch.device`` (None: the recipe's ``device``, else auto)."""
     from medlite.devices import describe, describe_line, resolve_device
-    from medlite.build.contract import BuildState
-    from medlite.build.source import Source
+    from medlite.pipeline.contract import BuildState
+    from medlite.pipeline.source import Source
     from medlite.engines.targets import TARGETS
     from medlite.recipes.registry import STAGES
 
@@ -214,7 +214,7 @@ def build(resolved, choice: ModelChoice, out_root: Path, ctx, *, force: bool = F
         state = BuildState(ctx=ctx, recipe=recipe, target=target, work=staging.path, source=source,
                            eval_samples=eval_samples, calibration=calibration, device=dev)
         state.check_samples = check_samples(recipe, eval_samples)
-        from medlite.build.resume import ResumeCache
+        from medlite.pipeline.resume import ResumeCache
 
         cache = ResumeCache(state, resolved, source, cal_hash)
         resume = cache.find()

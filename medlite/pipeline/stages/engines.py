@@ -157,7 +157,7 @@ def _engine_specs(cfg: dict, profs: dict) -> tuple[list, dict]:
 
 def run(state, index: int, options):
     """Write the engines bundle for ``state.target`` next to the exported graphs."""
-    from medlite.build.contract import StageResult
+    from medlite.pipeline.contract import StageResult
     from medlite.engines import trt_build
     from medlite.runtime.config import CONFIG_FILE
 

@@ -4,7 +4,7 @@ Two models, never confused:
 
 * the **source** — the untouched checkpoint. Before the first stage that changes weights runs, its
   reference outputs on the evaluation split (answers, first-token logits, image embeddings) are
-  computed once and cached by source hash + evaluation set (:mod:`medlite.build.references`). Every
+  computed once and cached by source hash + evaluation set (:mod:`medlite.pipeline.references`). Every
   gate compares against those references, never against the working model. Stages that need the
   source itself (distillation's teacher) ask for it with :meth:`BuildState.source_model`.
 * the **working model** — what compress stages transform in place (prune, distill, quantize) and what
@@ -71,11 +71,11 @@ class BuildState:
     recipe: Any                       # medlite.recipes.schema.Recipe
     target: Any                       # medlite.engines.targets.Target
     work: Path                        # staging folder; becomes the artifact
-    source: Any                       # medlite.build.source.Source (references, lazy source model)
+    source: Any                       # medlite.pipeline.source.Source (references, lazy source model)
     model: Any = None                 # the working LoadedModel (compress stages change .model in place)
     eval_samples: list = field(default_factory=list)
     check_samples: list = field(default_factory=list)   # the questions the gates run on (stratified)
-    references: Any = None            # medlite.build.references.References of the source on check_samples
+    references: Any = None            # medlite.pipeline.references.References of the source on check_samples
     calibration: Any = None           # medlite.calibration.calibset.CalibrationSet
     export_plan: ExportPlan = field(default_factory=ExportPlan)
     results: dict = field(default_factory=dict)    # "stages[i].name" -> StageResult

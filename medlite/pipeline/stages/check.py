@@ -30,7 +30,7 @@ def run(state, index: int, options):
     A failed gate makes the result not ok: the stage line shows ✗ and the build is marked failed
     (the artifact is still written, with its report, so the failure can be inspected).
     """
-    from medlite.build.contract import StageResult
+    from medlite.pipeline.contract import StageResult
     from medlite.checks import compare, failed
     from medlite.runtime import OnnxVlm
 
@@ -64,7 +64,7 @@ def _calibration(recipe, manifest: dict, ctx):
     """
     if recipe.calibration is None:
         return None
-    from medlite.build.pipeline import load_calibration
+    from medlite.pipeline.pipeline import load_calibration
 
     cal, digest, _ = load_calibration(recipe, ctx)
     recorded = (manifest.get("calibration") or {}).get("content_hash")
@@ -82,8 +82,8 @@ def rerun_checks(path: Path, manifest: dict, args, ctx) -> dict:
     meaningless. The source's references come from the cache when present.
     """
     from medlite import artifacts as af
-    from medlite.build.pipeline import check_samples, load_evaluation
-    from medlite.build.source import Source
+    from medlite.pipeline.pipeline import check_samples, load_evaluation
+    from medlite.pipeline.source import Source
     from medlite.checks import compare, compare_metrics
     from medlite.model_choice import DEMO_SOURCE, ModelChoice, load_source
     from medlite.recipes.loader import parse_yaml, validate_data

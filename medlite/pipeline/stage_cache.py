@@ -8,7 +8,7 @@ variants share their prefix), the calibration set's content hash, the seed, the 
 packages that change those stages' numbers, and medlite's version.
 
 Layout: ``<cache>/stages/<key>/`` holds ``model.pt`` (the pickled working ``LoadedModel``),
-``result.json`` (the stage's :class:`~medlite.build.contract.StageResult`) and ``entry.json``
+``result.json`` (the stage's :class:`~medlite.pipeline.contract.StageResult`) and ``entry.json``
 (sha256 and size of both, the stage, when it was written); ``last-used`` is touched on every hit.
 Entries are written to a temporary folder and renamed into place; a corrupted entry (a hash that
 does not match) is reported, deleted and rebuilt. The folder is capped (``MEDLITE_STAGE_CACHE_GB``,

@@ -47,7 +47,7 @@ class Source:
 
     def references(self, samples: list, *, max_new_tokens: int, batch_size: int):
         """The source's cached reference outputs on ``samples`` (computed now if not cached)."""
-        from medlite.build.references import references_for
+        from medlite.pipeline.references import references_for
 
         return references_for(self.model, self.identity, samples, max_new_tokens=max_new_tokens,
                               batch_size=batch_size, ctx=self.ctx, device=self.device)

@@ -1,4 +1,4 @@
-"""``medlite cache ls`` / ``medlite cache clear``: the stage-output cache (:mod:`medlite.build.stage_cache`)."""
+"""``medlite cache ls`` / ``medlite cache clear``: the stage-output cache (:mod:`medlite.pipeline.stage_cache`)."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ import time
 
 def cmd_cache_ls(args, ctx) -> int:
     """List the stage-output cache's entries (most recently used first) with their sizes."""
-    from medlite.build.stage_cache import StageCache, cache_root, limit_bytes
+    from medlite.pipeline.stage_cache import StageCache, cache_root, limit_bytes
     from medlite.units import human_bytes
 
     entries = StageCache(ctx.cache_dir).entries()
@@ -27,7 +27,7 @@ def cmd_cache_ls(args, ctx) -> int:
 
 def cmd_cache_clear(args, ctx) -> int:
     """Remove every entry of the stage-output cache."""
-    from medlite.build.stage_cache import StageCache
+    from medlite.pipeline.stage_cache import StageCache
     from medlite.units import human_bytes
 
     n, size = StageCache(ctx.cache_dir).clear()

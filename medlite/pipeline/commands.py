@@ -172,7 +172,7 @@ def cmd_plan(args, ctx) -> int:
 def cmd_build(args, ctx) -> int:
     """Run a recipe; exit 1 with one line per failed gate when a gate fails."""
     from medlite.model_choice import ModelChoice
-    from medlite.build.pipeline import build
+    from medlite.pipeline.pipeline import build
 
     resolved = _load(args, ctx)
     ensure_writable_dir(getattr(args, "out", None) or "artifacts", "--out")   # before any model loads
@@ -190,7 +190,7 @@ def cmd_build(args, ctx) -> int:
     target = TARGETS[resolved.recipe.target]
     # Before any weight loads: a recipe that cannot fit the device is a recipe error.
     check_budget(plan_steps(resolved, choice.inspect(ctx), target), target, f"{resolved.source}: build")
-    from medlite.compress.offload import map_large_allocations
+    from medlite.memory import map_large_allocations
 
     map_large_allocations()   # this process: freed activations go straight back to the OS (see offload.py)
     result = build(resolved, choice, Path(getattr(args, "out", None) or "artifacts"), ctx,
@@ -213,7 +213,7 @@ def cmd_build(args, ctx) -> int:
 def cmd_verify(args, ctx) -> int:
     """Re-hash an artifact's files and (unless --skip-checks) re-run its gates; exit 1 on a mismatch."""
     from medlite import artifacts as af
-    from medlite.build.stages.check import rerun_checks
+    from medlite.pipeline.stages.check import rerun_checks
 
     path = af.resolve_artifact_path(Path(args.artifact))
     if not path.is_dir():

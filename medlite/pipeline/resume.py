@@ -1,4 +1,4 @@
-"""Resuming a build after its last cached stage (the pipeline's side of :mod:`medlite.build.stage_cache`).
+"""Resuming a build after its last cached stage (the pipeline's side of :mod:`medlite.pipeline.stage_cache`).
 
 Only the leading run of stages that declare ``caches_output`` (their whole output is the working
 model and their result: prune, distill) is cached; a stage whose output includes export
@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from medlite.build.contract import StageResult
-from medlite.build.stage_cache import StageCache, stage_key
+from medlite.pipeline.contract import StageResult
+from medlite.pipeline.stage_cache import StageCache, stage_key
 
 
 @dataclass
