@@ -37,16 +37,22 @@ def evaluate(loaded, samples: Sequence[VqaSample], *, ctx, batch_size: int = 32,
     from medlite.checkpoints.generate import answer_batch
 
     samples = list(samples)
+    preds = _answer_all(samples, lambda imgs, qs: answer_batch(loaded, imgs, qs, max_new_tokens=max_new_tokens),
+                        ctx=ctx, batch_size=batch_size, where="")
+    return {**scored(preds, samples), "model": {"name": loaded.name, "source": loaded.source.to_dict()}}
+
+
+def _answer_all(samples: list, answer, *, ctx, batch_size: int, where: str) -> list[str]:
+    """``answer(images, questions)`` over ``samples`` in batches, with the stage line and a progress bar."""
     preds: list[str] = []
     with ctx.stage("answer") as info:
         with ctx.progress("answer", total=len(samples)) as advance:
             for i in range(0, len(samples), batch_size):
                 chunk = samples[i:i + batch_size]
-                preds += answer_batch(loaded, [s.load_image() for s in chunk], [s.question for s in chunk],
-                                      max_new_tokens=max_new_tokens)
+                preds += answer([s.load_image() for s in chunk], [s.question for s in chunk])
                 advance(len(chunk))
-        info["detail"] = f"{len(samples)} questions"
-    return {**scored(preds, samples), "model": {"name": loaded.name, "source": loaded.source.to_dict()}}
+        info["detail"] = f"{len(samples)} questions{where}"
+    return preds
 
 
 def scored(preds: list[str], samples: Sequence[VqaSample]) -> dict:
@@ -73,15 +79,8 @@ def evaluate_artifact(vlm, samples: Sequence[VqaSample], *, ctx, batch_size: int
     greedy answers in left-padded batches of ``batch_size`` on ONNX Runtime, scored by the same rules.
     """
     samples = list(samples)
-    preds: list[str] = []
-    with ctx.stage("answer") as info:
-        with ctx.progress("answer", total=len(samples)) as advance:
-            for i in range(0, len(samples), batch_size):
-                chunk = samples[i:i + batch_size]
-                preds += vlm.answer_batch([s.load_image() for s in chunk], [s.question for s in chunk],
-                                          max_new_tokens=max_new_tokens)
-                advance(len(chunk))
-        info["detail"] = f"{len(samples)} questions on ONNX Runtime"
+    preds = _answer_all(samples, lambda imgs, qs: vlm.answer_batch(imgs, qs, max_new_tokens=max_new_tokens),
+                        ctx=ctx, batch_size=batch_size, where=" on ONNX Runtime")
     return scored(preds, samples)
 
 
