@@ -71,6 +71,12 @@ def _cmd_ask(args, ctx) -> int:
 
         path = str(resolve_artifact_path(Path(path)))
     args.model, args.questions, args.question = path, questions, questions[0]
+    from medlite.engines.bundle_host import is_bundle   # stdlib-only module: no heavy import
+
+    if path and is_bundle(Path(path)):       # an extracted device bundle: its own engine runtime
+        from medlite.engines.bundle_host import cmd_ask_bundle
+
+        return cmd_ask_bundle(args, ctx)
     if path and Path(path).is_dir() and not _is_artifact(Path(path)) and not any(
             (Path(path) / f).is_file() for f in ("config.json", "adapter_config.json")):
         raise DataError(f"{path}: not a model folder: no medlite_runtime.json or manifest.json (an ONNX export or "

@@ -99,6 +99,9 @@ def _model_commands(sub, command) -> None:
                    help="longest answer in tokens (default 32)")
     p.add_argument("--frame", type=int, default=None, metavar="N",
                    help="frame of a multi-frame DICOM / slice of a NIfTI volume (default: the middle one)")
+    p.add_argument("--standin", action="store_true",
+                   help="an extracted device bundle: run its graphs on ONNX Runtime behind the engine interface "
+                        "instead of TensorRT engines (a dry run without a GPU)")
     _add_model_args(p)
     add_device_arg(p, what="a checkpoint's PyTorch generation (ONNX artifacts run in ONNX Runtime)")
 

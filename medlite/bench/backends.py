@@ -18,17 +18,19 @@ class OrtBackend:
     kind = "artifact"
 
     def __init__(self, folder, *, ctx, max_new_tokens: int, ignore_eos: bool, stop_at_eos: bool = False,
-                 threads=None):
+                 threads=None, vlm=None):
         from medlite.runtime import OnnxVlm
         from medlite.runtime.describe import precision_summary
         from medlite.runtime.sessions import physical_cores
 
-        self.vlm = OnnxVlm.open(folder, providers=["CPUExecutionProvider"], ctx=ctx)
+        # ``vlm``: an already opened one (a device bundle's engine runtime, medlite/engines/bundle_host.py)
+        self.vlm = vlm if vlm is not None else OnnxVlm.open(folder, providers=["CPUExecutionProvider"], ctx=ctx)
         self.max_new_tokens, self.ignore_eos = int(max_new_tokens), bool(ignore_eos)
         self.stops_early = bool(stop_at_eos) and not self.ignore_eos
         self.threads = int(threads or physical_cores())
         used = sorted({p for ps in self.vlm.providers.values() for p in ps})
-        self.runtime = f"onnxruntime ({', '.join(used)})"
+        self.runtime = f"onnxruntime ({', '.join(used)})" if vlm is None else "; ".join(
+            f"{k}: {v}" for k, v in getattr(vlm, "backend", {}).items())
         # what runs (int8 Q/DQ, w4a16 ...), from the quantization records: not the trace precision
         self.precision = precision_summary(self.vlm.config)
 

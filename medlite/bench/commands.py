@@ -31,6 +31,9 @@ def add_bench_args(p) -> None:
     p.add_argument("--ignore-eos", action="store_true",
                    help="the answer and its token count include every generated token, past its end")
     p.add_argument("--no-write", action="store_true", help="do not write bench.json next to the artifact")
+    p.add_argument("--standin", action="store_true",
+                   help="an extracted device bundle: its graphs on ONNX Runtime behind the engine interface "
+                        "instead of TensorRT engines")
     from medlite.devices import add_device_arg
 
     add_device_arg(p, what="a checkpoint's PyTorch runs (ONNX artifacts run in ONNX Runtime)")
@@ -60,6 +63,12 @@ def _backend(args, ctx):
         from medlite.artifacts import resolve_artifact_path
 
         folder = Path(resolve_artifact_path(Path(args.model)))
+        from medlite.engines.bundle_host import ARTIFACT_DIR, is_bundle, open_bundle_vlm
+
+        if is_bundle(folder):                # an extracted device bundle: its engines (or --standin)
+            vlm = open_bundle_vlm(folder, standin=bool(getattr(args, "standin", False)), ctx=ctx)
+            return OrtBackend(folder / ARTIFACT_DIR, ctx=ctx, max_new_tokens=args.max_new_tokens,
+                              ignore_eos=args.ignore_eos, stop_at_eos=args.stop_at_eos, vlm=vlm), folder / ARTIFACT_DIR
         if (folder / "medlite_runtime.json").is_file():
             return OrtBackend(folder, ctx=ctx, max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos,
                               stop_at_eos=args.stop_at_eos), folder

@@ -32,6 +32,9 @@ def add_serve_args(p) -> None:
     p.add_argument("--max-queue", type=int, default=4,
                    help="requests that may wait for the model (default 4; at least 1)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="answer length limit (default 32, as ask)")
+    p.add_argument("--standin", action="store_true",
+                   help="an extracted device bundle: its graphs on ONNX Runtime behind the engine interface "
+                        "instead of TensorRT engines")
 
 
 def _is_loopback(host: str) -> bool:
@@ -43,15 +46,20 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _open(path_arg: str, ctx):
-    """(artifact or None, folder, OnnxVlm): hash-checked like ``medlite ask``."""
+def _open(path_arg: str, ctx, *, standin: bool = False):
+    """(artifact or None, folder, OnnxVlm): hash-checked like ``medlite ask``; an extracted device bundle
+    runs through its own engine runtime (``--standin``: its graphs on ONNX Runtime behind the engines)."""
     from medlite.artifacts import LATEST, MANIFEST, open_artifact, resolve_artifact_path
+    from medlite.engines.bundle_host import ARTIFACT_DIR, is_bundle, open_bundle_vlm
     from medlite.runtime import OnnxVlm
 
     given = Path(path_arg)
     if given.name == LATEST and given.is_file():   # OUT/<model>/<recipe>/latest names the newest passing version
         given = given.parent
     folder = resolve_artifact_path(given)
+    if is_bundle(folder):
+        vlm = open_bundle_vlm(folder, standin=standin, ctx=ctx)
+        return open_artifact(folder / ARTIFACT_DIR), folder / ARTIFACT_DIR, vlm
     artifact = None
     if (folder / MANIFEST).is_file():
         artifact = open_artifact(folder)   # ArtifactError names every changed, missing or extra file
@@ -121,7 +129,7 @@ def cmd_serve(args, ctx) -> int:
         raise MedliteError(f"medlite serve needs the serve extra ({e.name} is missing): "
                            "pip install 'medlite[serve]'") from None
     limits = _limits(args)
-    artifact, folder, vlm = _open(path, ctx)
+    artifact, folder, vlm = _open(path, ctx, standin=bool(getattr(args, "standin", False)))
     if remote:
         ctx.warn(f"serving on {args.host}: ANYONE who can reach this machine can upload scans and read answers; "
                  "there is no authentication and no TLS (images travel unencrypted). Use a trusted network only.")
