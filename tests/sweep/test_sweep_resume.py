@@ -29,8 +29,11 @@ def test_interrupted_sweep_resumes(tiny_sweep, local_result, tmp_path, capsys):
 
     out, cache = tmp_path / "out", tmp_path / "cache"
     medlite = Path(sys.executable).parent / "medlite"
+    # SIGINT's default action restored in the child: a test run started in the background (nohup ... &,
+    # some CI runners) ignores SIGINT, the child would inherit that and Python then installs no Ctrl-C handler
     proc = subprocess.Popen([str(medlite), *_args(tiny_sweep, out, cache)], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 600
     while not list((out / "variants").glob("*.json")) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
