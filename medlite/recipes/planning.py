@@ -112,7 +112,7 @@ def model_dims(sizes: ComponentSizes):
                      vision_tokens=int(v.get("tokens", 0)))
 
 
-def _resident_weights(files: dict, recipe, inp_quant: Optional[dict] = None) -> dict:
+def _resident_weights(files: dict, recipe, quant: dict) -> dict:
     """Planned bytes the runtime holds (the engines stage's rule on the planned files, see
     :func:`medlite.engines.memory.export_weights`)."""
     from medlite.engines.memory import engine_weight_bytes
@@ -121,7 +121,6 @@ def _resident_weights(files: dict, recipe, inp_quant: Optional[dict] = None) -> 
     if eng is None:
         return {k: int(v) for k, v in files.items() if v and not k.startswith("engines/")}
     exp = recipe.stage("export")
-    quant = inp_quant if inp_quant else _quant_map(recipe)
     out = {}
     for name, comp in (("vision", "vision"), ("decoder", "llm")):
         size = sum(int(v or 0) for k, v in files.items() if k.startswith(f"{name}.onnx"))
@@ -144,7 +143,7 @@ def plan_memory(inp: PlanInputs, files: dict):
     eng = recipe.stage("engines") if recipe is not None else None
     exp = recipe.stage("export") if recipe is not None else None
     dims = model_dims(inp)
-    quant = inp.quant if inp.quant else _quant_map(recipe)
+    quant = inp.quant           # set by the quantize stage's estimate (plans chain: pipeline/commands.plan_steps)
     if eng is not None:
         kv = act = 4 if eng.precision == "fp32" else 2
     else:     # ONNX Runtime keeps the cache in the decoder's traced precision (Q/DQ decoders: fp32)
@@ -174,13 +173,6 @@ def budget_error(b: dict, target, where: str) -> Optional[str]:
 
 
 # -- plan functions of the built-in stages ---------------------------------------------------------
-def _quant_map(recipe) -> dict:
-    q = recipe.stage("quantize") if recipe is not None else None
-    if q is None:
-        return {}
-    return {k: v for k, v in (("vision", q.vision), ("llm", q.llm), ("lm_head", q.lm_head)) if v != "fp16"}
-
-
 def quantize_estimate(index: int, opts, inp: PlanInputs) -> PlanInputs:
     """The sizes after the quantize stage: which components it stores at which precision."""
     import dataclasses
@@ -198,7 +190,7 @@ def export_estimate(index: int, opts, inp: PlanInputs) -> PlanInputs:
 
 def export_plan(index: int, opts, inp: PlanInputs) -> dict:
     """Files the export writes and their expected bytes (after quantization, when planned)."""
-    quant = inp.quant if inp.quant else _quant_map(inp.recipe)
+    quant = inp.quant           # set by the quantize stage's estimate earlier in the chain
     est = estimate_files(inp, opts.precision, opts.components, quant)
     q = f", quantized: {', '.join(f'{k} {v}' for k, v in quant.items())}" if quant else ""
     return {"does": f"({opts.precision}, opset {opts.opset}{q}{_fallback_note(inp, quant)})", "writes": est}

@@ -8,6 +8,8 @@ import json
 
 import pytest
 
+from medlite.recipes.registry import STAGES
+
 from medlite.engines import memory
 from medlite.engines.targets import TARGETS
 from medlite.recipes import planning
@@ -89,8 +91,11 @@ def test_plan_budget_engines_and_report_show_one_figure(tmp_path, recipe, quanti
     r = load_recipe(recipe, check_files=False).recipe
     target = TARGETS[r.target]
     inp = planning.PlanInputs(**vars(_sizes()), recipe=r, target=target)
+    for i, entry in enumerate(r.stages):          # the stages' estimates chain, as `medlite plan` runs them
+        if STAGES[entry.name].estimate is not None:
+            inp = STAGES[entry.name].estimate(i, entry.options, inp)
     exp = r.stage("export")
-    files = planning.estimate_files(inp, exp.precision, exp.components, planning._quant_map(r))
+    files = planning.estimate_files(inp, exp.precision, exp.components, inp.quant)
     planned = planning.plan_memory(inp, files)
     b = planning.budget(planned)
     assert b["total"] == planned.total_bytes and b["parts"]["KV cache"] > 0     # cpu-int4 counted "KV cache 0 B"
