@@ -54,10 +54,16 @@ def cache_root(cache_dir) -> Path:
 
 def limit_bytes() -> int:
     """The cache's size limit (``MEDLITE_STAGE_CACHE_GB``, default 20 GB; 0 disables storing)."""
+    text = os.environ.get("MEDLITE_STAGE_CACHE_GB", str(DEFAULT_LIMIT_GB))
     try:
-        return int(float(os.environ.get("MEDLITE_STAGE_CACHE_GB", DEFAULT_LIMIT_GB)) * 1e9)
+        value = float(text)
     except ValueError:
-        return int(DEFAULT_LIMIT_GB * 1e9)
+        value = -1.0
+    if not value >= 0:       # also NaN
+        from medlite.errors import MedliteError
+
+        raise MedliteError(f"MEDLITE_STAGE_CACHE_GB={text!r}: must be a number of GB, 0 or more (0 stores nothing)")
+    return int(value * 1e9)
 
 
 def stage_key(*, source_identity: dict, recipe: dict, index: int, calibration_sha256: Optional[str],

@@ -102,3 +102,14 @@ def test_cache_ls_and_clear(tmp_path, capsys):
     assert main(["cache", "clear", "--cache-dir", str(tmp_path)]) == 0
     assert "removed 2 entries" in capsys.readouterr().out
     assert cache.entries() == []
+
+
+def test_a_bad_cache_limit_is_one_line_naming_the_variable(monkeypatch, tmp_path, capsys):
+    from medlite.pipeline.stage_cache import limit_bytes
+
+    monkeypatch.setenv("MEDLITE_STAGE_CACHE_GB", "2.5")
+    assert limit_bytes() == 2_500_000_000
+    monkeypatch.setenv("MEDLITE_STAGE_CACHE_GB", "lots")
+    assert main(["cache", "ls", "--cache-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "MEDLITE_STAGE_CACHE_GB='lots'" in err[0]
