@@ -42,6 +42,12 @@ def add_sweep_args(p) -> None:
                         "--out (default: only workers that cannot see --out do)")
     p.add_argument("--task-memory-gb", type=float, default=None, metavar="GB",
                    help="ray: memory each task declares (default: 6 x the checkpoint's size + 1 GB)")
+    from medlite.devices import add_device_arg  # argparse only
+
+    add_device_arg(p, what="each variant's build (local: CUDA builds run one at a time)")
+    p.add_argument("--gpus-per-variant", type=float, default=None, metavar="N",
+                   help="ray: GPUs each task declares (default 1 when the variant builds on CUDA, else 0; "
+                        "a fraction shares a card)")
     p.add_argument("--bench", action="store_true",
                    help="also measure decode tokens/s and time to first token of each variant on this machine "
                         "(one variant at a time, after the builds)")
@@ -58,6 +64,13 @@ def _choice(args, sweep):
     ns = Namespace(model=getattr(args, "model", None) or sweep.model, base=getattr(args, "base", None),
                    vision_tower=getattr(args, "vision_tower", None), vision_weights=None, template=None)
     return ModelChoice.from_args(ns)
+
+
+def variant_key(variant, choice, place) -> str:
+    """A variant's resume key: its resolved recipe and model, and whether it builds on CUDA."""
+    key = variant.key(choice.label)
+    suffix = place.key_suffix(variant.resolved.recipe.device)
+    return f"{key}-{suffix}" if suffix else key
 
 
 def own_overrides(sweep, variant) -> list[str]:
@@ -114,14 +127,15 @@ def finished_row(out: Path, sweep, variant, key: str, targets: list[str], ctx) -
 
 
 # -- running --------------------------------------------------------------------------------------
-def _tasks(sweep, todo: list, choice, out: Path, ctx, threads: int, marker: Optional[str]) -> list:
+def _tasks(sweep, todo: list, choice, out: Path, ctx, threads: int, marker: Optional[str], place) -> list:
     from medlite.sweep.variant import VariantTask
 
     (out / "logs").mkdir(parents=True, exist_ok=True)
     dataset = sweep.spec.dataset.model_dump() if sweep.spec.dataset else None
     return [VariantTask(name=v.name, recipe_path=str(sweep.recipe_path), overrides=list(v.overrides), choice=choice,
                         out_root=str(out / "artifacts"), cache_dir=str(ctx.cache_dir), threads=threads,
-                        log=str(out / "logs" / f"{v.name}.log"), dataset=dataset, marker=marker)
+                        log=str(out / "logs" / f"{v.name}.log"), dataset=dataset, marker=marker,
+                        device=place.device_of(v.resolved.recipe.device), gpus=place.gpus_of(v.resolved.recipe.device))
             for v in todo]
 
 
@@ -147,7 +161,7 @@ def _finish_line(name: str, row: dict) -> str:
     return f"[bold red]✗[/] {name:<36} {row['status']}: {row['error']}"
 
 
-def run_variants(args, sweep, todo: list, choice, out: Path, targets: list[str], rows: dict, ctx) -> None:
+def run_variants(args, sweep, todo: list, choice, out: Path, targets: list[str], rows: dict, ctx, place) -> None:
     """Build ``todo`` on the chosen executor; each finished variant is recorded at once (resume point)."""
     from medlite.fileio import write_json_atomic
     from medlite.sweep import executors as ex
@@ -162,7 +176,7 @@ def run_variants(args, sweep, todo: list, choice, out: Path, targets: list[str],
         if not getattr(args, "return_artifacts", False):   # else never written: no worker sees it
             marker.write_text("a Ray worker that sees this file shares the driver's file system\n")
     by_name = {v.name: v for v in todo}
-    keys = {v.name: v.key(choice.label) for v in todo}
+    keys = {v.name: variant_key(v, choice, place) for v in todo}
 
     def on_done(res: dict) -> None:
         v = by_name[res["name"]]
@@ -180,7 +194,8 @@ def run_variants(args, sweep, todo: list, choice, out: Path, targets: list[str],
         rows[v.name] = row
         display.finished(v.name, _finish_line(v.name, row))
 
-    tasks = order_by_prefix(_tasks(sweep, todo, choice, out, ctx, threads, str(marker) if marker else None), by_name)
+    tasks = order_by_prefix(_tasks(sweep, todo, choice, out, ctx, threads, str(marker) if marker else None, place),
+                            by_name)
     (out / "variants").mkdir(parents=True, exist_ok=True)
     try:
         with ex.Display(ctx, len(tasks)) as display:
@@ -226,7 +241,7 @@ def _bench(rows: dict, ctx) -> None:
             info["detail"] = f"{tps} tokens/s · TTFT {r.ttft_ms:.0f} ms"
 
 
-def collect(args, sweep, choice, out: Path, targets: list[str], ctx) -> tuple[dict, list]:
+def collect(args, sweep, choice, out: Path, targets: list[str], ctx, place) -> tuple[dict, list]:
     """Rows of invalid and already finished variants; the variants left to build."""
     from medlite.sweep.rows import empty_row
 
@@ -235,7 +250,7 @@ def collect(args, sweep, choice, out: Path, targets: list[str], ctx) -> tuple[di
         if not v.valid:
             rows[v.name] = empty_row(v.name, own_overrides(sweep, v), "invalid", "; ".join(v.errors))
             continue
-        row = finished_row(out, sweep, v, v.key(choice.label), targets, ctx)
+        row = finished_row(out, sweep, v, variant_key(v, choice, place), targets, ctx)
         if row is None:
             todo.append(v)
         else:
@@ -271,13 +286,16 @@ def summarize(sweep, rows: dict, targets: list[str], out: Path, choice, ctx) -> 
 def cmd_sweep(args, ctx) -> int:
     """Build every variant of a sweep file, then write the table, the plot and the recommendations."""
     from medlite.fileio import ensure_writable_dir
+    from medlite.sweep.gpus import check_variants, placement
     from medlite.sweep.spec import load_sweep
 
     if args.jobs < 1:
         raise MedliteError(f"--jobs must be at least 1, got {args.jobs}")
     if args.executor == "local" and args.address:
         raise MedliteError("--address names a Ray cluster: use it with --executor ray")
+    place = placement(args)
     sweep = load_sweep(args.sweep)
+    check_variants(place, {v.name: v.resolved.recipe.device for v in sweep.variants if v.valid}, args.jobs)
     out = Path(ensure_writable_dir(args.out, "--out"))
     out.mkdir(parents=True, exist_ok=True)
     choice = _choice(args, sweep)
@@ -285,7 +303,7 @@ def cmd_sweep(args, ctx) -> int:
     targets = list(sweep.spec.targets) or ([valid[0].resolved.recipe.target] if valid else [])
     if not targets:
         raise MedliteError(f"{sweep.source}: no valid variant and no targets: nothing to build or recommend")
-    rows, todo = collect(args, sweep, choice, out, targets, ctx)
+    rows, todo = collect(args, sweep, choice, out, targets, ctx, place)
     ctx.info(f"sweep {sweep.spec.name}: {len(sweep.variants)} variants — {len(todo)} to build, "
              f"{sum(r['reused'] for r in rows.values())} finished before (read back, verified), "
              f"{len(sweep.variants) - len(valid)} invalid")
@@ -293,7 +311,7 @@ def cmd_sweep(args, ctx) -> int:
         if r["status"] == "invalid":
             ctx.info(f"  ✗ {r['variant']}: invalid — {r['error']}")
     try:
-        run_variants(args, sweep, todo, choice, out, targets, rows, ctx)
+        run_variants(args, sweep, todo, choice, out, targets, rows, ctx, place)
     except KeyboardInterrupt:
         summarize(sweep, rows, targets, out, choice, ctx)
         print(f"interrupted: {sum(1 for r in rows.values() if r['status'] != 'invalid')} of {len(valid)} variants "

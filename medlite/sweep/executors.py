@@ -219,7 +219,8 @@ def check_address(address: Optional[str], timeout: float = 5.0) -> None:
 
 def run_ray(tasks: list, display: Display, on_done: Callable[[dict], None], *, address: Optional[str] = None,
             memory_bytes: Optional[int] = None) -> None:
-    """One Ray task per variant, declaring ``tasks[i].threads`` CPUs and ``memory_bytes`` of memory.
+    """One Ray task per variant, declaring ``tasks[i].threads`` CPUs, ``memory_bytes`` of memory and
+    ``tasks[i].gpus`` GPUs (when above 0: a GPU build, medlite.sweep.gpus).
 
     Connects to ``address`` (``auto``, ``ray://host:10001``), to the Ray instance this process already
     started, or starts a local one (shut down at the end). Workers that see the driver's ``--out`` write
@@ -246,16 +247,21 @@ def run_ray(tasks: list, display: Display, on_done: Callable[[dict], None], *, a
     if memory_bytes:
         opts["memory"] = int(memory_bytes)
     remote = ray.remote(**opts)(_ray_task)
+
+    def submit(t):
+        gpus = float(getattr(t, "gpus", 0) or 0)
+        return (remote.options(num_gpus=gpus) if gpus else remote).remote(t, events)
+
     refs = {}
     gate = Waits(tasks)
     try:
-        refs = {remote.remote(t, events): t for t in gate.ready()}
+        refs = {submit(t): t for t in gate.ready()}
         while refs:
             done, _ = ray.wait(list(refs), num_returns=1, timeout=0.5)
             _pump_ray(events, display)
             for ref in done:
                 task = refs.pop(ref)
-                refs.update({remote.remote(t, events): t for t in gate.done(task.name)})
+                refs.update({submit(t): t for t in gate.done(task.name)})
                 try:
                     result = ray.get(ref)
                 except Exception as e:   # noqa: BLE001 — a lost worker or node: a failed row

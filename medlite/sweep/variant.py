@@ -33,6 +33,8 @@ class VariantTask:
     log: Optional[str] = None           # the worker's stage lines and warnings go here
     dataset: Optional[dict] = None      # the sweep's ``dataset`` (DatasetSpec as a dict)
     marker: Optional[str] = None        # a file the driver wrote: invisible to the worker = no shared file system
+    device: Optional[str] = None        # --device for the build (None: the recipe's device, else auto)
+    gpus: float = 0.0                   # GPUs the Ray task declares (medlite.sweep.gpus)
     extra: dict = field(default_factory=dict)
 
 
@@ -61,7 +63,7 @@ def _build(task: VariantTask, root: Path, ctx):
     target = TARGETS[resolved.recipe.target]
     check_budget(plan_steps(resolved, task.choice.inspect(ctx), target), target, f"variant {task.name}")
     map_large_allocations()
-    return build(resolved, task.choice, root, ctx)
+    return build(resolved, task.choice, root, ctx, device=task.device)
 
 
 def _score(task: VariantTask, folder: Path, ctx) -> dict:
