@@ -16,7 +16,7 @@ from medlite.export.graph_passes import op_counts
 from medlite.memory import modules_idle_for, release_memory, weights_on_disk
 from medlite.export.graphs import (decoder_onnx_from_model, embed_onnx_from_model, text_dims,
                                    vision_onnx_from_model)
-from medlite.export.plan import TENSORRT, ExportPlan, PassContext
+from medlite.export.plan import ONNXRUNTIME, TENSORRT, ExportPlan, PassContext
 from medlite.export.precision import PRECISIONS, check_fp32_islands, model_for_precision
 from medlite.export.runtime_config import graph_spec_from_onnx, runtime_config_from_loaded
 from medlite.export.trt_ops import trt_check_from_onnx
@@ -44,6 +44,9 @@ class ExportResult:
     seconds: dict[str, float] = field(default_factory=dict)
     trace_notes: list[str] = field(default_factory=list)
     passes: dict[str, list[str]] = field(default_factory=dict)   # graph -> plan passes that ran
+    # which decoder was written when the fused one was asked for ("fused" or "auto"): {"graph": "fused",
+    # "ops": [...]} or {"graph": "plain", "reason": ...}; empty for the plain request (TensorRT decoders)
+    decoder_graph: dict = field(default_factory=dict)
 
     @property
     def trt_ok(self) -> bool:
@@ -76,7 +79,37 @@ def _rename_table(proto: onnx.ModelProto) -> None:
                 n.input[i] = EMBED_TABLE_NAME
 
 
-def _trace(name: str, model, loaded, gp, common: dict, tied: bool, table, swaps) -> tuple:
+DECODER_GRAPHS = ("plain", "fused", "auto")
+# graph passes that make sense on the fused decoder too (they only set MatMulNBits attributes)
+_FUSED_PASSES = ("matmulnbits_accuracy_level",)
+FUSED_REASON = ("fused decoder: com.microsoft GroupQueryAttention / RotaryEmbedding / "
+                "SkipSimplifiedLayerNormalization are ONNX Runtime operators")
+
+
+def _decoder_proto(model, gp, choice: str, common: dict, res: ExportResult, ctx):
+    """The traced decoder, or the fused ONNX Runtime one (``choice`` "fused"; "auto": fused where the
+    model allows it, else the traced one with the reason recorded and warned about)."""
+    if choice == "plain":
+        return decoder_onnx_from_model(model, **common)
+    from medlite.export.fused_decoder import FUSED_OPS, fused_decoder_onnx_from_model, fused_problem
+
+    problem = fused_problem(model) or next((f"graph pass {n} rewrites the traced decoder" for n, _ in gp.passes
+                                            if n not in _FUSED_PASSES), None)
+    if problem and choice == "fused":
+        raise ExportError(f"decoder.onnx: decoder_graph fused cannot be written for this model: {problem} "
+                          "(decoder_graph: auto writes the traced decoder instead)")
+    if problem:
+        ctx.warn(f"decoder.onnx: the traced (plain) decoder is written, not the fused ONNX Runtime one: {problem}")
+        res.decoder_graph = {"graph": "plain", "reason": problem}
+        return decoder_onnx_from_model(model, **common)
+    res.decoder_graph = {"graph": "fused", "ops": list(FUSED_OPS)}
+    if gp.runtime != ONNXRUNTIME:    # a CPU target's fp32/fp16 decoder: contrib ops make it ONNX-Runtime-only
+        gp.runtime, gp.runtime_reason = ONNXRUNTIME, FUSED_REASON
+    return fused_decoder_onnx_from_model(model, **common)
+
+
+def _trace(name: str, model, loaded, gp, common: dict, tied: bool, table, swaps, *, decoder_graph: str = "plain",
+           res: Optional[ExportResult] = None, ctx=None) -> tuple:
     """Trace one graph with the plan's module swaps applied; returns ``(proto, shared initializer names)``."""
     vcfg = model.config.vision_config
     shared: list[str] = []
@@ -93,7 +126,7 @@ def _trace(name: str, model, loaded, gp, common: dict, tied: bool, table, swaps)
             _rename_table(proto)
             shared = [EMBED_TABLE_NAME]
         else:
-            proto = decoder_onnx_from_model(model, **common)
+            proto = _decoder_proto(model, gp, decoder_graph, common, res, ctx)
     if name == "decoder" and tied:
         if not tie_lm_head_to_table(proto, table):
             raise ExportError("decoder.onnx: lm_head is tied to the embeddings but its weight was "
@@ -128,7 +161,8 @@ def _check_graph(name: str, path: Path, gp, res: ExportResult, trt_summary: dict
 
 
 def _export_one(name: str, model, loaded, out: Path, res: ExportResult, specs: dict, trt_summary: dict, *,
-                gp, plan, pass_state, tmp_root: Path, tied: bool, table, allow_trt_issues: bool, ctx) -> None:
+                gp, plan, pass_state, tmp_root: Path, tied: bool, table, allow_trt_issues: bool, ctx,
+                decoder_graph: str = "plain") -> None:
     """Trace (with swaps), run the plan's graph passes, write and check one graph."""
     t0 = time.perf_counter()
     with ctx.stage(name) as info:
@@ -136,7 +170,8 @@ def _export_one(name: str, model, loaded, out: Path, res: ExportResult, specs: d
         if gp.quantization:
             meta["medlite.quantization"] = gp.quantization.get("scheme", "yes")
         common = dict(opset=res.opset, metadata=meta, tmp_root=tmp_root, trace_notes=res.trace_notes)
-        proto, shared = _trace(name, model, loaded, gp, common, tied, table, plan.swaps_for(name, model))
+        proto, shared = _trace(name, model, loaded, gp, common, tied, table, plan.swaps_for(name, model),
+                               decoder_graph=decoder_graph, res=res, ctx=ctx)
         for pass_name, fn in gp.passes:
             proto = fn(proto, PassContext(graph=name, ctx=ctx, model=loaded, state=pass_state, tmp_dir=tmp_root))
             res.passes.setdefault(name, []).append(pass_name)
@@ -153,7 +188,9 @@ def _export_one(name: str, model, loaded, out: Path, res: ExportResult, specs: d
             skeleton = onnx.load(str(path), load_external_data=False)
         spec = graph_spec_from_onnx(skeleton, path.name, [p.name for p in written[1:]])
         specs[name] = replace(spec, runtime=gp.runtime, runtime_reason=gp.runtime_reason, precision=gp.precision,
-                              quantization=dict(gp.quantization))
+                              quantization=dict(gp.quantization),
+                              fused=dict(res.decoder_graph) if name == "decoder" and
+                              res.decoder_graph.get("graph") == "fused" else {})
         size = sum(p.stat().st_size for p in written)
         info["detail"] = f"→ {path.name} {human_bytes(size)}, {sum(res.ops[name].values())} nodes, {verdict}"
     res.seconds[name] = round(time.perf_counter() - t0, 2)
@@ -173,7 +210,7 @@ def _graph_plans(plan: ExportPlan, components: list, precision: str) -> dict:
 
 def export_onnx(loaded, out_dir, *, ctx, precision: str = "fp32", opset: int = 17,
                 components: Sequence[str] = GRAPHS, allow_trt_issues: bool = False,
-                plan: Optional[ExportPlan] = None, pass_state=None) -> ExportResult:
+                plan: Optional[ExportPlan] = None, pass_state=None, decoder_graph: str = "plain") -> ExportResult:
     """Export ``loaded`` (a ``LoadedModel``) to ONNX graphs plus ``medlite_runtime.json`` and ``tokenizer.json``.
 
     Composition (``plan``, filled by compress stages; see :mod:`medlite.pipeline.contract`): each graph
@@ -184,10 +221,18 @@ def export_onnx(loaded, out_dir, *, ctx, precision: str = "fp32", opset: int = 1
     ONNX-Runtime-only skip that check and say so in the runtime config. fp16 graphs must keep
     normalisation and softmax in fp32 (checked). Output bytes depend only on the model and the
     arguments (two exports give identical files).
+
+    ``decoder_graph``: "plain" (the traced decoder; what TensorRT needs), "fused" (the ONNX Runtime
+    decoder of :mod:`medlite.export.fused_decoder`: same interface, contrib operators; an
+    :class:`ExportError` when the model has no fused form) or "auto" (fused where possible, else plain
+    with the reason in ``ExportResult.decoder_graph`` and a warning). Only for decoders that run on
+    ONNX Runtime: the export stage resolves the recipe's choice against the target.
     """
     problem = export_opset_problem(opset)
     if problem:
         raise ExportError(problem)
+    if decoder_graph not in DECODER_GRAPHS:
+        raise ExportError(f"decoder_graph {decoder_graph!r}: choose from {', '.join(DECODER_GRAPHS)}")
     components = list(dict.fromkeys(components))
     unknown = [c for c in components if c not in GRAPHS]
     if unknown or not components:
@@ -219,7 +264,7 @@ def export_onnx(loaded, out_dir, *, ctx, precision: str = "fp32", opset: int = 1
             model = model_for_precision(loaded, gp.precision, ctx=ctx, graph=name)
             _export_one(name, model, loaded, out, res, specs, trt_summary, gp=gp, plan=plan,
                         pass_state=pass_state, tmp_root=tmp_root, tied=tied, table=table,
-                        allow_trt_issues=allow_trt_issues, ctx=ctx)
+                        allow_trt_issues=allow_trt_issues, ctx=ctx, decoder_graph=decoder_graph)
             del model
             uses_table = uses_table or name == "embed" or (name == "decoder" and tied)
     finally:

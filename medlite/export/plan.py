@@ -63,4 +63,20 @@ class ExportPlan:
         return stack
 
 
-__all__ = ["ExportPlan", "GraphPass", "GraphPlan", "ModuleSwap", "ONNXRUNTIME", "PassContext", "TENSORRT"]
+def decoder_graph_choice(option: str, *, tensorrt_target: bool, decoder_runtime: str) -> str:
+    """The export's ``decoder_graph`` for a recipe's option (medlite/export/fused_decoder.py).
+
+    The fused decoder exists only for decoders that run on ONNX Runtime — a CPU target, or a decoder
+    marked ONNX-Runtime-only (INT4) — so ``auto`` is ``plain`` for a decoder TensorRT builds (its graph
+    stays byte for byte the traced one); ``fused`` there is an error (also a validation rule).
+    """
+    on_ort = not tensorrt_target or decoder_runtime == ONNXRUNTIME
+    if option == "fused" and not on_ort:
+        raise ValueError("decoder_graph fused needs a decoder that runs on ONNX Runtime (a CPU target or "
+                         "llm: w4a16); this decoder goes to TensorRT")
+    if option == "auto":
+        return "auto" if on_ort else "plain"
+    return option
+
+
+__all__ = ["ExportPlan", "GraphPass", "GraphPlan", "ModuleSwap", "ONNXRUNTIME", "PassContext", "TENSORRT", "decoder_graph_choice"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_serializer
 
 from medlite.recipes.base import Closed, fraction
 
@@ -96,6 +96,11 @@ class ExportOptions(Closed):
     opset: int = Field(17, ge=14, le=21, description="ONNX opset (TensorRT 8.5: at most 17)")
     components: list[Literal["vision", "embed", "decoder"]] = Field(default_factory=lambda: list(COMPONENTS),
                                                                     description="graphs to export")
+    # docs/cpu.md "Fused ONNX Runtime decoder": fused = GroupQueryAttention / RotaryEmbedding /
+    # SkipSimplifiedLayerNormalization (ONNX Runtime only); plain = the traced graph TensorRT needs.
+    decoder_graph: Literal["auto", "fused", "plain"] = Field(
+        "auto", description="decoder graph: auto (fused when the decoder runs on ONNX Runtime and the model "
+                            "allows it), fused, or plain (traced)")
 
     @field_validator("components")
     @classmethod
@@ -106,6 +111,15 @@ class ExportOptions(Closed):
         if dup:
             raise ValueError(f"lists {', '.join(dup)} more than once")
         return [c for c in COMPONENTS if c in v]   # canonical order: same recipe → same hash
+
+    @model_serializer(mode="wrap")
+    def _auto_unwritten(self, handler):
+        # the default is not written: recipes without the key resolve (recipe.yaml) and hash exactly as
+        # before the option existed, so TensorRT recipes keep their artifact versions
+        d = handler(self)
+        if isinstance(d, dict) and d.get("decoder_graph") == "auto":
+            d.pop("decoder_graph")
+        return d
 
 
 class EnginesOptions(Closed):

@@ -38,6 +38,12 @@ def export_rules(index: int, opts, view: RecipeView):
         errors.append((("stages", index, "export", "components"),
                        f"stages[{chk[0]}].check runs the artifact end to end and needs all three components "
                        f"(vision, embed, decoder); got {', '.join(opts.components)}"))
+    quant = view.by_name.get("quantize")
+    int4 = bool(quant and quant[1] is not None and getattr(quant[1], "llm", None) == "w4a16")
+    if getattr(opts, "decoder_graph", "auto") == "fused" and t is not None and t.trt_precisions and not int4:
+        errors.append((("stages", index, "export", "decoder_graph"),
+                       f"fused is an ONNX Runtime graph, but on {t.name} the decoder goes to TensorRT "
+                       f"{t.tensorrt} (only an llm: w4a16 decoder runs on ONNX Runtime there); use auto or plain"))
     return errors, []
 
 

@@ -44,6 +44,9 @@ class GraphSpec:
     runtime_reason: str = ""
     precision: str = ""                  # float precision the graph was traced in
     quantization: dict = field(default_factory=dict)   # scheme, method, excluded layers ... (empty: none)
+    # the fused ONNX Runtime decoder (medlite/export/fused_decoder.py): {"graph": "fused", "ops": [...]};
+    # empty for traced graphs, and then not written at all (their runtime config stays byte-identical)
+    fused: dict = field(default_factory=dict)
 
     def input(self, name: str) -> TensorSpec:
         return next(t for t in self.inputs if t.name == name)
@@ -85,6 +88,9 @@ class RuntimeConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        for g in d["graphs"].values():
+            if not g.get("fused"):
+                g.pop("fused", None)
         d["image_spec"] = self.image_spec.to_dict()
         d["template"] = self.template.to_dict()
         return {"format": FORMAT, "schema_version": SCHEMA_VERSION, **d}
@@ -131,7 +137,8 @@ class RuntimeConfig:
                     inputs=[TensorSpec(t["name"], t["dtype"], list(t["shape"])) for t in g["inputs"]],
                     outputs=[TensorSpec(t["name"], t["dtype"], list(t["shape"])) for t in g["outputs"]],
                     runtime=g.get("runtime", "tensorrt"), runtime_reason=g.get("runtime_reason", ""),
-                    precision=g.get("precision", ""), quantization=dict(g.get("quantization") or {}))
+                    precision=g.get("precision", ""), quantization=dict(g.get("quantization") or {}),
+                    fused=dict(g.get("fused") or {}))
             except (KeyError, TypeError) as e:
                 raise DataError(f"{source}: graphs.{name} is malformed (missing {e})") from None
         model = need(raw, "model", "")

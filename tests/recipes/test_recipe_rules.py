@@ -137,7 +137,7 @@ def test_override_errors_name_the_override(tmp_path):
         "override 'check.min_agreement': expected KEY=VALUE, e.g. export.precision=fp32",
         "override 'stages[5].check.x=1': stages[5]: index out of range (2 item(s))"]
     assert ("stages[0].export.precison: unknown key (did you mean 'precision'?); allowed: precision, opset, "
-            "components (from override 'export.precison=fp32')") in errs
+            "components, decoder_graph (from override 'export.precison=fp32')") in errs
     assert "stages[0].export.opset: must be a valid integer, unable to parse string as an integer (got 'abc') " \
            "(from override 'export.opset=abc')" in errs
     assert len(errs) == 6

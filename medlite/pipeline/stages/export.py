@@ -23,8 +23,16 @@ def run(state, index: int, options):
     if problem:
         raise ExportError(f"stages[{index}].export.opset: {problem}")
     before = state.model.param_breakdown()["total"]["bytes"]
+    from medlite.export.plan import decoder_graph_choice
+
+    try:   # the fused ONNX Runtime decoder only where the decoder runs on ONNX Runtime (docs/cpu.md)
+        choice = decoder_graph_choice(getattr(options, "decoder_graph", "plain"), tensorrt_target=bool(
+            target.trt_precisions), decoder_runtime=state.export_plan.graph("decoder").runtime)
+    except ValueError as e:
+        raise ExportError(f"stages[{index}].export.decoder_graph: {e}") from None
     res = export_onnx(state.model, state.work, ctx=state.ctx, precision=options.precision, opset=options.opset,
-                      components=options.components, plan=state.export_plan, pass_state=state)
+                      components=options.components, plan=state.export_plan, pass_state=state,
+                      decoder_graph=choice)
     plans = state.export_plan.graphs
     trt_graphs = [g for g in res.ops if plans.get(g) is None or plans[g].runtime == TENSORRT]
     bad_ops = {g: sorted(set(res.ops[g]) & set(target.unsupported_ops)) for g in trt_graphs}
@@ -45,6 +53,8 @@ def run(state, index: int, options):
         "onnxruntime_only": ort_only,
         "fp32_ops": res.fp32_ops, "trace_notes": sorted(set(res.trace_notes)),
     }
+    if res.decoder_graph:      # only decoders that run on ONNX Runtime: TensorRT manifests are unchanged
+        manifest["decoder_graph"] = res.decoder_graph
     graphs = " · ".join(f"{c}.onnx" for c in options.components)
     precs = sorted({(plans[g].precision if g in plans else None) or res.precision for g in res.ops})
     if not target.trt_precisions:      # a CPU target: every graph runs on ONNX Runtime

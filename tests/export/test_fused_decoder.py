@@ -1,0 +1,113 @@
+"""The fused ONNX Runtime decoder (medlite/export/fused_decoder.py) against the traced one, on the random
+tiny model: same interface, same logits and cache (real rows and slots) at prefill and decode shapes with
+left padding and the dummy slot; the export records which graph it wrote; unsupported models fall back
+(auto) or fail with one line (fused)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from medlite.errors import ExportError
+
+
+@pytest.fixture(scope="module")
+def both(tiny, ctx, tmp_path_factory):
+    """(plain folder, fused folder, fused ExportResult) of the fp32 export."""
+    from medlite.export import export_onnx
+
+    plain, fused = tmp_path_factory.mktemp("plain"), tmp_path_factory.mktemp("fused")
+    export_onnx(tiny, plain, ctx=ctx, components=["decoder"])
+    res = export_onnx(tiny, fused, ctx=ctx, components=["decoder"], decoder_graph="fused")
+    return plain, fused, res
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC   # as the runtime runs INT4 graphs
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _feeds(sess, b: int, s: int, past: int, pad: list, seed: int = 0) -> dict:
+    """Random embeddings and cache; slot 0 is the dummy slot, ``pad[i]`` more slots of row i are blocked."""
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for vi in sess.get_inputs():
+        if vi.name.startswith("past_key_values"):
+            kv, hd = vi.shape[1], vi.shape[3]
+            feed[vi.name] = rng.standard_normal((b, kv, past, hd)).astype(np.float32)
+        elif vi.name == "inputs_embeds":
+            feed[vi.name] = rng.standard_normal((b, s, vi.shape[2])).astype(np.float32)
+    mask = np.ones((b, past + s), np.int32)
+    for i, p in enumerate(pad):
+        mask[i, : 1 + p] = 0
+    feed["attention_mask"] = mask
+    feed["position_ids"] = np.tile(np.arange(past - 1, past - 1 + s, dtype=np.int32), (b, 1))
+    return feed
+
+
+@pytest.mark.parametrize("b,s,past,pad", [(1, 6, 1, [0]), (2, 5, 1, [0, 3]), (1, 1, 9, [0]), (3, 1, 12, [0, 4, 2]),
+                                          (2, 3, 7, [2, 0])])
+def test_fused_equals_traced_on_real_rows_and_slots(both, b, s, past, pad):
+    plain, fused, _ = both
+    sp, sf = _session(plain / "decoder.onnx"), _session(fused / "decoder.onnx")
+    feed = _feeds(sp, b, s, past, pad)
+    want, got = sp.run(None, feed), sf.run(None, feed)
+    names = [o.name for o in sp.get_outputs()]
+    assert names == [o.name for o in sf.get_outputs()]
+    mask = feed["attention_mask"].astype(bool)
+    rows = mask[:, -s:]                       # query rows that are real tokens (padding queries are ignored)
+    assert np.isfinite(got[0]).all()
+    ref = want[0][rows]
+    assert np.abs(got[0][rows] - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max())
+    for w, g_, name in zip(want[1:], got[1:], names[1:]):
+        assert w.shape == g_.shape, name
+        real = np.broadcast_to(mask[:, None, :, None], w.shape)   # slots a real query may read
+        assert np.abs(w - g_)[real].max() <= 1e-5, name
+
+
+def test_fused_graph_has_no_decomposed_attention(both):
+    plain, fused, res = both
+    ops_f = res.ops["decoder"]
+    assert ops_f.get("com.microsoft.GroupQueryAttention") == 2 and ops_f.get("com.microsoft.RotaryEmbedding") == 4
+    assert ops_f.get("com.microsoft.SkipSimplifiedLayerNormalization") == 4
+    # no repeat_kv Expand, K^T Transpose, eager Softmax or past/present Concat per layer: what is left
+    # is the once-per-call arithmetic for GQA's inputs (seqlens_k, query_seqlens, the bias shape)
+    for op, most in (("Expand", 3), ("Transpose", 0), ("Softmax", 0), ("Concat", 1)):
+        assert ops_f.get(op, 0) <= most, (op, ops_f)
+    n_plain = len(onnx.load(str(plain / "decoder.onnx")).graph.node)
+    assert sum(ops_f.values()) < n_plain / 3, (sum(ops_f.values()), n_plain)
+    assert res.decoder_graph["graph"] == "fused"
+    from medlite.runtime.config import RuntimeConfig
+
+    assert RuntimeConfig.load(fused).graphs["decoder"].fused["graph"] == "fused"
+    assert RuntimeConfig.load(fused).graphs["decoder"].runtime == "onnxruntime"
+    assert "fused" not in (plain / "medlite_runtime.json").read_text()    # plain exports' config unchanged
+    assert RuntimeConfig.load(fused).graphs["decoder"].inputs == RuntimeConfig.load(plain).graphs["decoder"].inputs
+
+
+def test_fused_export_is_deterministic(tiny, ctx, both, tmp_path):
+    from medlite.export import export_onnx
+
+    _, fused, _ = both
+    export_onnx(tiny, tmp_path, ctx=ctx, components=["decoder"], decoder_graph="fused")
+    assert (tmp_path / "decoder.onnx").read_bytes() == (fused / "decoder.onnx").read_bytes()
+
+
+def test_unsupported_backbone_falls_back_or_fails(ctx, tmp_path):
+    from export_tiny_model import checkpoint_model
+
+    from medlite.export import export_onnx
+
+    phi = checkpoint_model("tiny-phi", "legacy", tmp_path / "ckpt", ctx)
+    with pytest.raises(ExportError, match="decoder_graph fused cannot be written.*phi"):
+        export_onnx(phi, tmp_path / "f", ctx=ctx, components=["decoder"], decoder_graph="fused")
+    res = export_onnx(phi, tmp_path / "a", ctx=ctx, components=["decoder"], decoder_graph="auto")
+    assert res.decoder_graph["graph"] == "plain" and "phi" in res.decoder_graph["reason"]
+    assert "GroupQueryAttention" not in str(res.ops["decoder"])
+    with pytest.raises(ExportError, match="decoder_graph 'fast'"):
+        export_onnx(phi, tmp_path / "x", ctx=ctx, components=["decoder"], decoder_graph="fast")
