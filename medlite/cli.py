@@ -52,12 +52,14 @@ def _cmd_ask(args, ctx) -> int:
     from medlite.model_choice import check_model_path, looks_like_path
 
     words = list(args.args)
+    asked = list(getattr(args, "extra_questions", None) or [])   # --question Q (repeatable)
     path = args.model
     if words and looks_like_path(words[0]):
         if path is not None:
             raise DataError(f"ask: two models given (--model {path} and {words[0]}); name one")
         path = words.pop(0)
         check_model_path(path, command="ask", option="PATH")
+    words += asked
     if not words:
         raise DataError(f"ask: no question given; write it in quotes after the image: medlite ask "
                         f"{path or 'MODEL'} --image {args.image} \"QUESTION\"")

@@ -90,9 +90,12 @@ def _model_commands(sub, command) -> None:
                    help="deprecated spelling of --precision (float16 = fp16)")
 
     p = command(sub, "ask", "answer questions about an image (PyTorch checkpoint or ONNX artifact)")
-    p.add_argument("args", nargs="+", metavar="[PATH] QUESTION",
+    p.add_argument("args", nargs="*", metavar="[PATH] QUESTION",
                    help="optional checkpoint/artifact folder, then one or more questions (quote each); "
                         "options may come anywhere: ask ARTIFACT --image scan.dcm \"is there a lesion?\"")
+    p.add_argument("--question", action="append", dest="extra_questions", default=None, metavar="Q",
+                   help="a question (repeatable; after the positional ones): follow-up questions on one image "
+                        "reuse its prompt-prefix KV cache on an ONNX artifact, prefilling only their own tokens")
     p.add_argument("--image", required=True, metavar="FILE", action=_Once,
                    help="image file: DICOM, NIfTI, PNG, JPEG, TIFF (one per ask)")
     p.add_argument("--max-new-tokens", type=int, default=32, metavar="N",

@@ -16,7 +16,7 @@ from medlite.errors import DataError
 
 
 def print_answers(questions: Sequence[str], answer: Callable, ctx, *, model: Optional[dict] = None,
-                  image: Optional[dict] = None) -> list[dict]:
+                  image: Optional[dict] = None, stats: Optional[Callable[[], dict]] = None) -> list[dict]:
     """Answer each question in turn: the answer streams to stdout (one line each; with several
     questions the question comes first, ``Q: ...`` / ``A: ...``). With ``--json`` nothing streams and
     one JSON object ``{"answers": [{"question", "answer", "latency_s"}], "model": ..., "image": ...}`` is
@@ -24,6 +24,8 @@ def print_answers(questions: Sequence[str], answer: Callable, ctx, *, model: Opt
 
     ``answer(question, on_text)`` returns the full answer and calls ``on_text(piece)`` as it goes.
     ``model`` / ``image`` (:func:`model_line` / :func:`image_line` facts) are named on stderr in text mode.
+    ``stats()``, called after each answer, adds its fields to that answer's record (the ONNX runtime's
+    ``prefill_tokens`` / ``cached_tokens``: the image line then names the prefill of each question).
     """
     many, out = len(questions) > 1, []
 
@@ -40,6 +42,8 @@ def print_answers(questions: Sequence[str], answer: Callable, ctx, *, model: Opt
         t0 = time.perf_counter()
         text = answer(q, stream)
         out.append({"question": q, "answer": text, "latency_s": round(time.perf_counter() - t0, 3)})
+        if stats is not None:
+            out[-1].update(stats())
         if not ctx.json_mode:
             sys.stdout.write("\n" if text else "(empty answer)\n")
             sys.stdout.flush()
@@ -51,7 +55,8 @@ def print_answers(questions: Sequence[str], answer: Callable, ctx, *, model: Opt
             result["image"] = image
         print(json.dumps(result, indent=1))
     elif image is not None:
-        print(image_line(image, [a["latency_s"] for a in out]), file=sys.stderr, flush=True)
+        print(image_line(image, [a["latency_s"] for a in out], [a.get("prefill_tokens") for a in out]),
+              file=sys.stderr, flush=True)
     return out
 
 
@@ -68,14 +73,17 @@ def model_line(m: dict) -> str:
     return " · ".join(parts)
 
 
-def image_line(img: dict, latencies: Sequence[float]) -> str:
-    """``image: FILE · frame 5 of 10 (counting from 0) · window C40/W400 · latency 0.84 s``."""
+def image_line(img: dict, latencies: Sequence[float], prefill: Sequence[Optional[int]] = ()) -> str:
+    """``image: FILE · frame 5 of 10 (counting from 0) · window C40/W400 · latency 0.84 s``; with
+    ``prefill`` (tokens each question prefilled) also ``· prefill 84, 7 tokens``."""
     parts = [f"image: {img['file']}"]
     if img.get("frames", 1) > 1:
         what = "slice" if img.get("kind") == "nifti" else "frame"
         parts.append(f"{what} {img['frame']} of {img['frames']} (counting from 0)")
     parts.append(f"window {img['window']}")
     parts.append("latency " + ", ".join(f"{s:.2f} s" for s in latencies))
+    if prefill and all(n is not None for n in prefill):
+        parts.append("prefill " + ", ".join(str(n) for n in prefill) + " tokens")
     return " · ".join(parts)
 
 
@@ -149,10 +157,15 @@ def cmd_ask_onnx(args, ctx) -> int:
     model = _check_artifact(Path(args.model), ctx)
     image, facts = load_ask_image(args.image, getattr(args, "frame", None), ctx)
     vlm = OnnxVlm.open(model["folder"], ctx=ctx)
+    questions = getattr(args, "questions", None) or [args.question]
+    if len(questions) > 1:     # follow-ups reuse the image's prompt-prefix KV cache (identical answers)
+        from medlite.runtime.prefix_cache import PrefixCache
+
+        vlm.prefix_cache = PrefixCache()
     providers = {g: list(p) for g, p in (getattr(vlm, "providers", {}) or {}).items()}
     model.update(runtime=_runtime_name(providers), providers=providers, precision=graph_labels(vlm.config))
     n = int(getattr(args, "max_new_tokens", 32))
-    questions = getattr(args, "questions", None) or [args.question]
     print_answers(questions, lambda q, on_text: vlm.answer(image, q, max_new_tokens=n, on_token=on_text), ctx,
-                  model=model, image=facts)
+                  model=model, image=facts, stats=lambda: {k: vlm.last_prefill[k] for k in
+                                                           ("prefill_tokens", "cached_tokens")})
     return 0

@@ -47,6 +47,11 @@ class OnnxVlm:
         self.table = table
         self._byte_token_ids: Optional[set[int]] = None
         self.warnings = warnings if warnings is not None else []
+        # Follow-up questions: a ``medlite.runtime.prefix_cache.PrefixCache`` makes :meth:`answer` reuse an
+        # image's prompt-prefix KV cache (None: every question is prefilled whole). ``last_prefill``: what
+        # the last :meth:`answer` prefilled (``prefill_tokens``, ``cached_tokens``, ``cache``).
+        self.prefix_cache = None
+        self.last_prefill: dict = {}
         # Maximum positions and the engines' profile bounds: every request is checked before it runs.
         self.limits = limits_for(folder, config)
         dec = config.graphs["decoder"]
@@ -102,7 +107,12 @@ class OnnxVlm:
 
     # -- graph calls ----------------------------------------------------------------------
     def _vision(self, images: list) -> np.ndarray:
-        pixels = preprocess([load_input_image(im, self.ctx) for im in images], self.config.image_spec)
+        return self._vision_pixels(self._pixels(images))
+
+    def _pixels(self, images: list) -> np.ndarray:
+        return preprocess([load_input_image(im, self.ctx) for im in images], self.config.image_spec)
+
+    def _vision_pixels(self, pixels: np.ndarray) -> np.ndarray:
         dtype = np.dtype(self.config.graphs["vision"].input("pixel_values").dtype)
         (emb,) = self.sessions["vision"].run(["image_embeds"], {"pixel_values": pixels.astype(dtype)})
         return emb
@@ -175,6 +185,12 @@ class OnnxVlm:
     def generate_ids(self, images: Sequence, questions: Sequence[str], *, max_new_tokens: int = 32,
                      on_step: Optional[Callable] = None) -> list[list[int]]:
         """Greedy answer token ids for (image, question) pairs in one left-padded batch (stop ids excluded)."""
+        first = self._first(list(images), list(questions), max_new_tokens)
+        return self._greedy(first, max_new_tokens=max_new_tokens, on_step=on_step)
+
+    def _greedy(self, first: tuple, *, max_new_tokens: int, run: Optional[Callable] = None,
+                on_step: Optional[Callable] = None) -> list[list[int]]:
+        """:func:`greedy_generate` from ``first`` with this export's stop ids, stop strings and suppressed ids."""
         c = self.config
         stops = tuple(s for s in c.template.stop if s)
 
@@ -182,10 +198,9 @@ class OnnxVlm:
             text = self._text(ids)
             return any(s in text for s in stops)
 
-        first = self._first(list(images), list(questions), max_new_tokens)
-        return greedy_generate(self._decoder, self._embed, first,
-                               max_new_tokens=max_new_tokens, stop_ids=set(c.eos_token_ids),
-                               suppress_ids=list(c.suppress_token_ids), is_stopped=is_stopped, on_step=on_step)
+        return greedy_generate(run or self._decoder, self._embed, first, max_new_tokens=max_new_tokens,
+                               stop_ids=set(c.eos_token_ids), suppress_ids=list(c.suppress_token_ids),
+                               is_stopped=is_stopped, on_step=on_step)
 
     def answer_batch(self, images: Sequence, questions: Sequence[str], *, max_new_tokens: int = 32,
                      on_step: Optional[Callable] = None) -> list[str]:
@@ -259,8 +274,12 @@ class OnnxVlm:
         return text.strip()
 
     def answer(self, image, question: str, *, max_new_tokens: int = 32,
-               on_token: Optional[Callable[[str], None]] = None) -> str:
-        """Greedy answer to one question; ``on_token(text_piece)`` streams it (pieces join to the answer)."""
+               on_token: Optional[Callable[[str], None]] = None, session=None) -> str:
+        """Greedy answer to one question; ``on_token(text_piece)`` streams it (pieces join to the answer).
+
+        With :attr:`prefix_cache` set, a follow-up question on the same image (in the same ``session``)
+        prefills only its own tokens; :attr:`last_prefill` says what was prefilled.
+        """
         stops = tuple(s for s in self.config.template.stop if s)
         shown = [""]
 
@@ -269,8 +288,15 @@ class OnnxVlm:
                 on_token(text[len(shown[0]):])
                 shown[0] = text
 
-        (ans,) = self.answer_batch([image], [question], max_new_tokens=max_new_tokens,
-                                   on_step=(lambda out: emit(self._stable_text(out[0], stops))) if on_token else None)
+        on_step = (lambda out: emit(self._stable_text(out[0], stops))) if on_token else None
+        if self.prefix_cache is not None:
+            ids, self.last_prefill = self.prefix_cache.generate(self, image, question, scope=session,
+                                                                max_new_tokens=max_new_tokens, on_step=on_step)
+            ans = clean_answer(self._text(ids), stops)
+        else:
+            (ans,) = self.answer_batch([image], [question], max_new_tokens=max_new_tokens, on_step=on_step)
+            self.last_prefill = {"prefill_tokens": len(self.prompt_ids(question)), "cached_tokens": 0,
+                                 "cache": "off"}
         if on_token:
             emit(ans)
         return ans
