@@ -25,6 +25,7 @@ class OrtBackend:
 
         # ``vlm``: an already opened one (a device bundle's engine runtime, medlite/engines/bundle_host.py)
         self.vlm = vlm if vlm is not None else OnnxVlm.open(folder, providers=["CPUExecutionProvider"], ctx=ctx)
+        self.own_runtime = vlm is None     # medlite's ONNX Runtime path (it has the follow-up prefix cache)
         self.max_new_tokens, self.ignore_eos = int(max_new_tokens), bool(ignore_eos)
         self.stops_early = bool(stop_at_eos) and not self.ignore_eos
         self.threads = int(threads or physical_cores())
@@ -69,6 +70,34 @@ class OrtBackend:
         from medlite.prompting import clean_answer
 
         return clean_answer(self.vlm._text(ids), tuple(s for s in self.vlm.config.template.stop if s))
+
+    def followup(self, image, first_question: str, question: str, runs: int, warmup: int, progress=None):
+        """``(median TTFT ms, prefill tokens)`` of ``question`` asked after ``first_question`` on ``image``,
+        with the image's prompt-prefix KV cache kept; None where it is not kept (a device bundle's engines,
+        a template with the image after the question)."""
+        import statistics
+
+        from medlite.runtime.decoding import greedy_generate
+        from medlite.runtime.prefix_cache import PrefixCache
+
+        if not self.own_runtime:
+            return None
+        vlm, cache = self.vlm, PrefixCache()
+        cache.generate(vlm, image, first_question, max_new_tokens=1)      # the first question keeps the prefix
+        times, info = [], {}
+        for i in range(warmup + runs):
+            clock = StepClock()
+            first, run, info = cache.first_inputs(vlm, image, question, max_new_tokens=self.max_new_tokens)
+            greedy_generate(clock.wrap_decoder(run), vlm._embed, first, max_new_tokens=1, stop_ids=set(),
+                            suppress_ids=list(vlm.config.suppress_token_ids), is_stopped=lambda _r, _g: False,
+                            on_step=clock.token)
+            if i >= warmup:
+                times.append(clock.stamps[0] - clock.t0)
+            if progress:
+                progress(1)
+        if info.get("cache") != "hit":
+            return None
+        return statistics.median(times) * 1e3, int(info["prefill_tokens"])
 
 
 class TorchBackend:

@@ -21,6 +21,9 @@ def add_bench_args(p) -> None:
                         "OUT/<model>/<recipe> means its latest artifact; default: the built-in demo model")
     p.add_argument("--image", default=None, help="image file (default: the first held-out Micro Med-VQA image)")
     p.add_argument("--question", default=None, help="question (default: that image's first question)")
+    p.add_argument("--followup-question", default=None, metavar="Q",
+                   help="the second question on the same image timed for followup_ttft_ms, with the image's "
+                        "prompt-prefix KV cache kept (default: the question again)")
     p.add_argument("--runs", type=int, default=5, help="timed runs; figures are medians (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
     p.add_argument("--max-new-tokens", type=int, default=32,
@@ -104,10 +107,16 @@ def run_bench(args, ctx):
     s = summarize(runs)
     ids = backend.answer_ids(runs[-1].ids)
     s["tokens"] = len(ids)
+    followup = getattr(args, "followup_question", None) or question
+    if hasattr(backend, "followup"):
+        with ctx.progress("follow-up question", total=args.warmup + args.runs) as advance:
+            got = backend.followup(image, question, followup, args.runs, args.warmup, advance)
+        if got is not None:
+            s["followup_ttft_ms"], s["followup_prefill_tokens"] = got
     details = {"ignore_eos": bool(args.ignore_eos), "stop_at_eos": bool(args.stop_at_eos),
                "decode_timed_over": "the answer only" if backend.stops_early else
                f"a fixed {args.max_new_tokens}-token generation, past the answer's end",
-               "min_decode_steps": MIN_DECODE_STEPS}
+               "min_decode_steps": MIN_DECODE_STEPS, "followup_question": followup}
     res = BenchResult(model=str(folder or args.model or "builtin:demo-model"), kind=backend.kind,
                       runtime=backend.runtime, precision=backend.precision, question=question, image=label,
                       prompt_tokens=backend.prompt_tokens(question), runs=args.runs, warmup=args.warmup,
@@ -128,6 +137,13 @@ def _decode(r) -> str:
     return f"{r.decode_tokens_per_s:.1f} tokens/s ({steps} timed over {r.details['decode_timed_over']})"
 
 
+def _followup(r) -> str:
+    if r.followup_ttft_ms is None:
+        return "not measured (this runtime keeps no prefix cache)"
+    return (f"{r.followup_ttft_ms:.1f} ms (a second question on the same image: image and prompt prefix "
+            f"cached, {_count(r.followup_prefill_tokens, 'token')} prefilled)")
+
+
 def _too_few(r) -> str:
     """Why a run had too few decode steps, and what gives a figure."""
     if r.details.get("stop_at_eos"):
@@ -141,7 +157,7 @@ def _table(r) -> str:
     rows = [("model", f"{r.model} ({r.kind}, {r.runtime}, {r.precision})"),
             ("prompt", f"{r.prompt_tokens} tokens · {r.question!r} · {r.image}"),
             ("image encode", f"{r.image_encode_ms:.1f} ms"), ("prefill", f"{r.prefill_ms:.1f} ms"),
-            ("time to first token", f"{r.ttft_ms:.1f} ms"), ("decode", _decode(r)),
+            ("time to first token", f"{r.ttft_ms:.1f} ms"), ("follow-up TTFT", _followup(r)), ("decode", _decode(r)),
             ("peak RSS", human_bytes(r.peak_rss_bytes)), ("threads", str(r.threads)),
             ("runs", f"median of {r.runs} after {_count(r.warmup, 'warm-up')}"),
             ("answer", f"{r.answer!r} ({_count(r.tokens, 'token')})")]

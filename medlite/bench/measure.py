@@ -14,7 +14,12 @@ Both backends answer the same (image, question) greedily and are timed the same 
   fewer than :data:`MIN_DECODE_STEPS` steps the figure is None ("not measured"), never a number
   read off one step;
 * ``tokens`` — the answer's tokens (up to its first stop id / stop string; with ``ignore_eos``
-  every generated token).
+  every generated token);
+* ``followup_ttft_ms`` — ``ttft_ms`` of a second question on the same image with the image's
+  prompt-prefix KV cache kept from the first (medlite/runtime/prefix_cache.py): preprocessing and
+  the image hash, then a prefill of only the question and the template tail
+  (``followup_prefill_tokens``); None where the runtime keeps no such cache (a checkpoint, a device
+  bundle's engines).
 
 Every figure is the median over ``runs`` timed runs after ``warmup`` untimed ones. Peak RSS is the
 process's high-water mark (``getrusage``), so it includes loading the model.
@@ -68,6 +73,8 @@ class BenchResult:
     threads: int
     host: dict = field(default_factory=dict)
     details: dict = field(default_factory=dict)
+    followup_ttft_ms: Optional[float] = None       # None: this runtime keeps no prefix cache
+    followup_prefill_tokens: Optional[int] = None
 
     def to_dict(self) -> dict:
         return asdict(self)

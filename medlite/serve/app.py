@@ -4,8 +4,13 @@
 * ``GET /api/info`` — artifact, version, precision, gate results, providers, limits;
 * ``POST /api/preview`` — multipart ``file`` (+ ``frame``, ``window``): the image as the model sees it;
 * ``POST /api/ask`` — the same fields + ``question``: ``text/event-stream`` of ``queued``, ``start``,
-  ``token`` (``{"text": piece}``), then ``done`` (answer, latency, tokens, tokens/s) or ``error``.
-  HTTP 503 with ``Retry-After`` when the bounded queue is full.
+  ``token`` (``{"text": piece}``), then ``done`` (answer, latency, tokens, tokens/s, prefill_tokens) or
+  ``error``. HTTP 503 with ``Retry-After`` when the bounded queue is full.
+
+Follow-up questions: each browser session (cookie ``medlite_session``, set on its first ask) keeps the
+KV cache of its image's prompt prefix, so a second question on the same scan prefills only its own
+tokens; all sessions together hold at most ``ServeLimits.prefix_cache_bytes`` (least recently used
+dropped first), and a session that sends another image drops its old one (medlite/runtime/prefix_cache.py).
 
 Uploads are read into memory (size-checked while they arrive), decoded in a private temporary
 folder that is deleted before the response starts, and never logged by name or content.
@@ -16,6 +21,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
+import secrets
 import threading
 import time
 from pathlib import Path
@@ -40,6 +47,8 @@ STATIC = Path(__file__).with_name("static")
 log = logging.getLogger("medlite.serve")
 _FORM_OVERHEAD = 64 * 1024     # multipart framing + the small text fields
 _PREVIEW_SLOTS = 2             # previews decoded at once
+SESSION_COOKIE = "medlite_session"
+_SESSION_ID = re.compile(r"[0-9a-f]{32}")
 _PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'",
                  "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
 
@@ -114,6 +123,26 @@ def _question(form, limits: ServeLimits) -> str:
     if len(q) > limits.max_question_chars:
         raise UploadError(f"the question has {len(q)} characters; at most {limits.max_question_chars}")
     return q
+
+
+def session_id(request) -> tuple[str, bool]:
+    """``(id, new)``: the client's session cookie, or a fresh random id when it sent none (or a malformed one)."""
+    sid = request.cookies.get(SESSION_COOKIE, "")
+    if _SESSION_ID.fullmatch(sid):
+        return sid, False
+    return secrets.token_hex(16), True
+
+
+def enable_prefix_cache(vlm, max_bytes: int):
+    """Give medlite's own ONNX Runtime VLM a bounded prefix cache (None: off, or a runtime without one,
+    e.g. a device bundle's engines, whose KV cache stays on the device)."""
+    from medlite.runtime.prefix_cache import PrefixCache
+    from medlite.runtime.vlm import OnnxVlm
+
+    if max_bytes <= 0 or not isinstance(vlm, OnnxVlm):
+        return None
+    vlm.prefix_cache = PrefixCache(max_bytes)
+    return vlm.prefix_cache
 
 
 def _sse(event: str, data: dict) -> str:
@@ -191,10 +220,14 @@ class _Api:
             except RuntimeError:   # the event loop is gone (server shutting down)
                 pass
 
-        job = Job(decoded.image, question, emit, ticket)
+        sid, new = session_id(request)
+        job = Job(decoded.image, question, emit, ticket, session=sid)
         self.worker.submit(job)   # the worker owns the ticket from here on
-        return StreamingResponse(_stream(job, events), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+        response = StreamingResponse(_stream(job, events), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+        if new:
+            response.set_cookie(SESSION_COOKIE, sid, httponly=True, samesite="strict")
+        return response
 
 
 def create_app(vlm, *, artifact=None, folder: Optional[Path] = None, limits: ServeLimits = ServeLimits(),
@@ -206,6 +239,7 @@ def create_app(vlm, *, artifact=None, folder: Optional[Path] = None, limits: Ser
     ``allowed_hosts``: Host headers accepted (``["127.0.0.1", "localhost"]`` on loopback guards
     against DNS rebinding; None accepts any). ``app.state.worker`` is the model's queue.
     """
+    enable_prefix_cache(vlm, limits.prefix_cache_bytes)
     worker = ModelWorker(vlm, max_queue=limits.max_queue, max_new_tokens=limits.max_new_tokens)
     api = _Api(worker, serve_info(vlm, artifact, folder=folder, limits=limits), vlm.config.image_spec, limits,
                tmp_root)

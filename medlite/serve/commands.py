@@ -32,6 +32,9 @@ def add_serve_args(p) -> None:
     p.add_argument("--max-queue", type=int, default=4,
                    help="requests that may wait for the model (default 4; at least 1)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="answer length limit (default 32, as ask)")
+    p.add_argument("--prefix-cache-mb", type=float, default=512.0,
+                   help="memory for follow-up questions: each session's image + prompt-prefix KV cache, all "
+                        "sessions together, least recently used dropped first (default 512 MB; 0 keeps none)")
     p.add_argument("--standin", action="store_true",
                    help="an extracted device bundle: its graphs on ONNX Runtime behind the engine interface "
                         "instead of TensorRT engines")
@@ -96,13 +99,17 @@ def _check_numbers(args) -> None:
     for name in ("max_upload_mb", "max_pixels", "max_queue", "max_new_tokens"):
         if getattr(args, name) <= 0:
             raise MedliteError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    cache_mb = getattr(args, "prefix_cache_mb", 0.0)
+    if not cache_mb >= 0:     # also NaN
+        raise MedliteError(f"--prefix-cache-mb must be 0 (keep none) or more, got {cache_mb}")
 
 
 def _limits(args):
     from medlite.serve.uploads import ServeLimits
 
     return ServeLimits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels,
-                       max_queue=args.max_queue, max_new_tokens=args.max_new_tokens)
+                       max_queue=args.max_queue, max_new_tokens=args.max_new_tokens,
+                       prefix_cache_bytes=int(getattr(args, "prefix_cache_mb", 512.0) * 1000 ** 2))
 
 
 def cmd_serve(args, ctx) -> int:

@@ -55,6 +55,9 @@ class ServeLimits:
     max_question_chars: int = 1000
     max_queue: int = 4                          # requests waiting behind the one being answered
     max_new_tokens: int = 32                    # as `medlite ask`
+    # follow-up questions: the kept prompt-prefix KV caches of all sessions together (0: none kept);
+    # medlite.runtime.prefix_cache.DEFAULT_MAX_BYTES
+    prefix_cache_bytes: int = 512 * 1000 ** 2
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,7 @@ class Job:
     ticket: Ticket
     cancelled: threading.Event = field(default_factory=threading.Event)
     queued_at: float = field(default_factory=time.perf_counter)
+    session: Optional[str] = None     # the client's session: its follow-ups reuse the image's prefix cache
 
 
 def count_tokens(vlm, text: str) -> Optional[int]:
@@ -69,6 +70,11 @@ def count_tokens(vlm, text: str) -> Optional[int]:
     if tok is None or not text:
         return 0 if tok is not None else None
     return len(tok.encode(text, add_special_tokens=False).ids)
+
+
+def _takes_session(vlm) -> bool:
+    """Whether the runtime's ``answer`` takes ``session`` (medlite's OnnxVlm; not every runtime does)."""
+    return "session" in inspect.signature(vlm.answer).parameters
 
 
 def _stream_keyword(vlm) -> str:
@@ -88,6 +94,7 @@ class ModelWorker:
         self._jobs: "queue.Queue[Optional[Job]]" = queue.Queue()   # bounded by admission
         self._recent: deque = deque(maxlen=8)                       # seconds per answer
         self._stream_kw = _stream_keyword(vlm)
+        self._session_kw = _takes_session(vlm)
         self._thread = threading.Thread(target=self._loop, name="medlite-serve-model", daemon=True)
         self._thread.start()
 
@@ -148,9 +155,10 @@ class ModelWorker:
                 first.append(time.perf_counter() - t0)
             job.emit("token", {"text": piece})
 
+        extra = {"session": job.session} if self._session_kw else {}
         try:
             answer = self.vlm.answer(job.image, job.question, max_new_tokens=self.max_new_tokens,
-                                     **{self._stream_kw: on_text})
+                                     **{self._stream_kw: on_text}, **extra)
         except _Cancelled:
             log.info("request cancelled by the client after %.2f s", time.perf_counter() - t0)
             return
@@ -163,7 +171,11 @@ class ModelWorker:
             return
         seconds = time.perf_counter() - t0
         self._recent.append(seconds)
-        job.emit("done", self._stats(answer, seconds, first[0] if first else None, waited))
+        stats = self._stats(answer, seconds, first[0] if first else None, waited)
+        prefill = getattr(self.vlm, "last_prefill", None)
+        if isinstance(prefill, dict) and "prefill_tokens" in prefill:   # what this answer prefilled
+            stats.update(prefill_tokens=prefill["prefill_tokens"], cached_tokens=prefill.get("cached_tokens", 0))
+        job.emit("done", stats)
 
     def _stats(self, answer: str, seconds: float, first_s: Optional[float], waited: float) -> dict:
         tokens = count_tokens(self.vlm, answer)
