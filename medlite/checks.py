@@ -207,7 +207,7 @@ def compare(refs, candidate, samples: list, options: Any, ctx) -> CheckResult:
             for (number, s), a, row in zip(batch, answers, logits):
                 cand[str(s.qid)] = (a, kl_divergence(refs.logits[pos[str(s.qid)]], row))
                 if number not in cosines:
-                    cosines[number] = mean_cosine(refs.embedding_of(s.qid), embs[number])
+                    cosines[number] = mean_cosine(_aligned(refs.embedding_of(s.qid), embs[number]), embs[number])
             advance(len(batch))
     seconds = time.perf_counter() - t0
     rows = []
@@ -220,6 +220,18 @@ def compare(refs, candidate, samples: list, options: Any, ctx) -> CheckResult:
     return CheckResult(metrics=metrics, rows=rows, gates=evaluate_gates(metrics, options),
                        timings={"artifact_seconds": round(seconds, 3),
                                 "seconds_per_question": round(seconds / max(len(samples), 1), 5)})
+
+
+def _aligned(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    """The source's image embeddings as the artifact's token count sees them: unchanged when the counts
+    match; average-pooled over the same windows when a tokens stage pooled the artifact's image tokens
+    (the cosine then says how far the reduced model's image embeddings are from the source's, window by window)."""
+    ref = np.asarray(reference)
+    if ref.shape[0] == np.asarray(candidate).shape[0]:
+        return ref
+    from medlite.image_tokens import pool_tokens
+
+    return pool_tokens(ref, int(np.asarray(candidate).shape[0]))
 
 
 def _metrics(samples: list, rows: list[dict], cosines: dict) -> dict:

@@ -103,6 +103,9 @@ def empty_model(config, *, meta: bool, lm_head_bias: bool):
         old = model.lm_head
         dev = "meta" if meta else "cpu"
         model.lm_head = torch.nn.Linear(old.in_features, old.out_features, bias=True, device=dev)
+    from medlite.checkpoints.token_pool import install_from_config
+
+    install_from_config(model)      # a tokens stage's pooling, recorded in the config (stage-output cache)
     return model
 
 

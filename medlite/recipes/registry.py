@@ -42,7 +42,9 @@ class Capabilities:
     * ``writes_graphs``: writes the ONNX graphs (what later stages read);
     * ``reads_graphs``: works on the written graphs;
     * ``caches_output``: its whole output is the working model and its :class:`StageResult`, so the
-      stage-output cache may store it and a later build may resume after it.
+      stage-output cache may store it and a later build may resume after it;
+    * ``changes_image_tokens``: the working model's image-token count differs from the source's after
+      it (prompts differ in length: only answer positions compare with the source's).
     """
 
     changes_weights: bool = False
@@ -53,6 +55,7 @@ class Capabilities:
     writes_graphs: bool = False
     reads_graphs: bool = False
     caches_output: bool = False
+    changes_image_tokens: bool = False
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ def test_export_is_required_and_stages_appear_once(tmp_path):
 def test_order_rules_are_data_and_cover_every_pair():
     # Every chain pair out of order is reported; in order it is not (tests the table, not a copy of it).
     CHAIN = chain()
-    assert CHAIN == ("prune", "distill", "quantize", "export", "engines")
+    assert CHAIN == ("prune", "tokens", "distill", "quantize", "export", "engines")
     for a in range(len(CHAIN)):
         for b in range(a + 1, len(CHAIN)):
             first, second = CHAIN[a], CHAIN[b]

@@ -75,7 +75,7 @@ def test_top_level_errors_unknown_key_target_and_version(tmp_path):
 def test_unknown_stage_name_suggests_the_close_one(tmp_path):
     p = write(tmp_path, GOOD + "  - quantise: {method: int8}\n")
     errs = errors_of(p)
-    assert errs == ["stages[2].quantise: unknown key (did you mean 'quantize'?); allowed: prune, distill, "
+    assert errs == ["stages[2].quantise: unknown key (did you mean 'quantize'?); allowed: prune, tokens, distill, "
                     "quantize, export, engines, check (line 10)"]
 
 

@@ -104,8 +104,12 @@ class Objective:
     """The training loss and the held-out value of one distillation run."""
 
     def __init__(self, student, teacher, train: D.Batches, held: D.Batches, opts: DistillOptions, *, ctx,
-                 pruned: Optional[dict]):
+                 pruned: Optional[dict], teacher_batches: Optional[tuple] = None):
         self.student, self.teacher, self.train, self.held, self.opts = student, teacher, train, held, opts
+        # The teacher's inputs: the student's, unless the student's prompts carry fewer image tokens (a
+        # tokens stage); then the same examples encoded for the teacher, and only the answer positions
+        # (same answer tokens, same order) compare.
+        self.t_train_b, self.t_held_b = teacher_batches or (train, held)
         from medlite.devices import is_cpu, model_device
 
         self.dtype = next(student.model.parameters()).dtype
@@ -123,12 +127,16 @@ class Objective:
             raise MedliteError(f"distill.hidden_mse {bad}: the student has {n_layers} decoder layers")
         self.s_layers, self.t_layers = layers, _layer_map(layers, pruned)
         self.hidden = bool(opts.hidden_mse and opts.hidden_weight)
+        if self.hidden and teacher_batches is not None:
+            raise MedliteError("distill.hidden_mse: the student's prompts carry fewer image tokens than the teacher's "
+                               "(a tokens stage), so hidden states do not align position by position; use the "
+                               "answer-token KL alone (hidden_weight: 0)")
         # blended images have no cached teacher logits: the teacher then runs alongside every step
         self.online = self.hidden or opts.mixup > 0
         bs = opts.batch_size
-        self.t_train = None if self.online else _teacher_logits(teacher, train, ctx=ctx, batch_size=bs, opts=opts,
-                                                                 description="distill: teacher logits")
-        self.t_held = _teacher_logits(teacher, held, ctx=ctx, batch_size=bs, opts=opts,
+        self.t_train = None if self.online else _teacher_logits(teacher, self.t_train_b, ctx=ctx, batch_size=bs,
+                                                                 opts=opts, description="distill: teacher logits")
+        self.t_held = _teacher_logits(teacher, self.t_held_b, ctx=ctx, batch_size=bs, opts=opts,
                                       description="distill: teacher logits (held-out)") if len(held) else []
         self.projections = self._projections()
 
@@ -159,8 +167,9 @@ class Objective:
             s_logits, s_hidden = forward_answers(self.student.model, b,
                                                  hidden_layers=self.s_layers if self.hidden else ())
             if self.online:
+                tb = b if self.t_train_b is self.train else self._teacher_batch(idx, b)
                 with torch.no_grad():
-                    t_logits, t_hidden = forward_answers(self.teacher.model, b,
+                    t_logits, t_hidden = forward_answers(self.teacher.model, tb,
                                                         hidden_layers=self.t_layers if self.hidden else ())
         if not self.online:
             t_logits, t_hidden = _stack(self.t_train, idx, s_logits.shape[1], s_logits), []
@@ -169,6 +178,12 @@ class Objective:
             loss = loss + self.opts.hidden_weight * hidden_mse(s_hidden, t_hidden, b["attention_mask"],
                                                                 self.projections or None)
         return loss
+
+    def _teacher_batch(self, idx, student_batch: dict) -> dict:
+        """The teacher's encoding of the batch ``idx`` with the student's (possibly blended) pixels."""
+        tb = self.t_train_b.batch(idx, self.dtype)
+        tb["pixel_values"] = student_batch["pixel_values"]
+        return on_device(tb, self.device)
 
     def heldout_kl(self) -> float:
         """Mean answer-token KL (T = 1) of the student on the held-out slice."""

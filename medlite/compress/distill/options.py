@@ -17,7 +17,7 @@ Recipe form::
         patience: 3
         seed: 0
         checkpoint_every: 50      # resumable checkpoints in the cache
-        trainable: auto           # auto | llm | llm+projector | all
+        trainable: auto           # auto | llm | projector | llm+projector | all
         max_new_tokens: 16        # teacher answers
 
 Teacher: the untouched source model; student: the working model (pruned by an earlier stage).
@@ -65,7 +65,8 @@ class DistillOptions(Closed):
     checkpoint_every: int = Field(50, ge=0, description="0: no checkpoints")
     warmup: int = Field(10, ge=0)
     weight_decay: float = Field(0.0, ge=0.0)
-    trainable: Literal["auto", "llm", "llm+projector", "all"] = "auto"
+    trainable: Literal["auto", "llm", "projector", "llm+projector", "all"] = Field(
+        "auto", description="auto: llm; llm+projector after a tokens stage; all when pruning changed the vision tower")
     max_new_tokens: int = Field(16, ge=1, le=512, description="length cap of the teacher's answers")
     mixed_precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="autocast of the student/teacher forwards on a GPU (bf16, or fp16 with loss scaling); "
@@ -152,11 +153,18 @@ def rules(index: int, opts: DistillOptions, view) -> tuple[list, list]:
         errors.append((loc + ("hidden_weight",), "hidden_weight > 0 needs the layers in hidden_mse"))
     if opts.hidden_mse and opts.hidden_weight == 0:
         warnings.append(f"stages[{index}].distill.hidden_mse is set but hidden_weight is 0: no hidden-state loss")
+    from medlite.recipes.registry import STAGES
+
     by_name = getattr(view, "by_name", {}) or {}
-    prune = by_name.get("prune")
-    if prune is None or prune[0] > index:
-        warnings.append(f"stages[{index}].distill has no earlier prune stage: this is plain self-distillation "
-                        "of an unchanged model (the source is its own teacher)")
+    earlier = [n for n, (i, _) in by_name.items() if i < index and n in STAGES]
+    if not any(STAGES[n].caps.changes_weights for n in earlier):
+        warnings.append(f"stages[{index}].distill has no earlier prune or tokens stage: this is plain "
+                        "self-distillation of an unchanged model (the source is its own teacher)")
+    pooled = [n for n in earlier if STAGES[n].caps.changes_image_tokens]
+    if pooled and opts.hidden_mse and opts.hidden_weight:
+        errors.append((loc + ("hidden_mse",), f"stages[{by_name[pooled[0]][0]}].{pooled[0]} changes the image-token "
+                       "count, so the student's hidden states do not align with the teacher's position by position: "
+                       "distil on the answer-token KL alone (hidden_weight: 0)"))
     return errors, warnings
 
 

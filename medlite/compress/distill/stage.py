@@ -32,14 +32,24 @@ def prune_facts(state) -> Optional[dict]:
     return None
 
 
-def select_trainable(model, opts: DistillOptions, pruned: Optional[dict]) -> list[str]:
+def tokens_facts(state) -> Optional[dict]:
+    """The manifest of an earlier tokens stage of this build (image tokens reduced), if any."""
+    for key, res in (getattr(state, "results", None) or {}).items():
+        if str(key).endswith("tokens") and isinstance(getattr(res, "manifest", None), dict):
+            return res.manifest
+    return None
+
+
+def select_trainable(model, opts: DistillOptions, pruned: Optional[dict], pooled: bool = False) -> list[str]:
     """Set ``requires_grad`` for the parts that train; returns their names."""
-    parts = {"llm": ["language_model"], "llm+projector": ["language_model", "multi_modal_projector"],
+    parts = {"llm": ["language_model"], "projector": ["multi_modal_projector"],
+             "llm+projector": ["language_model", "multi_modal_projector"],
              "all": ["language_model", "multi_modal_projector", "vision_tower"]}
     mode = opts.trainable
     if mode == "auto":
-        # the image embeddings stay the source's unless pruning changed the tower (the vision gate holds)
-        mode = "all" if (pruned or {}).get("vision") else "llm"
+        # the image embeddings stay the source's unless pruning changed the tower (the vision gate holds);
+        # pooled image tokens: the projector learns to read them, with the language model
+        mode = "all" if (pruned or {}).get("vision") else "llm+projector" if pooled else "llm"
     names = parts[mode]
     frozen = ("embed_tokens",)     # the embedding table is shared with the embed graph; lm_head stays too
     for n, p in model.named_parameters():
@@ -125,15 +135,15 @@ def run(state, index: int, opts: DistillOptions) -> StageResult:
                            f"{next(student.model.parameters()).dtype} (load the checkpoint in float32)")
     device = getattr(state, "device", None)
     _check_device(index, opts, teacher, student, device)
-    pruned = prune_facts(state)
-    if pruned is None:
-        ctx.warn("distill: no earlier prune stage — plain self-distillation of an unchanged model")
+    pruned, pooled = prune_facts(state), tokens_facts(state)
+    if pruned is None and pooled is None:
+        ctx.warn("distill: no earlier prune or tokens stage — plain self-distillation of an unchanged model")
     train_s, held_s = _samples(state, opts)
     peaks = PeakMemory(device)
     # teacher and student on the build's device for the whole stage, back on the host after it (CPU: no-op)
     with placed(teacher.model, device), placed(student.model, device), peaks.phase("distill"):
         res, objective, parts, examples, held, before, after, teacher_m, key = _distill(
-            state, opts, teacher, student, pruned, train_s, held_s)
+            state, opts, teacher, student, pruned, train_s, held_s, pooled is not None)
     note = f"{res.samples_per_s:.1f} samples/s"
     if not is_cpu(device):
         note += " · " + record_peaks(state, peaks)
@@ -148,7 +158,7 @@ def run(state, index: int, opts: DistillOptions) -> StageResult:
                 "stopped_early": res.stopped_early, "run_key": key,
                 "heldout_kl": [round(v, 6) for _, v in res.evals[:1]] + ([round(res.best_eval, 6)] if res.evals else []),
                 "heldout_before": before, "heldout_after": after, "heldout_teacher": teacher_m,
-                "self_distillation": pruned is None}
+                "self_distillation": pruned is None and pooled is None}
     return StageResult(summary=summary, changed=["weights"], bytes_before=nbytes, bytes_after=nbytes,
                        note=note, manifest=manifest,
                        report=_report(opts, res, before, after, teacher_m, len(examples), len(held)))
@@ -174,7 +184,16 @@ def _check_device(index: int, opts: DistillOptions, teacher, student, device) ->
                       "--device cpu")
 
 
-def _distill(state, opts: DistillOptions, teacher, student, pruned, train_s, held_s):
+def _teacher_batches(teacher, student, examples: list, held: list):
+    """The teacher's own encodings of the examples when its prompts differ from the student's (a tokens
+    stage pooled the student's image tokens: same answers, fewer image tokens); ``None`` when they match."""
+    if int(teacher.num_image_tokens) == int(student.num_image_tokens):
+        return None
+    enc = lambda exs: D.Batches(teacher, [D.encode(teacher, e.sample, e.answer) for e in exs])   # noqa: E731
+    return enc(examples), enc(held)
+
+
+def _distill(state, opts: DistillOptions, teacher, student, pruned, train_s, held_s, pooled: bool = False):
     """The work of :func:`run` on whatever device the models are on (teacher answers, training, metrics)."""
     ctx = state.ctx
     answers = D.teacher_answers(teacher, train_s + held_s, ctx=ctx, max_new_tokens=opts.max_new_tokens)
@@ -184,12 +203,12 @@ def _distill(state, opts: DistillOptions, teacher, student, pruned, train_s, hel
     metric = lambda m: heldout_metrics(m, held_s, t_held, ctx=ctx, max_new_tokens=opts.max_new_tokens)  # noqa: E731
     teacher_m, before = metric(teacher), metric(student)
     grads = {n: p.requires_grad for n, p in student.model.named_parameters()}
-    parts = select_trainable(student.model, opts, pruned)
+    parts = select_trainable(student.model, opts, pruned, pooled)
     t0 = time.perf_counter()
     try:
         student.model.eval()      # no dropout: deterministic, resumable
         objective = Objective(student, teacher, D.Batches(student, examples), D.Batches(student, held), opts,
-                              ctx=ctx, pruned=pruned)
+                              ctx=ctx, pruned=pruned, teacher_batches=_teacher_batches(teacher, student, examples, held))
         res, key = _train(state, opts, objective, examples)
     finally:
         for n, p in student.model.named_parameters():
