@@ -34,7 +34,7 @@ import numpy as np
 from medlite.prompting import encode_prompt, expand_image_tokens
 from medlite.runtime.decoding import KvState, prefill_inputs
 
-DEFAULT_MAX_BYTES = 512 * 1000 ** 2      # 512 MB (decimal): ~13 prompts of a TinyLlama-1.1B-shaped fp32 model
+DEFAULT_MAX_BYTES = 512 * 1000 ** 2      # 512 MB (decimal): 14 sessions of a TinyLlama-1.1B-shaped model, fp32 KV
 _MARK = "\ue000"                         # a private-use character: where the question goes in the template
 
 
