@@ -111,3 +111,40 @@ def test_unsupported_backbone_falls_back_or_fails(ctx, tmp_path):
     assert "GroupQueryAttention" not in str(res.ops["decoder"])
     with pytest.raises(ExportError, match="decoder_graph 'fast'"):
         export_onnx(phi, tmp_path / "x", ctx=ctx, components=["decoder"], decoder_graph="fast")
+
+
+def _run_export_stage(tiny, ctx, work, target: str, **options):
+    from types import SimpleNamespace
+
+    from medlite.engines.targets import get_target
+    from medlite.export.plan import ExportPlan
+    from medlite.pipeline.stages.export import run
+    from medlite.recipes.options import ExportOptions
+
+    state = SimpleNamespace(ctx=ctx, target=get_target(target), model=tiny, work=work, export_plan=ExportPlan())
+    return run(state, 0, ExportOptions(**options))
+
+
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_tensorrt_recipes_export_the_traced_graphs_byte_for_byte(tiny, ctx, tmp_path, precision):
+    """A TensorRT target's export stage (decoder_graph left at auto) writes exactly what the plain export
+    path writes — every graph and the runtime config — and its manifest has no decoder_graph entry."""
+    from medlite.export import export_onnx
+
+    result = _run_export_stage(tiny, ctx, tmp_path / "stage", "jetson-xavier-agx-32gb", precision=precision)
+    export_onnx(tiny, tmp_path / "plain", ctx=ctx, precision=precision, opset=17)
+    names = sorted(p.name for p in (tmp_path / "plain").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "stage").iterdir())
+    for name in names:
+        assert (tmp_path / "stage" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes(), name
+    assert "decoder_graph" not in result.manifest
+
+
+def test_cpu_target_export_stage_writes_the_fused_decoder(tiny, ctx, tmp_path):
+    result = _run_export_stage(tiny, ctx, tmp_path, "cpu-x86_64", precision="fp32")
+    assert result.manifest["decoder_graph"]["graph"] == "fused"
+    assert "com.microsoft.GroupQueryAttention" in result.manifest["ops"]["decoder"]
+    assert "decoder" in result.manifest["onnxruntime_only"]      # contrib ops: never the TensorRT check
+    plain = _run_export_stage(tiny, ctx, tmp_path / "p", "cpu-x86_64", precision="fp32", decoder_graph="plain")
+    assert "decoder_graph" not in plain.manifest and "com.microsoft.GroupQueryAttention" not in plain.manifest["ops"][
+        "decoder"]
