@@ -37,9 +37,22 @@ def recording(vlm) -> list:
     return calls
 
 
-@pytest.fixture(params=["fp32", "fp16"])
-def export(request, rt_export, rt_export_fp16):
-    return rt_export if request.param == "fp32" else rt_export_fp16
+@pytest.fixture(scope="module")
+def rt_export_fused(rt_model, rt_ctx, tmp_path_factory):
+    """The fused ONNX Runtime decoder (GroupQueryAttention on the BNSH cache; medlite/export/fused_decoder.py)."""
+    from medlite.export import export_onnx
+
+    out = tmp_path_factory.mktemp("rt_fused")
+    export_onnx(rt_model, out, ctx=rt_ctx, decoder_graph="fused")
+    decoder = json.loads((out / "medlite_runtime.json").read_text())["graphs"]["decoder"]
+    assert "GroupQueryAttention" in decoder["fused"]["ops"]
+    return out
+
+
+@pytest.fixture(params=["fp32", "fp16", "fused"])
+def export(request):
+    return request.getfixturevalue({"fp32": "rt_export", "fp16": "rt_export_fp16",
+                                    "fused": "rt_export_fused"}[request.param])
 
 
 def test_followups_equal_cold_runs_and_prefill_only_the_question(export):
