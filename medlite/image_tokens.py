@@ -10,6 +10,10 @@ edge averages only the real tokens it covers) — zero padding would darken the 
 27 × 27 → 14 × 14 (k = 2) pads one row and column: the last row/column of windows averages 2 tokens
 (the corner window 1); 27 × 27 → 9 × 9 (k = 3) needs no padding; 7 × 7 → 4 × 4 (k = 2) pads one.
 
+A grid missing its first token (TinyLLaVA Factory checkpoints select ``hidden_states[-2]`` with the
+``default`` strategy, which drops token 0: 728 = 27² − 1 tokens) is pooled as the full grid with that
+cell excluded like padding.
+
 Only counts some ``k`` produces this way are accepted (:func:`achievable_counts`): with 27 × 27,
 ``[729, 196, 81, 49, 36, 25, 16, 9, 4, 1]``. Every pooling is one linear map of the tokens, the
 matrix :func:`pool_matrix`, which the model applies as a single ``MatMul`` (TensorRT 8.5 and ONNX
@@ -37,10 +41,11 @@ class PoolGeometry:
     out: int
     kernel: int
     pad: int
+    missing: int = 0          # leading grid cells the tower's output lacks (Factory's dropped first token)
 
     @property
     def tokens_in(self) -> int:
-        return self.side * self.side
+        return self.side * self.side - self.missing
 
     @property
     def tokens_out(self) -> int:
@@ -49,32 +54,36 @@ class PoolGeometry:
     def describe(self) -> str:
         pad = (f"; grid padded by {self.pad} at the bottom/right, padded cells excluded from the mean"
                if self.pad else "")
-        return (f"{self.side}×{self.side} = {self.tokens_in} → {self.out}×{self.out} = {self.tokens_out} tokens "
+        grid = f"{self.side}×{self.side}" + (f" − {self.missing}" if self.missing else "")
+        return (f"{grid} = {self.tokens_in} → {self.out}×{self.out} = {self.tokens_out} tokens "
                 f"(kernel {self.kernel}, stride {self.kernel}{pad})")
 
 
 def grid_side(tokens: int) -> int:
-    """The side of a square token grid of ``tokens`` tokens; ValueError when it is not square."""
-    side = math.isqrt(int(tokens))
-    if side < 1 or side * side != int(tokens):
-        raise ValueError(f"{tokens} image tokens is not a square grid")
-    return side
+    """The side of the square token grid of ``tokens`` tokens (a full grid, or one missing its first token);
+    ValueError otherwise."""
+    n = int(tokens)
+    for side in (math.isqrt(n), math.isqrt(n) + 1):
+        if side >= 1 and side * side - n in (0, 1) and (side > 1 or n == 1):
+            return side
+    raise ValueError(f"{tokens} image tokens is not a square grid (nor one missing its first token)")
 
 
-def achievable_counts(side: int) -> list[int]:
-    """Every token count ``ceil(side / k)²`` for ``k = 1 .. side``, largest first."""
-    return sorted({math.ceil(side / k) ** 2 for k in range(1, side + 1)}, reverse=True)
+def achievable_counts(side: int, missing: int = 0) -> list[int]:
+    """Every token count ``ceil(side / k)²`` for ``k = 1 .. side``, largest first (``k = 1`` only for a full grid)."""
+    return sorted({math.ceil(side / k) ** 2 for k in range(1 if not missing else 2, side + 1)}, reverse=True)
 
 
 def geometry(tokens_in: int, tokens_out: int) -> PoolGeometry:
     """The pooling from ``tokens_in`` to ``tokens_out`` tokens; ValueError naming the counts the grid can produce."""
     side = grid_side(tokens_in)
+    missing = side * side - int(tokens_in)
     for k in range(1, side + 1):
         out = math.ceil(side / k)
-        if out * out == int(tokens_out):
-            return PoolGeometry(side, out, k, out * k - side)
+        if out * out == int(tokens_out) and (k > 1 or not missing):
+            return PoolGeometry(side, out, k, out * k - side, missing)
     raise ValueError(f"{tokens_out} tokens cannot be pooled from a {side}×{side} grid of {tokens_in}: choose one of "
-                     + ", ".join(str(c) for c in achievable_counts(side)))
+                     + ", ".join(str(c) for c in achievable_counts(side, missing)))
 
 
 def pool_matrix(g: PoolGeometry) -> np.ndarray:
@@ -83,9 +92,10 @@ def pool_matrix(g: PoolGeometry) -> np.ndarray:
     m = np.zeros((g.tokens_out, g.tokens_in), dtype=np.float32)
     for oy in range(g.out):
         for ox in range(g.out):
-            cells = [y * g.side + x
+            cells = [y * g.side + x - g.missing
                      for y in range(oy * g.kernel, min((oy + 1) * g.kernel, g.side))
-                     for x in range(ox * g.kernel, min((ox + 1) * g.kernel, g.side))]
+                     for x in range(ox * g.kernel, min((ox + 1) * g.kernel, g.side))
+                     if y * g.side + x >= g.missing]
             m[oy * g.out + ox, cells] = 1.0 / len(cells)
     return m
 

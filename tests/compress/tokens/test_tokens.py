@@ -14,12 +14,15 @@ def reference_pool(feats: np.ndarray, out: int, *, weights: np.ndarray | None = 
     """``[N, C]`` tokens of a square grid → ``[out², C]``: explicit windows over a grid padded at the bottom/right
     with NaN (padded cells excluded), written without :mod:`medlite.image_tokens`."""
     n, c = feats.shape
-    side = int(round(n ** 0.5))
+    side = int(np.ceil(n ** 0.5))
+    miss = side * side - n                       # a grid missing its first token(s): NaN there too
     k = -(-side // out)
+    full = np.concatenate([np.full((miss, c), np.nan), feats]).reshape(side, side, c)
+    wfull = np.concatenate([np.full(miss, np.nan), np.ones(n) if weights is None else weights]).reshape(side, side)
     grid = np.full((out * k, out * k, c), np.nan)
-    grid[:side, :side] = feats.reshape(side, side, c)
+    grid[:side, :side] = full
     w = np.full((out * k, out * k), np.nan)
-    w[:side, :side] = (np.ones(n) if weights is None else weights).reshape(side, side)
+    w[:side, :side] = wfull
     res = np.zeros((out, out, c))
     for i in range(out):
         for j in range(out):
@@ -40,9 +43,14 @@ def test_geometry_of_the_full_size_and_demo_grids():
         geometry(729, 100)
     with pytest.raises(ValueError, match="not a square grid"):
         geometry(50, 16)
+    # TinyLLaVA Factory's "default" feature selection drops the first of 729 tokens: pooled as the full grid
+    g = geometry(728, 196)
+    assert (g.side, g.missing, g.tokens_in) == (27, 1, 728)
+    with pytest.raises(ValueError, match="choose one of 196, 81"):
+        geometry(728, 728)
 
 
-@pytest.mark.parametrize("n_in,n_out", [(729, 196), (729, 81), (49, 16), (49, 9), (16, 4)])
+@pytest.mark.parametrize("n_in,n_out", [(729, 196), (729, 81), (728, 196), (728, 81), (49, 16), (49, 9), (16, 4)])
 def test_pool_matrix_equals_the_reference_windows(n_in, n_out):
     x = np.random.default_rng(n_in + n_out).standard_normal((n_in, 5))
     assert np.allclose(pool_tokens(x, n_out), reference_pool(x, int(round(n_out ** 0.5))), atol=1e-12)
