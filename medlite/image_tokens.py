@@ -27,9 +27,10 @@ from dataclasses import dataclass
 import numpy as np
 
 # The token-reduction methods (docs/image-tokens.md compares them on the calibration set's held-out slice).
+# ``salient``: inside each window a token weighs by its feature norm, so salient tokens dominate the mean.
 METHODS = {
     "avg": "average pooling",
-    "salient": "norm-weighted pooling (each token weighted by its feature norm: salient tokens dominate)",
+    "salient": "norm-weighted pooling",
 }
 
 

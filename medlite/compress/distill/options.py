@@ -19,6 +19,8 @@ Recipe form::
         checkpoint_every: 50      # resumable checkpoints in the cache
         trainable: auto           # auto | llm | projector | llm+projector | all
         max_new_tokens: 16        # teacher answers
+        lora_rank: 0              # > 0: rank-r LoRA adapters on the language model train instead of its weights
+                                  # (merged before the stage ends; AdamW state for the adapters only)
 
 Teacher: the untouched source model; student: the working model (pruned by an earlier stage).
 """
@@ -68,6 +70,9 @@ class DistillOptions(Closed):
     trainable: Literal["auto", "llm", "projector", "llm+projector", "all"] = Field(
         "auto", description="auto: llm; llm+projector after a tokens stage; all when pruning changed the vision tower")
     max_new_tokens: int = Field(16, ge=1, le=512, description="length cap of the teacher's answers")
+    lora_rank: int = Field(0, ge=0, le=1024, description="0: the language model's weights train directly; r > 0: "
+                           "rank-r LoRA adapters on its projections train instead, merged before the stage ends")
+    lora_alpha: Optional[float] = Field(None, gt=0.0, description="LoRA scale numerator (default 2 × lora_rank)")
     mixed_precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="autocast of the student/teacher forwards on a GPU (bf16, or fp16 with loss scaling); "
                             "fp32 (default) everywhere, and the only choice on the CPU")
@@ -79,6 +84,9 @@ class DistillOptions(Closed):
         d = handler(self)
         if isinstance(d, dict) and self.mixed_precision == "fp32":
             d.pop("mixed_precision", None)
+        if isinstance(d, dict) and not self.lora_rank and self.lora_alpha is None:
+            d.pop("lora_rank", None)
+            d.pop("lora_alpha", None)
         return d
 
     @field_validator("hidden_mse", mode="before")
@@ -160,6 +168,11 @@ def rules(index: int, opts: DistillOptions, view) -> tuple[list, list]:
     if not any(STAGES[n].caps.changes_weights for n in earlier):
         warnings.append(f"stages[{index}].distill has no earlier prune or tokens stage: this is plain "
                         "self-distillation of an unchanged model (the source is its own teacher)")
+    if opts.lora_rank and opts.trainable == "projector":
+        errors.append((loc + ("lora_rank",), "LoRA adapters train the language model, which trainable: projector "
+                       "keeps frozen (use auto, llm, llm+projector or all)"))
+    if opts.lora_alpha is not None and not opts.lora_rank:
+        errors.append((loc + ("lora_alpha",), "lora_alpha without lora_rank: no adapters to scale"))
     pooled = [n for n in earlier if STAGES[n].caps.changes_image_tokens]
     if pooled and opts.hidden_mse and opts.hidden_weight:
         errors.append((loc + ("hidden_mse",), f"stages[{by_name[pooled[0]][0]}].{pooled[0]} changes the image-token "
@@ -176,6 +189,7 @@ def plan(index: int, opts: DistillOptions, sizes) -> list[str]:
             + (f" + {opts.hidden_weight:g} × hidden MSE on {_describe_layers(opts, sizes)}"
                if opts.hidden_weight else "")
             + (f"; images blended up to {opts.mixup:.0%} with another, teacher alongside" if opts.mixup else "")
+            + (f"; the language model through rank-{opts.lora_rank} LoRA adapters, merged after" if opts.lora_rank else "")
             + f"); data: calibration pairs with teacher answers{' + ' + extra if extra else ''}; "
             f"early stop on the held-out calibration slice every {opts.eval_every} steps",
             "  sizes unchanged (weights only)"]

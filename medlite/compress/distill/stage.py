@@ -40,8 +40,10 @@ def tokens_facts(state) -> Optional[dict]:
     return None
 
 
-def select_trainable(model, opts: DistillOptions, pruned: Optional[dict], pooled: bool = False) -> list[str]:
-    """Set ``requires_grad`` for the parts that train; returns their names."""
+def select_trainable(model, opts: DistillOptions, pruned: Optional[dict], pooled: bool = False,
+                     lora: bool = False) -> list[str]:
+    """Set ``requires_grad`` for the parts that train; returns their names (``lora``: the language model
+    trains through its LoRA adapters only)."""
     parts = {"llm": ["language_model"], "projector": ["multi_modal_projector"],
              "llm+projector": ["language_model", "multi_modal_projector"],
              "all": ["language_model", "multi_modal_projector", "vision_tower"]}
@@ -53,7 +55,10 @@ def select_trainable(model, opts: DistillOptions, pruned: Optional[dict], pooled
     names = parts[mode]
     frozen = ("embed_tokens",)     # the embedding table is shared with the embed graph; lm_head stays too
     for n, p in model.named_parameters():
-        p.requires_grad_(any(f".{part}." in f".{n}" for part in names) and not any(f in n for f in frozen))
+        on = any(f".{part}." in f".{n}" for part in names) and not any(f in n for f in frozen)
+        if lora and ".language_model." in f".{n}":
+            on = on and "lora_" in n
+        p.requires_grad_(on)
     return names
 
 
@@ -193,6 +198,18 @@ def _teacher_batches(teacher, student, examples: list, held: list):
     return enc(examples), enc(held)
 
 
+def _adapters(student, opts: DistillOptions):
+    """LoRA adapters on the language model while it trains (``lora_rank`` > 0), merged on exit; else nothing."""
+    import contextlib
+
+    if not opts.lora_rank:
+        return contextlib.nullcontext(0)
+    from medlite.compress.distill.lora import lora_adapters
+
+    return lora_adapters(student.model.model.language_model, rank=opts.lora_rank,
+                         alpha=opts.lora_alpha or 2.0 * opts.lora_rank, seed=opts.seed)
+
+
 def _distill(state, opts: DistillOptions, teacher, student, pruned, train_s, held_s, pooled: bool = False):
     """The work of :func:`run` on whatever device the models are on (teacher answers, training, metrics)."""
     ctx = state.ctx
@@ -203,13 +220,18 @@ def _distill(state, opts: DistillOptions, teacher, student, pruned, train_s, hel
     metric = lambda m: heldout_metrics(m, held_s, t_held, ctx=ctx, max_new_tokens=opts.max_new_tokens)  # noqa: E731
     teacher_m, before = metric(teacher), metric(student)
     grads = {n: p.requires_grad for n, p in student.model.named_parameters()}
-    parts = select_trainable(student.model, opts, pruned, pooled)
     t0 = time.perf_counter()
     try:
-        student.model.eval()      # no dropout: deterministic, resumable
-        objective = Objective(student, teacher, D.Batches(student, examples), D.Batches(student, held), opts,
-                              ctx=ctx, pruned=pruned, teacher_batches=_teacher_batches(teacher, student, examples, held))
-        res, key = _train(state, opts, objective, examples)
+        with _adapters(student, opts) as n_lora:
+            parts = select_trainable(student.model, opts, pruned, pooled, lora=bool(n_lora))
+            if n_lora:
+                parts = [f"{p} (LoRA r={opts.lora_rank}: {n_lora:,} parameters, merged)" if p == "language_model"
+                         else p for p in parts]
+            student.model.eval()      # no dropout: deterministic, resumable
+            objective = Objective(student, teacher, D.Batches(student, examples), D.Batches(student, held), opts,
+                                  ctx=ctx, pruned=pruned,
+                                  teacher_batches=_teacher_batches(teacher, student, examples, held))
+            res, key = _train(state, opts, objective, examples)
     finally:
         for n, p in student.model.named_parameters():
             p.requires_grad_(grads.get(n, True))

@@ -32,7 +32,8 @@ class TokensOptions(Closed):
 
     count: int = Field(..., ge=1, description="image tokens after the stage: a square the tower's grid can produce "
                                               "(27×27 = 729 → 196, 81, 49, …; the demo's 7×7 = 49 → 16, 9, 4, 1)")
-    method: Literal["avg", "salient"] = Field("avg", description="; ".join(f"{k}: {v}" for k, v in METHODS.items()))
+    method: Literal["avg", "salient"] = Field("avg", description="avg: the mean of each window; salient: each "
+                                              "token weighted by its feature norm inside its window")
     heldout_samples: int = Field(32, ge=0, description="held-out calibration pairs answered before and after "
                                                        "pooling (agreement in the report; 0: not measured)")
 
