@@ -19,3 +19,10 @@ def rows_by_name(result: dict) -> dict:
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def worker_pid(task) -> dict:
+    """A stand-in for a variant's build in a local worker: which process ran it (executor tests)."""
+    import os
+
+    return {"name": task.name, "pid": os.getpid()}

@@ -84,3 +84,21 @@ def test_unreachable_ray_address_is_one_line():
         check_address(f"127.0.0.1:{srv.getsockname()[1]}")
     finally:
         srv.close()
+
+
+def test_local_workers_build_each_variant_in_a_fresh_process():
+    """A worker reused for a second variant carried state over from the first build (the demo sweep's W4A16
+    decoder came out 423 kB after the W8A8 builds in the same worker, 383 kB alone): one process per variant."""
+    from sweep_helpers import worker_pid
+
+    from medlite.sweep.executors import run_local
+
+    for jobs in (1, 2):
+        tasks = [SimpleNamespace(name=f"v{i}", threads=1, extra={}) for i in range(4)]
+        results = []
+        ctx = SimpleNamespace(quiet=True, json_mode=True, console=None)
+        with Display(ctx, total=len(tasks)) as display:
+            display.finished = lambda name, line: None
+            run_local(tasks, jobs, display, results.append, work=worker_pid)
+        assert sorted(r["name"] for r in results) == ["v0", "v1", "v2", "v3"]
+        assert len({r["pid"] for r in results}) == 4, (jobs, results)

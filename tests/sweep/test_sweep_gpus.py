@@ -93,6 +93,7 @@ def test_ray_tasks_declare_gpus_and_builds_get_the_device(tiny_sweep, recorded, 
     for name, opts in fake.calls.items():
         assert opts.get("num_gpus") == gpus, (name, opts)
         assert opts["num_cpus"] == 2 and opts["max_retries"] == 0
+        assert opts["max_calls"] == 1                    # a fresh worker process per variant
     assert {n.split(".", 1)[1]: d for n, d in devices.items()} == {n: device for n in BUILT}
 
 
