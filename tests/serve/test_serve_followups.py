@@ -136,3 +136,30 @@ def test_bad_prefix_cache_size_is_one_line(tmp_path, capsys, value):
     assert main(["serve", str(tmp_path), "--prefix-cache-mb", value]) == 2
     err = capsys.readouterr().err
     assert f"--prefix-cache-mb must be 0 (keep none) or more, got {float(value)}" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_browser_session_follow_up_reuses_the_prefix(serve_artifact, tmp_path):
+    """The page's own fetch keeps the session cookie: a second question on the same scan shows the reuse
+    (a built artifact of the demo model: the page waits for its version)."""
+    from pathlib import Path
+
+    from serve_helpers import CHROMEDRIVER, CHROMIUM, CliServer, ask_in_page, chromium
+
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        pytest.skip("chromium / chromedriver missing (.ci/run installs them)")
+    scan = tmp_path / "scan.png"
+    scan.write_bytes(png(3))
+    reference = OnnxVlm.open(serve_artifact, providers=["CPUExecutionProvider"])
+    server, driver = CliServer(str(serve_artifact)), chromium(tmp_path / "profile")
+    try:
+        first = ask_in_page(driver, server.url, scan, Q1)
+        second = ask_in_page(driver, server.url, scan, Q2)     # the page reloaded: same browser session
+        cookies = {c["name"]: c for c in driver.get_cookies()}
+    finally:
+        driver.quit()
+        server.close()
+    assert SESSION_COOKIE in cookies and cookies[SESSION_COOKIE]["httpOnly"]
+    assert first["state"] == second["state"] == "done" and "reused" not in first["stats"]
+    new = len(reference.prompt_ids(Q2)) - head_len(reference, Q2)
+    assert f"prefilled {new} new tokens, {head_len(reference, Q2)} reused" in second["stats"]

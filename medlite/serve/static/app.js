@@ -113,6 +113,8 @@ function stats(d) {
   if (d.tokens != null) parts.push(`${d.tokens} token${d.tokens === 1 ? "" : "s"}`);
   if (d.tokens_per_s != null) parts.push(`${d.tokens_per_s.toFixed(1)} tokens/s`);
   if (d.first_text_s != null) parts.push(`first text after ${d.first_text_s.toFixed(2)} s`);
+  // a follow-up on the same scan reuses the image and prompt prefix (the session's KV cache)
+  if (d.cached_tokens) parts.push(`prefilled ${d.prefill_tokens} new tokens, ${d.cached_tokens} reused`);
   parts.push(`waited ${d.waited_s.toFixed(2)} s in the queue`);
   return parts.join(" · ");
 }
