@@ -158,3 +158,13 @@ def test_pooling_survives_the_stage_cache_and_generation_uses_the_count(demo):
     assert answer_batch(again, imgs, qs, max_new_tokens=6) == answer_batch(loaded, imgs, qs, max_new_tokens=6)
     with pytest.raises(ValueError, match="already pools"):
         install(again.model, 16, 4)
+
+
+def test_the_shipped_tokens_sweep_has_an_image_token_axis():
+    """Sweeps compose with the stage: the shipped sweep expands count × method into valid variant recipes."""
+    from medlite.sweep.spec import load_sweep
+
+    sweep = load_sweep("recipes/sweeps/demo-tokens.yaml")
+    got = {(v.resolved.recipe.stage("tokens").count, v.resolved.recipe.stage("tokens").method)
+           for v in sweep.variants if not v.errors}
+    assert got == {(c, m) for c in (16, 9, 4) for m in ("avg", "salient")}
