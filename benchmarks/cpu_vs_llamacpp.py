@@ -150,13 +150,32 @@ def write_hf_llama(ckpt: Path, out: Path) -> Path:
     return out
 
 
+def convert_python(work: Path) -> Path:
+    """A Python for convert_hf_to_gguf.py: this one when it has sentencepiece (the script imports it for every
+    Llama), else a separate venv under ``--work`` with only sentencepiece installed that sees this venv's
+    packages (torch, transformers, numpy) through a ``.pth`` line — medlite's own venv is never changed."""
+    import importlib.util
+    import sysconfig
+
+    if importlib.util.find_spec("sentencepiece") is not None:
+        return Path(sys.executable)
+    venv = work / "convert-venv"
+    py = venv / "bin" / "python"
+    if not py.is_file():
+        _run([sys.executable, "-m", "venv", venv])
+        _run([py, "-m", "pip", "install", "-q", "sentencepiece"])
+        site = Path(_run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip())
+        (site / "zz-medlite-venv.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return py
+
+
 def write_ggufs(src: Path, hf: Path, work: Path) -> dict:
     """f16 GGUF (convert_hf_to_gguf.py with llama.cpp's own gguf-py) → Q4_0 and Q4_K_M: name → path."""
     log = work / "gguf.log"
     f16 = work / "model-f16.gguf"
     if not f16.is_file():
         env = {**os.environ, "PYTHONPATH": str(src / "gguf-py")}
-        _run(["nice", "-n", "10", sys.executable, src / "convert_hf_to_gguf.py", hf, "--outtype", "f16",
+        _run(["nice", "-n", "10", convert_python(work), src / "convert_hf_to_gguf.py", hf, "--outtype", "f16",
               "--outfile", f16], log=log, env=env)
     out = {}
     for q in GGUF_TYPES:
