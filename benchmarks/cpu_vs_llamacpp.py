@@ -197,33 +197,37 @@ def gguf_bytes_per_token(src: Path, path: Path) -> dict:
     return {"file_bytes": path.stat().st_size, "tensor_bytes": total, "bytes_per_token": total - embed}
 
 
-def fused_available() -> str | None:
-    """How this medlite asks its export for the fused ONNX Runtime decoder, or None when it cannot."""
+def fused_available() -> bool:
+    """Whether this medlite's export can write the fused ONNX Runtime decoder (``export.decoder_graph``) and
+    ``benchmarks/fused_decoder_full_size.py`` (its plain + fused build from one quantization) is here."""
     try:
         from medlite.recipes.options import ExportOptions
     except ImportError:
-        return None
-    for name in ("decoder", "fused_decoder", "ort_decoder"):
-        if name in ExportOptions.model_fields:
-            return name
-    return None
+        return False
+    return "decoder_graph" in ExportOptions.model_fields and (ROOT / "benchmarks" / "fused_decoder_full_size.py").is_file()
 
 
-def medlite_export(ckpt: Path, work: Path, decoder: str, samples: int) -> Path:
-    """medlite's cpu-int4 graphs (RTN g128 MatMulNBits, int4 lm_head, int8 compute, fp32 export) from
-    ``int4_full_size.py``'s build step; ``decoder="fused"`` with the fused ORT decoder."""
-    out = work / f"medlite-int4-{decoder}"
-    if (out / "decoder.onnx").is_file():
-        return out
-    code = i4.BUILD
-    if decoder == "fused":
-        field = fused_available()
-        if field is None:
-            raise RuntimeError("this medlite's export has no fused-decoder option")
-        code = code.replace("export_onnx(loaded, out, ctx=ctx,", f"export_onnx(loaded, out, ctx=ctx, {field}='fused',")
-    res = run_json_child([str(ckpt), str(out), str(samples), "int4", "rtn", "int8"], code=code, what="medlite build")
-    (work / f"medlite-int4-{decoder}.build.json").write_text(json.dumps(res, indent=1))
-    return out
+def medlite_exports(ckpt: Path, work: Path, decoders: list, samples: int, given: str | None) -> dict:
+    """decoder ("plain", "fused") → medlite cpu-int4 export folder: RTN g128 MatMulNBits (the GPTQ recipe's
+    graph: same ops, bits, block size and shapes), int4 lm_head, int8 compute, fp32 export. Both decoders come
+    from one quantization (``fused_decoder_full_size.py``'s build child: the same weights); without the fused
+    option, ``int4_full_size.py``'s build child writes the plain one. ``given``: a folder holding plain/ and
+    fused/ from an earlier build of the same checkpoint (built with the same settings)."""
+    root = Path(given) if given else work / "medlite-int4"
+    missing = [d for d in decoders if not (root / d / "decoder.onnx").is_file()]
+    if missing and not given:
+        for d in ("plain", "fused"):
+            shutil.rmtree(root / d, ignore_errors=True)      # a half-written export of an interrupted run
+        root.mkdir(parents=True, exist_ok=True)
+        if fused_available():
+            import fused_decoder_full_size as fd
+
+            res = run_json_child([str(ckpt), str(root), str(samples), "rtn"], code=fd.BUILD, what="medlite build")
+        else:
+            res = run_json_child([str(ckpt), str(root / "plain"), str(samples), "int4", "rtn", "int8"], code=i4.BUILD,
+                                 what="medlite build")
+        (root / "build.json").write_text(json.dumps(res, indent=1))
+    return {d: root / d for d in decoders if (root / d / "decoder.onnx").is_file()}
 
 
 # -- measuring ------------------------------------------------------------------------------------
@@ -341,13 +345,14 @@ def prepare(a, work: Path, res: dict) -> dict:
     ckpt = checkpoint(work, a.preset, a.ckpt)
     res["checkpoint"] = str(ckpt)
     plan = {}
-    for decoder in a.medlite.split(","):
-        if decoder == "fused" and fused_available() is None:
-            res.setdefault("not_measured", []).append("medlite fused decoder: this medlite's export has no such option")
-            continue
-        t = time.perf_counter()
-        path = medlite_export(ckpt, work, decoder, a.samples)
-        res.setdefault("setup_s", {})[f"medlite {decoder}"] = round(time.perf_counter() - t, 1)
+    decoders = [d for d in a.medlite.split(",") if d]        # --medlite "": llama.cpp only
+    if "fused" in decoders and not fused_available() and not a.medlite_exports:
+        decoders.remove("fused")
+        res.setdefault("not_measured", []).append("medlite fused decoder: this medlite's export has no such option")
+    t = time.perf_counter()
+    exports = medlite_exports(ckpt, work, decoders, a.samples, a.medlite_exports) if decoders else {}
+    res.setdefault("setup_s", {})["medlite"] = round(time.perf_counter() - t, 1)
+    for decoder, path in exports.items():
         wbytes = sum(p.stat().st_size for p in path.glob("decoder.onnx*"))
         plan[f"medlite cpu-int4 ({decoder} decoder)"] = {"kind": "medlite", "path": path, "bytes_per_token": wbytes,
                                                          "kv_bytes_per_past_token": kv_bytes(ckpt, 1, 4)}
@@ -377,6 +382,9 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=64, help="decode tokens per measurement")
     ap.add_argument("--depth", type=int, default=836,
                     help="context depth for llama-bench until medlite's prompt length is known")
+    ap.add_argument("--medlite-exports", default=None, metavar="DIR",
+                    help="use DIR/plain and DIR/fused (benchmarks/fused_decoder_full_size.py's folders, same checkpoint "
+                         "and settings) instead of building them")
     ap.add_argument("--samples", type=int, default=8, help="calibration pairs the build step loads (RTN uses none)")
     ap.add_argument("--result", default=None, help="results file (default: benchmarks/results/cpu_vs_llamacpp.json "
                                                    "at full size, WORK/cpu_vs_llamacpp.json otherwise)")
