@@ -66,7 +66,7 @@ def _accuracy4(proto):
     return accuracy_level_pass(4)(proto, None)
 
 
-def _step(path: Path, past: int, steps: int, level: str, profile: bool) -> dict:
+def _step(path: Path, past: int, steps: int, level: str, profile: bool, seq: int = 1) -> dict:
     import numpy as np
     import onnxruntime as ort
 
@@ -79,8 +79,9 @@ def _step(path: Path, past: int, steps: int, level: str, profile: bool) -> dict:
         opts.profile_file_prefix = str(Path(tmp) / "p")
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
-    feed = {"inputs_embeds": rng.standard_normal((1, 1, 2048)).astype(np.float32),
-            "attention_mask": np.ones((1, past + 1), np.int32), "position_ids": np.full((1, 1), past - 1, np.int32)}
+    feed = {"inputs_embeds": rng.standard_normal((1, seq, 2048)).astype(np.float32),
+            "attention_mask": np.ones((1, past + seq), np.int32),
+            "position_ids": np.arange(past - 1, past - 1 + seq, dtype=np.int32)[None]}
     feed["attention_mask"][0, 0] = 0                     # the dummy slot
     for vi in sess.get_inputs():
         if vi.name.startswith("past_key_values"):
@@ -111,6 +112,7 @@ def main() -> int:
     ap.add_argument("--past", type=int, default=869)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--prefill", type=int, default=0, help="also time a prefill of this many tokens (past: the dummy slot)")
     ap.add_argument("--key", default=None)
     ap.add_argument("--int4", action="store_true", help="RTN INT4 g128 MatMulNBits projections, int8 compute")
     a = ap.parse_args()
@@ -137,6 +139,13 @@ def main() -> int:
                 res["rounds"].setdefault(f"{form}_{level}", []).append(
                     dict(_step(paths[form], a.past, a.steps, level, profile=False), loadavg=os.getloadavg()[0]))
     res["median_step_ms"] = {k: statistics.median(x["step_ms_median"] for x in v) for k, v in res["rounds"].items()}
+    if a.prefill:
+        pre: dict = {}
+        for r in range(a.rounds):
+            for form in ("plain", "fused"):
+                pre.setdefault(form, []).append(_step(paths[form], 1, 2, "basic", False, seq=a.prefill)["step_ms_median"])
+        res["prefill_ms_basic"] = {"tokens": a.prefill, "rounds": pre,
+                                   "median": {f: statistics.median(v) for f, v in pre.items()}}
     res["profile_basic"] = {f: _step(paths[f], a.past, a.steps, "basic", profile=True) for f in ("plain", "fused")}
     res["command"] = "benchmarks/fused_decoder_layers.py " + " ".join(sys.argv[1:])
     res["note"] = "2 cores shared with other sessions: a busy machine (load average per run)"
