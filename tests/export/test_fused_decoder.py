@@ -148,3 +148,21 @@ def test_cpu_target_export_stage_writes_the_fused_decoder(tiny, ctx, tmp_path):
     plain = _run_export_stage(tiny, ctx, tmp_path / "p", "cpu-x86_64", precision="fp32", decoder_graph="plain")
     assert "decoder_graph" not in plain.manifest and "com.microsoft.GroupQueryAttention" not in plain.manifest["ops"][
         "decoder"]
+
+
+def test_tied_qwen2_with_biases(ctx, tmp_path):
+    """Qwen2: q/k/v biases and an lm_head tied to the embedding table (read from embed_tokens.bin)."""
+    from export_tiny_model import checkpoint_model
+
+    from medlite.export import export_onnx
+
+    qwen = checkpoint_model("tiny-qwen2", "legacy", tmp_path / "ckpt", ctx)
+    for graph in ("plain", "fused"):
+        res = export_onnx(qwen, tmp_path / graph, ctx=ctx, components=["decoder"], decoder_graph=graph)
+        assert res.tied_embeddings and (tmp_path / graph / "embed_tokens.bin").is_file()
+    proto = onnx.load(str(tmp_path / "fused" / "decoder.onnx"), load_external_data=False)
+    assert any(t.name == "embed_tokens.weight" for t in proto.graph.initializer)     # the table, stored once
+    sp, sf = _session(tmp_path / "plain" / "decoder.onnx"), _session(tmp_path / "fused" / "decoder.onnx")
+    feed = _feeds(sp, 2, 3, 5, [0, 2])
+    want, got = sp.run(None, feed), sf.run(None, feed)
+    assert np.abs(got[0] - want[0]).max() <= 1e-5 * np.abs(want[0]).max()
