@@ -66,16 +66,18 @@ class ExportPlan:
 def decoder_graph_choice(option: str, *, tensorrt_target: bool, decoder_runtime: str) -> str:
     """The export's ``decoder_graph`` for a recipe's option (medlite/export/fused_decoder.py).
 
-    The fused decoder exists only for decoders that run on ONNX Runtime — a CPU target, or a decoder
-    marked ONNX-Runtime-only (INT4) — so ``auto`` is ``plain`` for a decoder TensorRT builds (its graph
-    stays byte for byte the traced one); ``fused`` there is an error (also a validation rule).
+    The fused decoder exists only for decoders that run on ONNX Runtime; ``fused`` for a decoder
+    TensorRT builds is an error (also a validation rule). ``auto`` fuses on CPU targets only: a Jetson's
+    ONNX-Runtime-only (INT4) decoder runs on the device's onnxruntime (the bundle pins 1.16.3, the last
+    Python 3.8 aarch64 wheel), whose GroupQueryAttention lacks the inputs the fused graph uses (1.19.2
+    rejects it, measured), so there ``auto`` keeps the traced graph and ``fused`` is an explicit choice.
+    A TensorRT target's graphs therefore stay byte for byte the traced ones unless a recipe says otherwise.
     """
-    on_ort = not tensorrt_target or decoder_runtime == ONNXRUNTIME
-    if option == "fused" and not on_ort:
+    if option == "fused" and tensorrt_target and decoder_runtime != ONNXRUNTIME:
         raise ValueError("decoder_graph fused needs a decoder that runs on ONNX Runtime (a CPU target or "
                          "llm: w4a16); this decoder goes to TensorRT")
     if option == "auto":
-        return "auto" if on_ort else "plain"
+        return "plain" if tensorrt_target else "auto"
     return option
 
 

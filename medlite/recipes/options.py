@@ -99,8 +99,8 @@ class ExportOptions(Closed):
     # docs/cpu.md "Fused ONNX Runtime decoder": fused = GroupQueryAttention / RotaryEmbedding /
     # SkipSimplifiedLayerNormalization (ONNX Runtime only); plain = the traced graph TensorRT needs.
     decoder_graph: Literal["auto", "fused", "plain"] = Field(
-        "auto", description="decoder graph: auto (fused when the decoder runs on ONNX Runtime and the model "
-                            "allows it), fused, or plain (traced)")
+        "auto", description="decoder graph: auto (fused on CPU targets when the model allows it), fused (also "
+                            "an INT4 decoder on a Jetson: needs a recent onnxruntime there), or plain (traced)")
 
     @field_validator("components")
     @classmethod

@@ -12,6 +12,8 @@ from typing import Any, Optional
 
 from medlite.opset import opset_problem
 
+# the device bundle's onnxruntime pin (medlite/engines/bundle.py PINS), named in the fused-decoder warning
+FUSED_DEVICE_PIN = "1.16.3"
 GATE_FIELDS = ("max_closed_acc_drop", "min_agreement", "max_mean_kl", "min_vision_cosine")
 
 
@@ -40,11 +42,18 @@ def export_rules(index: int, opts, view: RecipeView):
                        f"(vision, embed, decoder); got {', '.join(opts.components)}"))
     quant = view.by_name.get("quantize")
     int4 = bool(quant and quant[1] is not None and getattr(quant[1], "llm", None) == "w4a16")
-    if getattr(opts, "decoder_graph", "auto") == "fused" and t is not None and t.trt_precisions and not int4:
-        errors.append((("stages", index, "export", "decoder_graph"),
-                       f"fused is an ONNX Runtime graph, but on {t.name} the decoder goes to TensorRT "
-                       f"{t.tensorrt} (only an llm: w4a16 decoder runs on ONNX Runtime there); use auto or plain"))
-    return errors, []
+    warnings: list = []
+    if getattr(opts, "decoder_graph", "auto") == "fused" and t is not None and t.trt_precisions:
+        if not int4:
+            errors.append((("stages", index, "export", "decoder_graph"),
+                           f"fused is an ONNX Runtime graph, but on {t.name} the decoder goes to TensorRT "
+                           f"{t.tensorrt} (only an llm: w4a16 decoder runs on ONNX Runtime there); use auto or plain"))
+        else:
+            warnings.append(f"stages[{index}].export.decoder_graph: fused on {t.name} needs an onnxruntime on the "
+                            f"device whose GroupQueryAttention takes attention_bias and query_seqlens (1.32 does; "
+                            f"1.19.2 and the bundle's pinned {FUSED_DEVICE_PIN} do not) — auto keeps the traced decoder "
+                            "there (docs/cpu.md)")
+    return errors, warnings
 
 
 def engines_rules(index: int, opts, view: RecipeView):
