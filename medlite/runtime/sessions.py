@@ -94,6 +94,17 @@ def session_options(intra_op_threads: Optional[int] = None, optimization: str = 
     return opts
 
 
+def _fused_hint(message: str) -> str:
+    """What to do when an older onnxruntime rejects the fused decoder's contrib operators (docs/cpu.md)."""
+    if not any(op in message for op in ("GroupQueryAttention", "RotaryEmbedding", "SkipSimplifiedLayerNormalization")):
+        return ""
+    import onnxruntime as ort
+
+    return (f" — this is the fused ONNX Runtime decoder (export.decoder_graph: fused), whose contrib operators "
+            f"this onnxruntime {ort.__version__} does not take: upgrade onnxruntime, or rebuild with "
+            "export.decoder_graph=plain")
+
+
 def open_session(path: Path, providers: Optional[Sequence[Provider]] = None, *, ctx=None,
                  warnings: Optional[list] = None, intra_op_threads: Optional[int] = None,
                  optimization: str = "all"):
@@ -112,7 +123,7 @@ def open_session(path: Path, providers: Optional[Sequence[Provider]] = None, *, 
     try:
         sess = ort.InferenceSession(str(path), sess_options=opts, providers=requested)
     except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
-        raise DataError(f"{path}: ONNX Runtime could not load the graph: {e}") from e
+        raise DataError(f"{path}: ONNX Runtime could not load the graph: {e}{_fused_hint(str(e))}") from e
     actual = list(sess.get_providers())
     missing = [_name(p) for p in requested if _name(p) not in actual]
     if missing:

@@ -38,3 +38,24 @@ def test_fused_export_answers_like_the_plain_one(rt_model, rt_ctx, tmp_path, ima
     assert got["fused"][:2] == got["plain"][:2]
     ref = got["plain"][2]
     assert np.abs(got["fused"][2] - ref).max() <= rel * np.abs(ref).max()
+
+
+def test_an_onnxruntime_that_rejects_the_fused_ops_says_what_to_do(tmp_path):
+    """onnxruntime 1.19.2 refuses the fused decoder's 17-input GroupQueryAttention (measured); the same kind of
+    load failure (here: one input too many for 1.32) is one line naming the file and the two ways out."""
+    from onnx import TensorProto, helper
+
+    from medlite.errors import DataError
+    from medlite.runtime.sessions import open_session
+
+    names = [f"i{k}" for k in range(18)]
+    node = helper.make_node("GroupQueryAttention", names, ["o"], domain="com.microsoft", num_heads=1, kv_num_heads=1)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names],
+                              [helper.make_tensor_value_info("o", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    (tmp_path / "decoder.onnx").write_bytes(model.SerializeToString())
+    with pytest.raises(DataError) as ei:
+        open_session(tmp_path / "decoder.onnx", ["CPUExecutionProvider"])
+    msg = str(ei.value)
+    assert msg.startswith(f"{tmp_path / 'decoder.onnx'}: ONNX Runtime could not load the graph")
+    assert "fused ONNX Runtime decoder" in msg and "export.decoder_graph=plain" in msg
