@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -86,8 +87,9 @@ def main() -> int:
     res["machine"] = {"cpus": os.cpu_count(), "note": "2 cores shared with other sessions: a busy machine"}
     if "build" in steps:
         if not (ckpt / "config.json").is_file():
-            run_json_child(["-m", "medlite.cli", "demo", "random", "--preset", "tinyllava-1.5b", "--format",
-                            "legacy", "--json", "--out", str(ckpt)])
+            # its --json object is indented over several lines: run it plainly
+            subprocess.run([sys.executable, "-m", "medlite.cli", "demo", "random", "--preset", "tinyllava-1.5b",
+                            "--format", "legacy", "--quiet", "--out", str(ckpt)], cwd=ROOT, check=True)
         for f in ("plain", "fused"):
             shutil.rmtree(work / f, ignore_errors=True)
         res["build"] = run_json_child([str(ckpt), str(work), str(a.samples), a.algorithm], code=BUILD)
