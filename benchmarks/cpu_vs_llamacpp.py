@@ -407,6 +407,11 @@ def main() -> int:
            "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "loadavg_start": list(os.getloadavg()),
            "preset": a.preset, "rounds": a.rounds, "threads": a.threads, "tokens": a.tokens, "runs": {},
            "code": i4._git_head(), "command": " ".join(sys.argv)}
+    if result.is_file():       # earlier runs' summaries stay (a shared machine: runs differ a lot)
+        prev = json.loads(result.read_text())
+        res["history"] = prev.pop("history", []) + [{k: prev.get(k) for k in ("started", "code", "rounds", "depth",
+                                                                              "loadavg_start", "loadavg_end",
+                                                                              "bandwidth_gbs", "summary")}]
     plan = prepare(a, work, res)
     res["bandwidth_gbs"] = i4.bandwidth_gbs()
     res["bandwidth_method"] = "numpy copy of 1 GiB, best of 5, bytes read + written (int4_full_size.bandwidth_gbs)"
