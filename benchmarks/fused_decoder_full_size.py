@@ -79,6 +79,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--past", type=int, default=869, help="cache slots of the profiled step (issue 31: 869)")
     ap.add_argument("--steps", default="build,profile,bench")
+    ap.add_argument("--order", default="plain,fused", help="order of the forms in each round (alternate it)")
+    ap.add_argument("--tag", default="", help="prefix of this run's result keys (a second run keeps the first)")
     a = ap.parse_args()
     work, steps = Path(a.work), set(a.steps.split(","))
     work.mkdir(parents=True, exist_ok=True)
@@ -96,20 +98,20 @@ def main() -> int:
         res["build"].update(algorithm=a.algorithm, loadavg_after=list(os.getloadavg()))
         write_result(RESULT, res)
     for r in range(a.rounds):
-        for form in ("plain", "fused"):
+        for form in a.order.split(","):
             folder = work / form
             if "profile" in steps:
                 out = run_json_child(["benchmarks/decoder_profile.py", str(folder), "--past", str(a.past), "--steps",
                                       "10", "--warmup", "2", "--new", "16", "--key", f"full_{form}_{r}", "--out",
                                       str(work / "profile.json")], errors="record")
                 prof = json.loads((work / "profile.json").read_text()).get(f"full_{form}_{r}", out)
-                res.setdefault("profile", {})[f"{form}_{r}"] = prof
+                res.setdefault("profile", {})[f"{a.tag}{form}_{r}"] = prof
             if "bench" in steps:
                 b = run_json_child(["-m", "medlite.cli", "bench", "--model", str(folder), "--json", "--ignore-eos",
                                     "--max-new-tokens", "64", "--runs", str(a.runs), "--warmup", "1", "--no-write"],
                                    errors="record")
                 b["loadavg_after"] = list(os.getloadavg())
-                res.setdefault("bench", {})[f"{form}_{r}"] = b
+                res.setdefault("bench", {})[f"{a.tag}{form}_{r}"] = b
             write_result(RESULT, res)
     return 0
 
