@@ -208,4 +208,7 @@ def cmd_demo_random(args, ctx) -> int:
         info["detail"] = f"{preset.name} ({args.format}, seed {seed}) → {out}  {human_bytes(size)}"
     if preset.notes:
         ctx.info(f"  {preset.notes}")
+    if ctx.json_mode:      # one object on stdout (scripts read it: benchmarks/*_full_size.py)
+        print(json.dumps({"preset": preset.name, "format": args.format, "seed": seed, "path": str(out),
+                          "bytes": size}))
     return 0

@@ -14,8 +14,10 @@ from medlite.checkpoints.generate import answer, first_token_logits, pixel_value
 
 def test_demo_random_then_inspect_json(tmp_path, capsys):
     out = tmp_path / "r"
-    assert main(["demo", "random", "--preset", "tiny-qwen2", "--format", "factory", "--out", str(out)]) == 0
-    capsys.readouterr()
+    assert main(["demo", "random", "--preset", "tiny-qwen2", "--format", "factory", "--out", str(out), "--json"]) == 0
+    made = json.loads(capsys.readouterr().out)          # --json: one object on stdout (was empty)
+    assert made["path"] == str(out) and made["preset"] == "tiny-qwen2" and made["format"] == "factory"
+    assert made["bytes"] == sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     assert main(["inspect", str(out), "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["format"] == "factory" and rep["text_backbone"] == "qwen2" and rep["num_image_tokens"] == 15
