@@ -130,6 +130,20 @@ def run_batch(model, batch: list, *, max_new_tokens: int):
     return answers, logits, dict(zip(numbers, embs))
 
 
+def answers_and_logits(model, samples: list, *, batch_size: int = 16, max_new_tokens: int = 16):
+    """``(answers, first-token logits [n, vocab])`` of ``model`` (anything with ``evaluate_rows``: the ONNX
+    runtime, a device stand-in) on ``samples``, in the samples' order; each image encoded once per batch."""
+    import numpy as np
+
+    where = {id(s): i for i, s in enumerate(samples)}
+    answers, logits = [None] * len(samples), [None] * len(samples)
+    for batch in row_batches(samples, batch_size):
+        ans, lg, _ = run_batch(model, batch, max_new_tokens=max_new_tokens)
+        for (_, s), a, row in zip(batch, ans, lg):
+            answers[where[id(s)]], logits[where[id(s)]] = a, row
+    return answers, np.stack(logits)
+
+
 class _TorchRows:
     """The source model behind the runtime's ``evaluate_rows`` name."""
 

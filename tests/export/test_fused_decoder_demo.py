@@ -32,17 +32,10 @@ def demo(tmp_path_factory):
 
 def _answers(folder, samples):
     """(answers, first-token logits) of every sample on ONNX Runtime CPU (each image encoded once)."""
-    from medlite.pipeline.references import row_batches, run_batch
+    from medlite.pipeline.references import answers_and_logits
     from medlite.runtime import OnnxVlm
 
-    vlm = OnnxVlm.open(folder, providers=["CPUExecutionProvider"])
-    where = {id(s): i for i, s in enumerate(samples)}
-    answers, logits = [None] * len(samples), [None] * len(samples)
-    for batch in row_batches(samples, 16):
-        ans, lg, _ = run_batch(vlm, batch, max_new_tokens=16)
-        for (_, s), a, row in zip(batch, ans, lg):
-            answers[where[id(s)]], logits[where[id(s)]] = a, row
-    return answers, np.stack(logits)
+    return answers_and_logits(OnnxVlm.open(folder, providers=["CPUExecutionProvider"]), samples)
 
 
 def _plain_and_fused(demo, loaded, plan, name):
