@@ -69,7 +69,9 @@ def idle_decoder_modules(model) -> list:
     """The modules of a Llava model that calibration feeds never use: the decoder blocks and the
     final norm, plus ``lm_head`` unless it shares its weight with the input embeddings."""
     lm = model.model.language_model
-    mods = [lm.layers, lm.norm]
+    # the final norm's name depends on the backbone: ``norm`` (Llama, Qwen2, StableLM), ``final_layernorm`` (Phi)
+    norm = next((getattr(lm, n) for n in ("norm", "final_layernorm") if getattr(lm, n, None) is not None), None)
+    mods = [lm.layers] + ([norm] if norm is not None else [])
     head = getattr(model, "lm_head", None)
     if head is not None and head.weight is not lm.get_input_embeddings().weight:
         mods.append(head)

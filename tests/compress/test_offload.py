@@ -107,3 +107,20 @@ def test_map_large_allocations_returns_freed_activations_to_the_os():
     if default < 100:
         pytest.skip(f"this libc returns freed buffers by itself ({default} MB kept): nothing to compare")
     assert grown("map") < 40 <= default
+
+
+def test_phi_final_layernorm_is_parked_too(cctx, tmp_path):
+    """Phi names its final norm ``final_layernorm`` (not ``norm``): an INT8 build of a Phi checkpoint crashed here."""
+    from medlite.checkpoints import load_model
+    from medlite.checkpoints.random_ckpt import write_random_checkpoint
+
+    path = write_random_checkpoint("tiny-phi", tmp_path / "phi", fmt="legacy", ctx=cctx)
+    model = load_model(path, ctx=cctx).model.eval()
+    lm = model.model.language_model
+    mods = idle_decoder_modules(model)
+    assert lm.final_layernorm in mods and lm.layers in mods
+    ids = torch.tensor([[1, 5, 9, 3, 7]])
+    ref = _logits(model, ids)
+    with weights_on_disk(mods, keep=[model.get_input_embeddings()], folder=tmp_path / "park"):
+        assert lm.final_layernorm.weight.numel() == 0
+    assert torch.equal(_logits(model, ids), ref)
