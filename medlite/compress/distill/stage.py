@@ -62,14 +62,14 @@ def select_trainable(model, opts: DistillOptions, pruned: Optional[dict], pooled
     return names
 
 
-def heldout_metrics(loaded, samples, teacher_answers: list, *, ctx, max_new_tokens: int) -> dict:
+def heldout_metrics(loaded, samples, teacher_answers: list, *, ctx, max_new_tokens: int,
+                    description: str = "distill: held-out answers") -> dict:
     """Agreement with the teacher's answers and closed accuracy on the held-out slice."""
     from medlite.evaluation.scoring import normalize, score
 
     if not samples:
         return {}
-    preds = D.teacher_answers(loaded, samples, ctx=ctx, max_new_tokens=max_new_tokens,
-                              description="distill: held-out answers")
+    preds = D.teacher_answers(loaded, samples, ctx=ctx, max_new_tokens=max_new_tokens, description=description)
     agree = sum(normalize(p) == normalize(t) for p, t in zip(preds, teacher_answers)) / len(samples)
     acc = score(preds, samples).get("closed_accuracy")
     return {"agreement": round(agree, 6), "closed_accuracy": None if acc is None else round(acc, 6)}

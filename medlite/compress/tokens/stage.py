@@ -28,14 +28,17 @@ def _answers(loaded, samples: list, ctx, description: str) -> list[str]:
     return teacher_answers(loaded, samples, ctx=ctx, max_new_tokens=16, description=description)
 
 
-def _compare(before: list[str], after: list[str], samples: list) -> dict:
-    from medlite.evaluation.scoring import normalize, score
+def _compare(loaded, before: list[str], samples: list, ctx) -> dict:
+    """The pooled model's held-out answers against ``before`` (the same model with all its tokens)."""
+    from medlite.compress.distill.stage import heldout_metrics
+    from medlite.evaluation.scoring import score
 
-    agree = sum(normalize(a) == normalize(b) for a, b in zip(before, after)) / max(len(samples), 1)
-    acc0, acc1 = score(before, samples).get("closed_accuracy"), score(after, samples).get("closed_accuracy")
-    rnd = lambda v: None if v is None else round(float(v), 6)        # noqa: E731
-    return {"pairs": len(samples), "agreement": rnd(agree), "closed_accuracy_before": rnd(acc0),
-            "closed_accuracy_after": rnd(acc1)}
+    after = heldout_metrics(loaded, samples, before, ctx=ctx, max_new_tokens=16,
+                            description="tokens: held-out answers (pooled)")
+    acc0 = score(before, samples).get("closed_accuracy")
+    return {"pairs": len(samples), "agreement": after["agreement"],
+            "closed_accuracy_before": None if acc0 is None else round(float(acc0), 6),
+            "closed_accuracy_after": after["closed_accuracy"]}
 
 
 def run(state, index: int, opts: TokensOptions) -> StageResult:
@@ -55,8 +58,7 @@ def run(state, index: int, opts: TokensOptions) -> StageResult:
     before = _answers(loaded, held, state.ctx, "tokens: held-out answers (all tokens)") if held else []
     install(loaded.model, n_in, opts.count, opts.method)
     loaded.num_image_tokens = g.tokens_out        # the count every prompt expands <image> to
-    measured = _compare(before, _answers(loaded, held, state.ctx, "tokens: held-out answers (pooled)"),
-                        held) if held else {}
+    measured = _compare(loaded, before, held, state.ctx) if held else {}
     nbytes = loaded.param_breakdown()["total"]["bytes"]
     summary = (f"{g.tokens_in} → {g.tokens_out} image tokens ({METHODS[opts.method]}, kernel {g.kernel}"
                + (f", padded by {g.pad}" if g.pad else "") + ")"

@@ -85,3 +85,21 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+def test_tokens_stage_heldout_figures_match_a_direct_count(tiny_path, cctx, calib):
+    """The tokens stage's held-out agreement / accuracies equal a count made here from the two models' answers."""
+    from medlite.checkpoints.generate import answer_batch
+    from medlite.evaluation.scoring import normalize, score
+
+    state, teacher = _pooled_state(tiny_path, cctx, calib)
+    held = list(calib.heldout_subset(4))
+    imgs, qs = [s.load_image() for s in held], [s.question for s in held]
+    before = answer_batch(teacher, imgs, qs, max_new_tokens=16)
+    after = answer_batch(state.model, imgs, qs, max_new_tokens=16)
+    got = state.results["stages[0].tokens"].manifest["heldout"]
+    assert got["pairs"] == 4
+    assert got["agreement"] == round(sum(normalize(a) == normalize(b) for a, b in zip(before, after)) / 4, 6)
+    for key, answers in (("closed_accuracy_before", before), ("closed_accuracy_after", after)):
+        acc = score(answers, held).get("closed_accuracy")
+        assert got[key] == (None if acc is None else round(acc, 6))
